@@ -1,0 +1,1 @@
+"""The client: dials the exit server and pipes streams to LAN upstreams."""

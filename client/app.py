@@ -1,0 +1,152 @@
+"""The client: keeps one session to the exit server up, forever, and serves its streams."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import signal
+
+from client.config import ClientConfig, control_url
+from client.dial import DialFailed, dial
+from client.forward import Forwarder
+from client.upstreams import Upstream
+from tunnel.backoff import AUTH_FAILURE_DELAY_S, DEFAULT_STABLE_AFTER_S, Backoff
+from tunnel.errors import AuthRejected, ErrorCode, ProtocolError, SessionClosed, VersionMismatch
+from tunnel.mux import Multiplexer, Role, Settings
+from tunnel.session import Session, Stream, StreamHandler, WebSocketChannel
+from tunnel.version import SOFTWARE
+
+logger = logging.getLogger("homeport.client")
+
+
+class TunnelClient:
+    """``homeport client``: dials out, registers its routes, forwards streams, reconnects."""
+
+    def __init__(self, config: ClientConfig, *, rng: random.Random | None = None) -> None:
+        self.config = config
+        self.url = control_url(config.url, insecure=config.insecure)
+        self.routes: dict[str, Upstream] = {u.route: u for u in config.upstreams}
+        self.session: Session | None = None
+        self.sessions_started = 0
+        self._backoff = Backoff(max_s=config.reconnect_max_delay_s, rng=rng)
+        self._stop = asyncio.Event()
+        self._connected = asyncio.Event()
+
+    def stop(self) -> None:
+        """Close the session politely and make :meth:`run` return."""
+        self._stop.set()
+        if self.session is not None:
+            self.session.close(ErrorCode.GOING_AWAY, "client shutting down")
+
+    async def wait_connected(self) -> None:
+        """Wait until a session is up (for the demo and tests)."""
+        await self._connected.wait()
+
+    async def run_until_signalled(self) -> None:
+        """Run until SIGTERM or SIGINT."""
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.stop)
+        try:
+            await self.run()
+        finally:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(signum)
+
+    async def run(self) -> None:
+        """Connect, serve, and reconnect with backoff until :meth:`stop`."""
+        loop = asyncio.get_running_loop()
+        while not self._stop.is_set():
+            started = loop.time()
+            delay: float | None = None
+            try:
+                await self._connect_and_serve()
+            except AuthRejected as exc:
+                logger.error("%s: check the token (--token-file) matches the exit server's", exc)
+                delay = AUTH_FAILURE_DELAY_S * random.uniform(0.8, 1.2)  # noqa: S311
+            except VersionMismatch as exc:
+                logger.error("the exit server refused our protocol version: %s", exc)
+                delay = AUTH_FAILURE_DELAY_S
+            except DialFailed as exc:
+                logger.warning("%s", exc)
+            except (ProtocolError, SessionClosed) as exc:
+                logger.warning("session failed: %s", exc)
+            finally:
+                self.session = None
+                self._connected.clear()
+            if self._stop.is_set():
+                break
+            if loop.time() - started >= DEFAULT_STABLE_AFTER_S:
+                self._backoff.reset()
+            if delay is None:
+                delay = self._backoff.next_delay()
+            logger.info("reconnecting in %.1f s", delay)
+            try:
+                async with asyncio.timeout(delay):
+                    await self._stop.wait()
+            except TimeoutError:
+                pass
+        logger.info("client stopped")
+
+    async def _connect_and_serve(self) -> None:
+        config = self.config
+        loop = asyncio.get_running_loop()
+        websocket = await dial(self.url, config.token)
+        mux = Multiplexer(
+            Role.CLIENT,
+            Settings(max_concurrent_streams=config.max_streams),
+            heartbeat_interval_s=config.heartbeat_interval_s,
+            heartbeat_timeout_s=config.heartbeat_timeout_s,
+            now=loop.time(),
+        )
+        session = Session(
+            WebSocketChannel(websocket), mux, name=config.name, accept_stream=self._accept
+        )
+        self.session = session
+        routes = [
+            {"host": u.route, "host_rewrite": u.authority if u.rewrite_host else None}
+            for u in config.upstreams
+        ]
+        try:
+            await session.send_hello(
+                {"client_name": config.name, "routes": routes, "software": SOFTWARE}
+            )
+            hello = await session.wait_hello()
+        except BaseException:
+            session.channel.abort()
+            raise
+        self.sessions_started += 1
+        logger.info(
+            "connected to %s as %s (session %s); serving %s",
+            self.url,
+            config.name,
+            hello.get("session_id", "?"),
+            "; ".join(u.describe() for u in config.upstreams),
+        )
+        self._connected.set()
+        if self._stop.is_set():
+            session.close(ErrorCode.GOING_AWAY, "client shutting down")
+        end = await session.run()
+        if end.code is ErrorCode.REPLACED:
+            logger.warning(
+                "the exit server replaced this session with a newer one named %s; "
+                "if two clients share that name, give each its own --name",
+                config.name,
+            )
+        elif not (end.code is ErrorCode.GOING_AWAY and not end.by_peer):
+            logger.warning(
+                "disconnected from the exit server: %s%s",
+                end.code.name,
+                f" ({end.reason})" if end.reason else "",
+            )
+
+    def _accept(self, stream: Stream) -> StreamHandler:
+        upstream = self.routes.get(stream.route)
+        if upstream is None:
+            logger.warning(
+                "the exit server asked for route %r, which we do not serve", stream.route
+            )
+            stream.reset(ErrorCode.NO_SUCH_ROUTE)
+            return StreamHandler()
+        return Forwarder(stream, upstream, connect_timeout_s=self.config.upstream_connect_timeout_s)

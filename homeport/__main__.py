@@ -1,0 +1,5 @@
+"""``python -m homeport``: the same as the ``homeport`` command."""
+
+from homeport.cli import main
+
+main()

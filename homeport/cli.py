@@ -1,0 +1,532 @@
+"""The ``homeport`` command line: a thin layer mapping options onto config objects.
+
+Every option can also come from an environment variable (shown in
+``--help``) or from a TOML file given with ``--config``; the command line wins
+over the environment, and the environment over the file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import re
+import sys
+import tomllib
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from click.core import ParameterSource
+
+from tunnel.auth import generate_token, load_token, token_digest, write_secret_file
+from tunnel.errors import ConfigError
+from tunnel.log import add_secrets, setup_logging
+from tunnel.version import __version__
+
+F = TypeVar("F", bound=Callable[..., Any])
+logger = logging.getLogger("homeport")
+
+_SIZE = re.compile(r"(\d+)\s*([kmgt]?)(i?b?)", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+_SOURCE_RANK = {
+    ParameterSource.COMMANDLINE: 3,
+    ParameterSource.ENVIRONMENT: 2,
+    ParameterSource.DEFAULT_MAP: 1,
+    ParameterSource.DEFAULT: 0,
+}
+
+
+class Failure(click.ClickException):
+    """A configuration the user must fix: printed as one line, exit status 2."""
+
+    exit_code = 2
+
+
+class RunFailure(Failure):
+    """Something at run time stopped us (a port in use): exit status 1."""
+
+    exit_code = 1
+
+
+def run_async(main: Coroutine[Any, Any, None]) -> None:
+    """Run the event loop: uvloop where it is installed, asyncio elsewhere."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+    else:
+        uvloop.run(main)
+
+
+def parse_size(text: str) -> int:
+    """``10M``, ``512k``, ``1GiB`` or plain bytes.
+
+    Raises:
+        ConfigError: not a size.
+    """
+    match = _SIZE.fullmatch(text.strip())
+    if match is None:
+        raise ConfigError(f"{text!r} is not a size (try 10M or 1G)")
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+
+
+def _load_config_file(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    """``--config FILE``: TOML whose keys are the long option names."""
+    if value is None:
+        return None
+    path = Path(value)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise click.BadParameter(f"cannot read {path}: {exc.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise click.BadParameter(f"{path} is not valid TOML: {exc}") from None
+    assert ctx.command is not None
+    known = {p.name for p in ctx.command.params if p.name and p.name != "config"}
+    settings = {key.replace("-", "_"): item for key, item in data.items()}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        valid = ", ".join(sorted(k.replace("_", "-") for k in known))
+        raise click.BadParameter(
+            f"{path}: unknown setting(s) {', '.join(unknown)}; valid settings: {valid}"
+        )
+    ctx.default_map = {**(ctx.default_map or {}), **settings}
+    return value
+
+
+def common_options(func: F) -> F:
+    """Options every long-running command takes."""
+    func = click.option(
+        "--log-level",
+        type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+        default="info",
+        show_default=True,
+        envvar="HOMEPORT_LOG_LEVEL",
+        help="How much to log.",
+    )(func)
+    return click.option(
+        "--config",
+        type=click.Path(dir_okay=False),
+        envvar="HOMEPORT_CONFIG",
+        is_eager=True,
+        expose_value=False,
+        callback=_load_config_file,
+        help="TOML file of settings, keyed by long option name (port = 8000).",
+    )(func)
+
+
+def token_options(func: F) -> F:
+    func = click.option(
+        "--token-file",
+        type=click.Path(dir_okay=False, path_type=Path),
+        envvar="HOMEPORT_TOKEN_FILE",
+        help="File holding the token (mode 0600).",
+    )(func)
+    return click.option(
+        "--token",
+        envvar="HOMEPORT_TOKEN",
+        show_envvar=True,
+        help="The token itself. Visible in `ps` when given as a flag: prefer "
+        "--token-file or HOMEPORT_TOKEN.",
+    )(func)
+
+
+def resolve_token(ctx: click.Context, token: str | None, token_file: Path | None) -> str | None:
+    """The token from the highest-ranked of --token and --token-file.
+
+    Raises:
+        ConfigError: both given at the same level, or the token is malformed.
+    """
+    if token is not None and token_file is not None:
+        rank_token = _SOURCE_RANK.get(ctx.get_parameter_source("token"), 0)  # type: ignore[arg-type]
+        rank_file = _SOURCE_RANK.get(ctx.get_parameter_source("token_file"), 0)  # type: ignore[arg-type]
+        if rank_token == rank_file:
+            raise ConfigError("give either --token or --token-file, not both")
+        if rank_token > rank_file:
+            token_file = None
+        else:
+            token = None
+    if token is not None and ctx.get_parameter_source("token") is ParameterSource.COMMANDLINE:
+        logger.warning(
+            "--token on the command line is visible to other users (ps); "
+            "prefer --token-file or HOMEPORT_TOKEN"
+        )
+    return load_token(token, token_file)
+
+
+def bind_failure(exc: OSError, what: str) -> RunFailure:
+    if exc.errno == errno.EADDRINUSE:
+        return RunFailure(f"cannot listen on {what}: the port is already in use")
+    if exc.errno == errno.EACCES:
+        return RunFailure(
+            f"cannot listen on {what}: permission denied (ports below 1024 need root "
+            "or CAP_NET_BIND_SERVICE)"
+        )
+    return RunFailure(f"cannot listen on {what}: {exc.strerror or exc}")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="homeport")
+def main() -> None:
+    """homeport: a public URL for a machine behind NAT, through a VM you own.
+
+    Run `homeport server` on a VM with a public IP, `homeport client` on the
+    machine at home, and browse the VM's address.
+    """
+
+
+@main.command()
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the token to this file (mode 0600) instead of printing it.",
+)
+def token(output: Path | None) -> None:
+    """Print a new random token (256 bits, URL-safe)."""
+    value = generate_token()
+    if output is None:
+        click.echo(value)
+        return
+    try:
+        write_secret_file(output, value)
+    except OSError as exc:
+        raise RunFailure(f"cannot write {output}: {exc.strerror}") from None
+    click.echo(f"wrote a new token to {output}", err=True)
+
+
+@main.command()
+@click.option("--bind", envvar="HOMEPORT_BIND", help="Interface to bind. [default: all]")
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=8000,
+    show_default=True,
+    envvar="HOMEPORT_PORT",
+    help="Public HTTP port for visitors.",
+)
+@click.option(
+    "--control-port",
+    type=click.IntRange(0, 65535),
+    default=8123,
+    show_default=True,
+    envvar="HOMEPORT_CONTROL_PORT",
+    help="Port clients connect to.",
+)
+@token_options
+@click.option(
+    "--response-timeout",
+    type=click.FloatRange(min=0.1),
+    default=70.0,
+    show_default=True,
+    envvar="HOMEPORT_RESPONSE_TIMEOUT",
+    help="Seconds to wait for an upstream's response head (504 after).",
+)
+@click.option(
+    "--drain-timeout",
+    type=click.FloatRange(min=0),
+    default=25.0,
+    show_default=True,
+    envvar="HOMEPORT_DRAIN_TIMEOUT",
+    help="On SIGTERM, seconds in-flight requests get to finish.",
+)
+@click.option(
+    "--head-timeout",
+    type=click.FloatRange(min=0.1),
+    default=10.0,
+    show_default=True,
+    envvar="HOMEPORT_HEAD_TIMEOUT",
+    help="Seconds a visitor has to send a request head (408 after).",
+)
+@click.option(
+    "--body-timeout",
+    type=click.FloatRange(min=0.1),
+    default=60.0,
+    show_default=True,
+    envvar="HOMEPORT_BODY_TIMEOUT",
+    help="Seconds a request body may stall before the connection is closed.",
+)
+@click.option(
+    "--keepalive-timeout",
+    type=click.FloatRange(min=0.1),
+    default=30.0,
+    show_default=True,
+    envvar="HOMEPORT_KEEPALIVE_TIMEOUT",
+    help="Seconds an idle visitor connection is kept open.",
+)
+@click.option(
+    "--max-connections",
+    type=click.IntRange(min=1),
+    default=1024,
+    show_default=True,
+    envvar="HOMEPORT_MAX_CONNECTIONS",
+    help="Open visitor connections at most (503 beyond).",
+)
+@click.option(
+    "--max-streams-per-client",
+    type=click.IntRange(min=1),
+    default=1024,
+    show_default=True,
+    envvar="HOMEPORT_MAX_STREAMS_PER_CLIENT",
+    help="Concurrent streams to one client at most (503 beyond).",
+)
+@click.option(
+    "--max-body",
+    envvar="HOMEPORT_MAX_BODY",
+    help="Largest request body, e.g. 10M (413 above it). [default: no limit]",
+)
+@click.option(
+    "--websocket/--no-websocket",
+    default=True,
+    show_default=True,
+    envvar="HOMEPORT_WEBSOCKET",
+    help="Pass visitors' WebSocket upgrades through to upstreams.",
+)
+@click.option(
+    "--heartbeat-interval",
+    type=click.FloatRange(min=0.1),
+    default=10.0,
+    show_default=True,
+    envvar="HOMEPORT_HEARTBEAT_INTERVAL",
+    help="Seconds between heartbeats to each client.",
+)
+@click.option(
+    "--heartbeat-timeout",
+    type=click.FloatRange(min=0.2),
+    default=20.0,
+    show_default=True,
+    envvar="HOMEPORT_HEARTBEAT_TIMEOUT",
+    help="A client silent this long is dropped.",
+)
+@common_options
+@click.pass_context
+def server(
+    ctx: click.Context,
+    bind: str | None,
+    port: int,
+    control_port: int,
+    token: str | None,
+    token_file: Path | None,
+    response_timeout: float,
+    drain_timeout: float,
+    head_timeout: float,
+    body_timeout: float,
+    keepalive_timeout: float,
+    max_connections: int,
+    max_streams_per_client: int,
+    max_body: str | None,
+    websocket: bool,
+    heartbeat_interval: float,
+    heartbeat_timeout: float,
+    log_level: str,
+) -> None:
+    """Run the exit server (on the VM with the public IP)."""
+    from server.app import ExitServer
+    from server.config import ServerConfig
+
+    setup_logging(log_level)
+    try:
+        secret = resolve_token(ctx, token, token_file)
+        if secret is None:
+            raise ConfigError(
+                "the exit server needs a token: give --token-file FILE "
+                "(make one with `homeport token -o FILE`) or set HOMEPORT_TOKEN"
+            )
+        add_secrets(secret)
+        config = ServerConfig(
+            token_digest=token_digest(secret),
+            bind=bind or None,
+            port=port,
+            control_port=control_port,
+            response_timeout_s=response_timeout,
+            head_timeout_s=head_timeout,
+            body_timeout_s=body_timeout,
+            keepalive_timeout_s=keepalive_timeout,
+            drain_timeout_s=drain_timeout,
+            max_connections=max_connections,
+            max_streams_per_client=max_streams_per_client,
+            max_body_bytes=parse_size(max_body) if max_body else None,
+            websocket_passthrough=websocket,
+            heartbeat_interval_s=heartbeat_interval,
+            heartbeat_timeout_s=heartbeat_timeout,
+        )
+    except ConfigError as exc:
+        raise Failure(str(exc)) from None
+
+    async def serve() -> None:
+        exit_server = ExitServer(config)
+        try:
+            await exit_server.run()
+        except OSError as exc:
+            raise bind_failure(exc, f"port {port} or {control_port}") from None
+
+    run_async(serve())
+
+
+@main.command()
+@click.option(
+    "--url",
+    envvar="HOMEPORT_URL",
+    required=True,
+    help="The exit server's control endpoint, e.g. wss://203.0.113.10:8123.",
+)
+@token_options
+@click.option(
+    "--upstream",
+    "upstreams",
+    multiple=True,
+    envvar="HOMEPORT_UPSTREAM",
+    metavar="[HOST=]URL",
+    help="A LAN service to serve: http://127.0.0.1:8080 for every host, or "
+    "fn.example.com=http://127.0.0.1:8080 for one. Repeatable.",
+)
+@click.option(
+    "--rewrite-host",
+    "rewrite_hosts",
+    multiple=True,
+    envvar="HOMEPORT_REWRITE_HOST",
+    metavar="ROUTE",
+    help="Send the upstream's own host:port as Host for this route "
+    "(a route host, or 'default'). Repeatable.",
+)
+@click.option(
+    "--name",
+    envvar="HOMEPORT_NAME",
+    help="This client's name; a new session with the same name replaces the old. "
+    "[default: the host name]",
+)
+@click.option(
+    "--upstream-connect-timeout",
+    type=click.FloatRange(min=0.1),
+    default=10.0,
+    show_default=True,
+    envvar="HOMEPORT_UPSTREAM_CONNECT_TIMEOUT",
+    help="Seconds to wait for an upstream to accept a connection.",
+)
+@click.option(
+    "--max-streams",
+    type=click.IntRange(min=1),
+    default=16384,
+    show_default=True,
+    envvar="HOMEPORT_MAX_STREAMS",
+    help="Concurrent streams the exit server may open to this client.",
+)
+@click.option(
+    "--heartbeat-interval",
+    type=click.FloatRange(min=0.1),
+    default=10.0,
+    show_default=True,
+    envvar="HOMEPORT_HEARTBEAT_INTERVAL",
+    help="Seconds between heartbeats to the server.",
+)
+@click.option(
+    "--heartbeat-timeout",
+    type=click.FloatRange(min=0.2),
+    default=20.0,
+    show_default=True,
+    envvar="HOMEPORT_HEARTBEAT_TIMEOUT",
+    help="Reconnect when the server is silent this long.",
+)
+@click.option(
+    "--reconnect-max-delay",
+    type=click.FloatRange(min=1),
+    default=30.0,
+    show_default=True,
+    envvar="HOMEPORT_RECONNECT_MAX_DELAY",
+    help="Longest wait between reconnect attempts, in seconds.",
+)
+@click.option(
+    "--insecure",
+    is_flag=True,
+    envvar="HOMEPORT_INSECURE",
+    help="Allow ws:// to a server that is not on this machine (the token travels in clear).",
+)
+@common_options
+@click.pass_context
+def client(
+    ctx: click.Context,
+    url: str,
+    token: str | None,
+    token_file: Path | None,
+    upstreams: tuple[str, ...],
+    rewrite_hosts: tuple[str, ...],
+    name: str | None,
+    upstream_connect_timeout: float,
+    max_streams: int,
+    heartbeat_interval: float,
+    heartbeat_timeout: float,
+    reconnect_max_delay: float,
+    insecure: bool,
+    log_level: str,
+) -> None:
+    """Run the client (on the machine at home): dial out and serve LAN upstreams."""
+    from client.app import TunnelClient
+    from client.config import ClientConfig, control_url, default_client_name
+    from client.upstreams import parse_upstreams
+    from server.registry import valid_client_name
+
+    setup_logging(log_level)
+    try:
+        secret = resolve_token(ctx, token, token_file)
+        if secret is None:
+            raise ConfigError("the client needs the server's token: give --token-file FILE")
+        add_secrets(secret)
+        client_name = name or default_client_name()
+        if not valid_client_name(client_name):
+            raise ConfigError(
+                f"--name {client_name!r} must be 1-63 letters, digits, '.', '_' or '-'"
+            )
+        control_url(url, insecure=insecure)
+        config = ClientConfig(
+            url=url,
+            token=secret,
+            upstreams=parse_upstreams(
+                upstreams, frozenset(r.lower().removesuffix(".") for r in rewrite_hosts)
+            ),
+            name=client_name,
+            upstream_connect_timeout_s=upstream_connect_timeout,
+            max_streams=max_streams,
+            heartbeat_interval_s=heartbeat_interval,
+            heartbeat_timeout_s=heartbeat_timeout,
+            insecure=insecure,
+            reconnect_max_delay_s=reconnect_max_delay,
+        )
+    except ConfigError as exc:
+        raise Failure(str(exc)) from None
+    run_async(TunnelClient(config).run_until_signalled())
+
+
+@main.command()
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=8000,
+    show_default=True,
+    help="Public port of the demo exit server (0 picks a free one).",
+)
+@click.option(
+    "--control-port",
+    type=click.IntRange(0, 65535),
+    default=0,
+    show_default=True,
+    help="Control port of the demo exit server (0 picks a free one).",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+    default="info",
+    show_default=True,
+)
+def demo(port: int, control_port: int, log_level: str) -> None:
+    """Run an exit server, a client and a sample upstream on this machine."""
+    from homeport.demo import run_demo
+
+    setup_logging(log_level)
+    try:
+        run_async(run_demo(port=port, control_port=control_port))
+    except OSError as exc:
+        raise bind_failure(exc, f"port {port}") from None
+    except KeyboardInterrupt:  # pragma: no cover - the demo handles SIGINT itself
+        sys.exit(130)

@@ -1,0 +1,1 @@
+"""The exit server: public HTTP listener, control endpoint, routing by Host."""

@@ -1,0 +1,94 @@
+"""The exit server: the public listener and the control endpoint, started and stopped together."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from server.config import ServerConfig
+from server.control import CONNECT_PATH, ControlServer
+from server.proxy import PublicServer
+from server.registry import Registry
+from tunnel.auth import TokenVerifier
+from tunnel.errors import ErrorCode
+
+logger = logging.getLogger("homeport.server")
+
+
+def format_address(address: tuple[str, int]) -> str:
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class ExitServer:
+    """``homeport server``: serves visitors on the public port, clients on the control port."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.registry = Registry()
+        self.public = PublicServer(config, self.registry)
+        self.control = ControlServer(config, self.registry, TokenVerifier(config.token_digest))
+        self.public_addresses: list[tuple[str, int]] = []
+        self.control_addresses: list[tuple[str, int]] = []
+        self._stop = asyncio.Event()
+
+    async def start(self) -> None:
+        """Bind both ports.
+
+        Raises:
+            OSError: a port cannot be bound (in use, or a privileged port).
+        """
+        self.public_addresses = await self.public.listen(self.config.bind, self.config.port)
+        self.control_addresses = await self.control.listen()
+        logger.info(
+            "exit server ready: visitors on %s, clients on %s",
+            ", ".join(f"http://{format_address(a)}/" for a in self.public_addresses),
+            ", ".join(f"ws://{format_address(a)}{CONNECT_PATH}" for a in self.control_addresses),
+        )
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to shut down gracefully."""
+        self._stop.set()
+
+    async def run(self) -> None:
+        """Serve until SIGTERM or SIGINT, then shut down gracefully."""
+        await self.start()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.stop)
+        try:
+            await self._stop.wait()
+        finally:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(signum)
+            await self.shutdown()
+
+    async def shutdown(self) -> None:
+        """Stop accepting, let in-flight requests finish (bounded), close sessions with 1001."""
+        in_flight = self.public.in_flight
+        logger.info(
+            "shutting down: %d request%s in flight, %d client%s connected",
+            in_flight,
+            "" if in_flight == 1 else "s",
+            len(self.registry),
+            "" if len(self.registry) == 1 else "s",
+        )
+        self.public.begin_shutdown()
+        self.control.stop_accepting()
+        for client in self.registry.clients():
+            client.session.go_away(ErrorCode.NO_ERROR, "exit server shutting down")
+        try:
+            async with asyncio.timeout(self.config.drain_timeout_s):
+                await self.public.wait_drained()
+        except TimeoutError:
+            logger.warning(
+                "%d request(s) still in flight after %.0f s; closing them",
+                self.public.in_flight,
+                self.config.drain_timeout_s,
+            )
+            self.public.abort_all()
+        for client in self.registry.clients():
+            client.close_pool()
+        await self.control.close_sessions(ErrorCode.GOING_AWAY, "exit server shutting down")
+        logger.info("exit server stopped")

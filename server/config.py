@@ -1,0 +1,39 @@
+"""The exit server's configuration: one field per command-line option."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+DEFAULT_PORT: Final = 8000
+DEFAULT_CONTROL_PORT: Final = 8123
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything ``homeport server`` needs; the CLI maps each option to one field."""
+
+    #: SHA-256 of the token clients must present
+    token_digest: bytes
+    #: interface to bind; None binds every interface (IPv4 and IPv6)
+    bind: str | None = None
+    port: int = DEFAULT_PORT
+    control_port: int = DEFAULT_CONTROL_PORT
+    #: upstream answer deadline (longer than faasd's own 65 s)
+    response_timeout_s: float = 70.0
+    #: a visitor's request head must complete within this
+    head_timeout_s: float = 10.0
+    #: a request body may pause this long between reads
+    body_timeout_s: float = 60.0
+    #: an idle keep-alive connection is closed after this
+    keepalive_timeout_s: float = 30.0
+    #: in-flight requests get this long to finish on SIGTERM
+    drain_timeout_s: float = 25.0
+    max_connections: int = 1024
+    max_streams_per_client: int = 1024
+    #: largest request body accepted (413 above it); None for no limit
+    max_body_bytes: int | None = None
+    websocket_passthrough: bool = True
+    heartbeat_interval_s: float = 10.0
+    heartbeat_timeout_s: float = 20.0
+    backlog: int = 1024

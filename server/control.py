@@ -1,0 +1,234 @@
+"""The control endpoint: where clients dial in, are authenticated and get a session.
+
+Everything is decided before the websocket upgrade, in the HTTP handshake
+(docs/security.md): a token in the URL is refused, a browser's ``Origin`` is
+refused, a missing or wrong bearer token gets 401, and a client speaking
+another protocol version gets 426 with a message saying which. Only then is
+the connection upgraded and the HELLO exchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from http import HTTPStatus
+from typing import Any, Final
+
+import websockets
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.http11 import Request, Response
+
+from server.config import ServerConfig
+from server.registry import ConnectedClient, Registry, Route, normalize_host, valid_client_name
+from tunnel.auth import TokenVerifier, bearer_token
+from tunnel.errors import ErrorCode, ProtocolError, SessionClosed
+from tunnel.mux import Multiplexer, Role, Settings
+from tunnel.session import MAX_RECEIVE_MESSAGE_BYTES, Session, WebSocketChannel
+from tunnel.version import SOFTWARE
+
+logger = logging.getLogger("homeport.server")
+
+CONNECT_PATH: Final = "/connect"
+HEALTH_PATH: Final = "/healthz"
+SUBPROTOCOL: Final = "homeport.v1"
+MAX_ROUTES: Final = 64
+HANDSHAKE_TIMEOUT_S: Final = 10.0
+
+
+def _plain(status: int, text: str, extra: dict[str, str] | None = None) -> Response:
+    body = (text + "\n").encode()
+    headers = Headers(
+        {"Content-Type": "text/plain; charset=utf-8", "Content-Length": str(len(body))}
+    )
+    for name, value in (extra or {}).items():
+        headers[name] = value
+    return Response(status, HTTPStatus(status).phrase, headers, body)
+
+
+class ControlServer:
+    """Accepts clients on the control port and keeps their sessions."""
+
+    def __init__(self, config: ServerConfig, registry: Registry, verifier: TokenVerifier) -> None:
+        self.config = config
+        self.registry = registry
+        self.verifier = verifier
+        self.sessions: set[Session] = set()
+        self.auth_failures = 0
+        self._server: Server | None = None
+
+    async def listen(self) -> list[tuple[str, int]]:
+        """Start listening; return the bound addresses."""
+        self._server = await serve(
+            self._handle,
+            self.config.bind,
+            self.config.control_port,
+            process_request=self._process_request,
+            subprotocols=[websockets.Subprotocol(SUBPROTOCOL)],
+            compression=None,
+            server_header=None,
+            open_timeout=HANDSHAKE_TIMEOUT_S,
+            ping_interval=None,  # the session's own heartbeat covers liveness
+            close_timeout=2,
+            max_size=MAX_RECEIVE_MESSAGE_BYTES,
+            max_queue=64,
+            write_limit=256 * 1024,
+            reuse_address=True,
+        )
+        return [sock.getsockname()[:2] for sock in self._server.sockets]
+
+    def stop_accepting(self) -> None:
+        if self._server is not None:
+            self._server.close(close_connections=False)
+
+    async def close_sessions(self, code: ErrorCode, reason: str) -> None:
+        for session in list(self.sessions):
+            session.close(code, reason)
+        for session in list(self.sessions):
+            await session.wait_closed()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    # -- the HTTP handshake ------------------------------------------------------------
+
+    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        path, _, query = request.path.partition("?")
+        if path == HEALTH_PATH and "Upgrade" not in request.headers:
+            return _plain(200, "ok")
+        if path != CONNECT_PATH:
+            return _plain(404, "not found")
+        if query:
+            # A token must never travel in a URL (it ends up in logs and
+            # histories); refuse any query without ever logging it.
+            return _plain(400, "query strings are not accepted; send the token in a header")
+        if "Origin" in request.headers:
+            return _plain(403, "browsers may not open tunnels")
+        token = bearer_token(request.headers.get("Authorization"))
+        if not self.verifier.verify(token):
+            self.auth_failures += 1
+            logger.warning(
+                "rejected a client from %s: %s token",
+                _address(connection),
+                "missing" if token is None else "wrong",
+            )
+            return _plain(401, "unauthorized", {"WWW-Authenticate": 'Bearer realm="homeport"'})
+        offered = [
+            p.strip()
+            for value in request.headers.get_all("Sec-WebSocket-Protocol")
+            for p in value.split(",")
+        ]
+        if SUBPROTOCOL not in offered:
+            return _plain(
+                426,
+                f"protocol version mismatch: this exit server speaks {SUBPROTOCOL}, "
+                f"the client offered {', '.join(offered) or 'none'}; "
+                "run the same homeport version on both ends",
+                {"Sec-WebSocket-Protocol": SUBPROTOCOL},
+            )
+        return None
+
+    # -- the session -------------------------------------------------------------------
+
+    async def _handle(self, websocket: ServerConnection) -> None:
+        loop = asyncio.get_running_loop()
+        config = self.config
+        address = _address(websocket)
+        channel = WebSocketChannel(websocket)
+        mux = Multiplexer(
+            Role.SERVER,
+            Settings(max_concurrent_streams=0),
+            heartbeat_interval_s=config.heartbeat_interval_s,
+            heartbeat_timeout_s=config.heartbeat_timeout_s,
+            now=loop.time(),
+        )
+        session = Session(channel, mux, name=address)
+        try:
+            hello = await session.wait_hello()
+            name, routes = _read_client_hello(hello)
+        except (ProtocolError, SessionClosed) as exc:
+            reason = exc.message if isinstance(exc, ProtocolError) else exc.reason
+            logger.warning("client from %s failed its HELLO: %s", address, reason)
+            await channel.close(exc.code, f"HELLO rejected: {reason}")
+            return
+        session_id = secrets.token_hex(8)
+        session.name = name
+        client = ConnectedClient(
+            name=name,
+            session=session,
+            routes=routes,
+            remote_addr=address,
+            session_id=session_id,
+            max_streams=config.max_streams_per_client,
+        )
+        await session.send_hello({"session_id": session_id, "software": SOFTWARE})
+        replaced = self.registry.add(client)
+        if replaced is not None:
+            logger.info(
+                "client %s reconnected from %s; closing its previous session from %s",
+                name,
+                address,
+                replaced.remote_addr,
+            )
+            replaced.session.close(ErrorCode.REPLACED, "replaced by a newer session")
+        logger.info(
+            "client %s connected from %s (session %s), serving %s",
+            name,
+            address,
+            session_id,
+            ", ".join(route or "the default route" for route in routes),
+        )
+        self.sessions.add(session)
+        try:
+            end = await session.run()
+            logger.info(
+                "client %s disconnected (session %s): %s%s",
+                name,
+                session_id,
+                end.code.name,
+                f" ({end.reason})" if end.reason else "",
+            )
+        finally:
+            self.sessions.discard(session)
+            self.registry.remove(client)
+            client.close_pool()
+
+
+def _read_client_hello(hello: dict[str, Any]) -> tuple[str, dict[str, Route]]:
+    """Check the client's name and routes.
+
+    Raises:
+        ProtocolError: a field is missing or malformed.
+    """
+    name = hello.get("client_name")
+    if not valid_client_name(name):
+        raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "client_name is missing or invalid")
+    assert isinstance(name, str)
+    entries = hello.get("routes")
+    if not isinstance(entries, list) or not 0 < len(entries) <= MAX_ROUTES:
+        raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"routes must list 1 to {MAX_ROUTES} routes")
+    routes: dict[str, Route] = {}
+    for entry in entries:
+        if not isinstance(entry, dict):
+            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "a route is not an object")
+        host = entry.get("host")
+        rewrite = entry.get("host_rewrite")
+        if not isinstance(host, str) or (host and normalize_host(host) != host):
+            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "a route's host is invalid")
+        if rewrite is not None and (
+            not isinstance(rewrite, str) or not rewrite.isascii() or normalize_host(rewrite) is None
+        ):
+            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "a route's host_rewrite is invalid")
+        if host in routes:
+            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "a host is routed twice")
+        routes[host] = Route(host, rewrite.encode() if rewrite else None)
+    return name, routes
+
+
+def _address(connection: ServerConnection) -> str:
+    peer = connection.remote_address
+    if not peer:
+        return "-"
+    host, port = peer[0], peer[1]
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"

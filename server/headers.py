@@ -1,0 +1,225 @@
+"""HTTP/1.1 header rules for the exit server's reverse proxy (RFC 9110, RFC 9112).
+
+Headers are kept as ``(name, value)`` byte pairs in the order they arrived,
+names in their original case: repeated headers stay separate and values are
+passed exactly. Only the proxy's own concerns are touched: hop-by-hop
+headers (RFC 9110 §7.6.1) are dropped, ``X-Forwarded-*`` from visitors are
+replaced by ours, and message framing (``Content-Length``,
+``Transfer-Encoding``) is set by us for the hop we write.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from http import HTTPStatus
+from typing import Final
+
+Header = tuple[bytes, bytes]
+
+#: Limits on what a visitor may send (docs/security.md). The header limits
+#: are checked on parsed sizes, so they hold however the bytes are split.
+MAX_TARGET_BYTES: Final = 8190
+MAX_FIELD_BYTES: Final = 8190
+MAX_HEADERS: Final = 100
+MAX_HEAD_BYTES: Final = 32 * 1024
+#: Limits on what an upstream may answer; beyond them the visitor gets a 502.
+MAX_RESPONSE_HEADERS: Final = 256
+MAX_RESPONSE_HEAD_BYTES: Final = 64 * 1024
+
+HOP_BY_HOP: Final = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authorization",
+        b"proxy-authenticate",
+    }
+)
+#: Set by the proxy, never trusted from a visitor.
+FORWARDING: Final = frozenset(
+    {
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+        b"x-forwarded-port",
+        b"x-forwarded-prefix",
+        b"x-forwarded-server",
+        b"x-real-ip",
+        b"forwarded",
+    }
+)
+FRAMING: Final = frozenset({b"content-length", b"transfer-encoding"})
+#: A ``Connection`` header may not make us drop these: losing Host or the
+#: framing of a body we forward would desynchronise the upstream.
+_NEVER_DROPPED: Final = frozenset({b"host", b"content-length"})
+
+
+def connection_tokens(headers: Iterable[Header]) -> set[bytes]:
+    """The lower-cased option names listed in every ``Connection`` header.
+
+    ``Host`` and ``Content-Length`` are never among them, whatever was listed.
+    """
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
+    return tokens - _NEVER_DROPPED
+
+
+def values(headers: Iterable[Header], wanted: bytes) -> list[bytes]:
+    """Every value of the header named ``wanted`` (lower case), in order."""
+    return [value for name, value in headers if name.lower() == wanted]
+
+
+def is_websocket_upgrade(headers: Sequence[Header]) -> bool:
+    """Whether the request asks to upgrade to WebSocket (and only that)."""
+    upgrade = values(headers, b"upgrade")
+    return (
+        len(upgrade) == 1
+        and upgrade[0].strip().lower() == b"websocket"
+        and b"upgrade" in connection_tokens(headers)
+    )
+
+
+def upstream_request_head(
+    method: bytes,
+    target: bytes,
+    headers: Sequence[Header],
+    *,
+    visitor_ip: str,
+    proto: str,
+    host_rewrite: bytes | None,
+    chunked: bool,
+    upgrade: bool,
+) -> bytes:
+    """The HTTP/1.1 request head the exit server sends to the upstream.
+
+    Visitor headers pass in order and unchanged except: hop-by-hop headers
+    and any named in ``Connection`` are dropped (``Upgrade`` is kept for a
+    WebSocket upgrade), ``X-Forwarded-*`` are replaced, ``Host`` is
+    rewritten when the route asks, and framing is chunked or left as the
+    visitor's ``Content-Length``.
+    """
+    dropped = HOP_BY_HOP | connection_tokens(headers)
+    lines = [method, b" ", target, b" HTTP/1.1\r\n"]
+    original_host = b""
+    for name, value in headers:
+        lower = name.lower()
+        if lower == b"host":
+            original_host = value
+            if host_rewrite is not None:
+                value = host_rewrite
+        elif lower in FORWARDING or (lower in dropped and not (upgrade and lower == b"upgrade")):
+            continue
+        lines += (name, b": ", value, b"\r\n")
+    if upgrade:
+        lines.append(b"Connection: Upgrade\r\n")
+    if chunked:
+        lines.append(b"Transfer-Encoding: chunked\r\n")
+    lines += (
+        b"X-Forwarded-For: ", visitor_ip.encode(), b"\r\n",
+        b"X-Forwarded-Proto: ", proto.encode(), b"\r\n",
+    )  # fmt: skip
+    if original_host:
+        lines += (b"X-Forwarded-Host: ", original_host, b"\r\n")
+    lines.append(b"\r\n")
+    return b"".join(lines)
+
+
+def visitor_response_head(
+    status: int,
+    reason: bytes,
+    headers: Sequence[Header],
+    *,
+    framing: bytes | None,
+    keep_alive: bool,
+    http10_visitor: bool,
+    upgrade: bool = False,
+) -> bytes:
+    """The response head the exit server sends to the visitor.
+
+    ``framing`` is the header line our hop needs (``Transfer-Encoding:
+    chunked`` or the upstream's ``Content-Length``), or None for no body or
+    a body that ends when the connection closes.
+    """
+    dropped = HOP_BY_HOP | FRAMING | connection_tokens(headers)
+    lines = [b"HTTP/1.1 ", str(status).encode(), b" ", reason or _reason(status), b"\r\n"]
+    for name, value in headers:
+        lower = name.lower()
+        if lower in dropped and not (upgrade and lower == b"upgrade"):
+            continue
+        lines += (name, b": ", value, b"\r\n")
+    if framing is not None:
+        lines += (framing, b"\r\n")
+    if upgrade:
+        lines.append(b"Connection: Upgrade\r\n")
+    elif not keep_alive:
+        lines.append(b"Connection: close\r\n")
+    elif http10_visitor:
+        lines.append(b"Connection: keep-alive\r\n")
+    lines.append(b"\r\n")
+    return b"".join(lines)
+
+
+def informational_head(status: int, reason: bytes, headers: Sequence[Header]) -> bytes:
+    """A 1xx response relayed to the visitor (100 Continue, 103 Early Hints)."""
+    dropped = HOP_BY_HOP | FRAMING | connection_tokens(headers)
+    lines = [b"HTTP/1.1 ", str(status).encode(), b" ", reason or _reason(status), b"\r\n"]
+    for name, value in headers:
+        if name.lower() not in dropped:
+            lines += (name, b": ", value, b"\r\n")
+    lines.append(b"\r\n")
+    return b"".join(lines)
+
+
+#: Short fixed bodies for the answers the proxy makes itself. They never
+#: carry exception text, addresses or anything the visitor sent.
+_ERROR_TEXT: Final = {
+    400: "bad request",
+    403: "forbidden",
+    404: "not found",
+    405: "method not allowed",
+    408: "request timeout",
+    411: "length required",
+    413: "request body too large",
+    414: "request target too long",
+    417: "expectation failed",
+    421: "misdirected request",
+    431: "request header fields too large",
+    500: "internal error in the exit server",
+    501: "not implemented",
+    502: "bad gateway: the upstream did not answer properly",
+    503: "service unavailable: no tunnel client serves this host right now",
+    504: "gateway timeout: the upstream did not answer in time",
+    505: "HTTP version not supported",
+}
+
+
+def error_response(status: int, *, keep_alive: bool = False, head_only: bool = False) -> bytes:
+    """A complete short plain-text response for an error the proxy answers itself."""
+    body = f"{status} {_ERROR_TEXT.get(status, _reason(status).decode())}\n".encode()
+    lines = [
+        b"HTTP/1.1 %d %s\r\n" % (status, _reason(status)),
+        b"Content-Type: text/plain; charset=utf-8\r\n",
+        b"Content-Length: %d\r\n" % len(body),
+        b"Cache-Control: no-store\r\n",
+    ]
+    if status in (503, 429):
+        lines.append(b"Retry-After: 5\r\n")
+    if status == 405:
+        lines.append(b"Allow: GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS\r\n")
+    lines.append(b"\r\n" if keep_alive else b"Connection: close\r\n\r\n")
+    if not head_only:
+        lines.append(body)
+    return b"".join(lines)
+
+
+def _reason(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b"Unknown"

@@ -1,0 +1,985 @@
+"""The public side of the exit server: an HTTP/1.1 reverse proxy into tunnel streams.
+
+Theory of operation
+-------------------
+Each visitor TCP connection is a :class:`VisitorConnection`, an asyncio
+protocol around llhttp (``httptools``), the strict parser uvicorn uses. We
+never parse HTTP by hand: llhttp frames messages, and this module adds what a
+public edge needs on top (limits, Host and framing rules, timeouts).
+
+Each request becomes an :class:`Exchange`, which borrows a stream from the
+client serving the request's host (:mod:`server.registry`), writes an HTTP/1.1
+request head and the body into it, and parses the upstream's response from
+the stream with llhttp again, writing it to the visitor as it arrives. The
+client on the other end only copies bytes between the stream and the
+upstream's TCP connection, so all HTTP meaning lives here (DESIGN.md,
+principle 5). A stream whose exchange ended cleanly goes back to a pool and
+carries the next request, as a proxy reuses upstream keep-alive connections.
+
+Backpressure runs both ways with no buffering beyond fixed bounds: a slow
+visitor pauses the stream's reading (its credit is withheld, so the client
+stops reading the upstream), and a stream whose send queue is full pauses
+reading the visitor's socket.
+
+A WebSocket upgrade becomes two byte pipes once the upstream answers
+``101``; after that neither side is parsed again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import enum
+import logging
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Final, cast
+
+import httptools
+
+from server import headers as h
+from server.registry import ConnectedClient, Registry, normalize_host
+from tunnel.errors import (
+    HTTP_STATUS_FOR_CODE,
+    SessionClosed,
+    StreamClosed,
+    StreamError,
+    TunnelError,
+)
+from tunnel.log import escape
+from tunnel.session import Stream, StreamHandler
+
+if TYPE_CHECKING:
+    from server.config import ServerConfig
+
+logger = logging.getLogger("homeport.server")
+access_logger = logging.getLogger("homeport.server.access")
+
+#: Requests parsed ahead of the one being answered (HTTP/1.1 pipelining).
+#: More than this and the connection is closed after the queued ones.
+MAX_PIPELINED_REQUESTS: Final = 32
+#: Bytes a visitor may send after a WebSocket upgrade request before the
+#: upstream has answered; beyond it we stop reading.
+MAX_EARLY_UPGRADE_BYTES: Final = 64 * 1024
+_IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+
+
+class _Reject(Exception):
+    """Answer the visitor with ``status`` and close."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+class _BadResponse(Exception):
+    """The upstream's response is malformed or over a limit: 502."""
+
+
+class _HeadDone(Exception):
+    """The head of a response to HEAD is complete; stop parsing."""
+
+
+class _StopParsing(Exception):
+    """Parse no further on this connection: answer what is queued, then close."""
+
+
+class _Timer(enum.Enum):
+    NONE = 0
+    HEAD = 1  #: the request head must complete
+    BODY = 2  #: the request body must keep coming
+    KEEPALIVE = 3  #: an idle connection waits for its next request
+
+
+_PAUSE_PIPELINE: Final = 1
+_PAUSE_STREAM: Final = 2
+_PAUSE_UPGRADE: Final = 4
+
+
+@dataclass(eq=False, slots=True)
+class _Request:
+    """A parsed request head and, while it waits its turn, its body."""
+
+    started_at: float
+    target: bytes = b""
+    headers: list[h.Header] = field(default_factory=list)
+    head_size: int = 0
+    method: bytes = b""
+    version: str = "1.1"
+    host: str | None = None
+    keep_alive: bool = True
+    chunked: bool = False
+    has_body: bool = False
+    upgrade: bool = False
+    complete: bool = False
+    body_bytes: int = 0
+    buffered: list[bytes] = field(default_factory=list)
+    exchange: Exchange | None = None
+
+    @property
+    def path(self) -> str:
+        """The target without its query string, escaped for a log line."""
+        return escape(self.target.partition(b"?")[0])
+
+    @property
+    def retryable(self) -> bool:
+        return self.method in _IDEMPOTENT and not self.has_body
+
+
+class PublicServer:
+    """The public HTTP listener: accepts visitors and tracks their connections."""
+
+    def __init__(self, config: ServerConfig, registry: Registry) -> None:
+        self.config = config
+        self.registry = registry
+        self.connections: set[VisitorConnection] = set()
+        self.in_flight = 0
+        self.closing = False
+        self._servers: list[asyncio.Server] = []
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def listen(self, host: str | None, port: int) -> list[tuple[str, int]]:
+        """Start listening; return the bound addresses."""
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            lambda: VisitorConnection(self),
+            host,
+            port,
+            backlog=self.config.backlog,
+            reuse_address=True,
+        )
+        self._servers.append(server)
+        return [sock.getsockname()[:2] for sock in server.sockets]
+
+    def exchange_started(self) -> None:
+        self.in_flight += 1
+        self._idle.clear()
+
+    def exchange_ended(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._idle.set()
+
+    def begin_shutdown(self) -> None:
+        """Stop accepting; close idle connections; busy ones close after their response."""
+        self.closing = True
+        for server in self._servers:
+            server.close()
+        for connection in list(self.connections):
+            connection.shut_down()
+
+    async def wait_drained(self) -> None:
+        """Wait until no request is in flight."""
+        await self._idle.wait()
+
+    def abort_all(self) -> None:
+        for connection in list(self.connections):
+            connection.abort()
+
+
+class VisitorConnection(asyncio.Protocol):
+    """One visitor's TCP connection: parses requests, runs exchanges one at a time."""
+
+    def __init__(self, server: PublicServer) -> None:
+        self.server = server
+        self.config = server.config
+        self.transport: asyncio.Transport | None = None
+        self.visitor_ip = ""
+        self._loop = asyncio.get_running_loop()
+        self._parser = httptools.HttpRequestParser(self)
+        self._request: _Request | None = None
+        self._exchange: Exchange | None = None
+        self._queue: collections.deque[_Request] = collections.deque()
+        self._tunnel: Exchange | None = None
+        self._early_upgrade_bytes: bytearray | None = None
+        self._closing = False
+        self._parser_stopped = False
+        self._paused = 0
+        self._write_paused = False
+        self._in_head = False
+        self._raw_head_bytes = 0
+        self._timer_kind = _Timer.NONE
+        self._deadline = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+
+    # -- asyncio protocol -----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport; the cast is honest.
+        transport = cast(asyncio.Transport, transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.visitor_ip = str(peer[0]) if peer else "-"
+        server = self.server
+        if server.closing or len(server.connections) >= self.config.max_connections:
+            transport.write(h.error_response(503))
+            transport.close()
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        server.connections.add(self)
+        self._arm(_Timer.HEAD, self.config.head_timeout_s)
+
+    def data_received(self, data: bytes) -> None:
+        if self._tunnel is not None:
+            stream = self._tunnel.stream
+            if stream is not None:
+                stream.write(data)
+            return
+        if self._early_upgrade_bytes is not None:
+            self._early_upgrade_bytes += data
+            if len(self._early_upgrade_bytes) > MAX_EARLY_UPGRADE_BYTES:
+                self._pause(_PAUSE_UPGRADE)
+            return
+        if self._parser_stopped:
+            return
+        self._feed(data)
+
+    def _feed(self, data: bytes) -> None:
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            self._upgrade_requested(data[upgrade.args[0] :])
+            return
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, _Reject):
+                self._reject(cause.status)
+                return
+            if isinstance(cause, _StopParsing):
+                self._stop_parsing()
+                return
+            logger.error("request handling failed", exc_info=cause or exc)
+            self._reject(500)
+            return
+        except httptools.HttpParserError:
+            self._reject(400)
+            return
+        if self._in_head:
+            # llhttp buffers a header's pieces until it completes; bound the
+            # bytes of a head however they are split (docs/security.md).
+            self._raw_head_bytes += len(data)
+            if self._raw_head_bytes > h.MAX_HEAD_BYTES + h.MAX_FIELD_BYTES:
+                self._reject(431)
+
+    def eof_received(self) -> bool:
+        if self._tunnel is not None:
+            stream = self._tunnel.stream
+            if stream is not None:
+                stream.write_eof()
+            return True
+        exchange = self._exchange
+        if exchange is not None and exchange.request.complete:
+            self._closing = True  # answer, then close
+            return True
+        if exchange is not None:
+            exchange.abort()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        self.server.connections.discard(self)
+        for exchange in (self._exchange, self._tunnel):
+            if exchange is not None:
+                exchange.visitor_gone()
+        self._exchange = self._tunnel = None
+        self._queue.clear()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        exchange = self._tunnel or self._exchange
+        if exchange is not None and exchange.stream is not None:
+            exchange.stream.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        exchange = self._tunnel or self._exchange
+        if exchange is not None and exchange.stream is not None:
+            exchange.stream.resume_reading()
+
+    # -- llhttp callbacks ----------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._request = _Request(started_at=time.monotonic())
+        self._in_head = True
+        self._raw_head_bytes = 0
+        if self._timer_kind is _Timer.KEEPALIVE:
+            self._arm(_Timer.HEAD, self.config.head_timeout_s)
+
+    def on_url(self, url: bytes) -> None:
+        request = self._request
+        assert request is not None
+        request.target += url
+        if len(request.target) > h.MAX_TARGET_BYTES:
+            raise _Reject(414)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        request = self._request
+        assert request is not None
+        size = len(name) + len(value)
+        request.head_size += size + 4
+        if (
+            size > h.MAX_FIELD_BYTES
+            or len(request.headers) >= h.MAX_HEADERS
+            or request.head_size > h.MAX_HEAD_BYTES
+        ):
+            raise _Reject(431)
+        request.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        request = self._request
+        assert request is not None
+        self._in_head = False
+        parser = self._parser
+        request.method = parser.get_method()
+        request.version = parser.get_http_version()
+        request.keep_alive = parser.should_keep_alive()
+        self._validate(request, upgrade=parser.should_upgrade())
+        if request.has_body:
+            self._arm(_Timer.BODY, self.config.body_timeout_s)
+        else:
+            self._disarm()
+        if self._exchange is None and not self._queue:
+            self._start(request)
+        elif len(self._queue) >= MAX_PIPELINED_REQUESTS:
+            raise _StopParsing
+        else:
+            self._queue.append(request)
+            self._pause(_PAUSE_PIPELINE)
+
+    def on_body(self, body: bytes) -> None:
+        request = self._request
+        assert request is not None
+        request.body_bytes += len(body)
+        max_body = self.config.max_body_bytes
+        if max_body is not None and request.body_bytes > max_body:
+            raise _Reject(413)
+        if self._timer_kind is _Timer.BODY:
+            self._deadline = self._loop.time() + self.config.body_timeout_s
+        if request.exchange is not None:
+            request.exchange.send_body(body)
+        else:
+            request.buffered.append(body)
+
+    def on_message_complete(self) -> None:
+        request = self._request
+        assert request is not None
+        request.complete = True
+        if self._timer_kind is _Timer.BODY:
+            self._disarm()
+        if request.exchange is not None:
+            request.exchange.request_complete()
+
+    # -- requests ------------------------------------------------------------------
+
+    def _validate(self, request: _Request, *, upgrade: bool) -> None:
+        """Refuse what a public edge must not pass on (docs/security.md, public edge)."""
+        if request.version not in ("1.1", "1.0"):
+            raise _Reject(505 if request.version >= "2" else 400)
+        if request.method == b"CONNECT":
+            raise _Reject(405)
+        target = request.target
+        if not (target.startswith(b"/") or (target == b"*" and request.method == b"OPTIONS")):
+            raise _Reject(400)  # absolute-form: we are not a forward proxy
+        hosts = h.values(request.headers, b"host")
+        if len(hosts) > 1 or (not hosts and request.version == "1.1"):
+            raise _Reject(400)
+        if hosts:
+            request.host = normalize_host(hosts[0].decode("latin-1"))
+            if request.host is None:
+                raise _Reject(400)
+        codings = h.values(request.headers, b"transfer-encoding")
+        lengths = h.values(request.headers, b"content-length")
+        if codings:
+            if request.version != "1.1" or len(codings) != 1 or codings[0].lower() != b"chunked":
+                raise _Reject(400)
+            request.chunked = request.has_body = True
+        elif lengths:
+            length = int(lengths[0])  # llhttp accepted exactly one, all digits
+            request.has_body = length > 0
+            max_body = self.config.max_body_bytes
+            if max_body is not None and length > max_body:
+                raise _Reject(413)
+        expect = h.values(request.headers, b"expect")
+        if expect and (len(expect) > 1 or expect[0].lower() != b"100-continue"):
+            raise _Reject(417)
+        if upgrade:
+            if not h.is_websocket_upgrade(request.headers):
+                # Only WebSocket may switch protocols through us (no h2c smuggling).
+                raise _Reject(400)
+            if not self.config.websocket_passthrough or request.has_body:
+                raise _Reject(400)
+            request.upgrade = True
+
+    def _start(self, request: _Request) -> None:
+        routed = self.server.registry.lookup(request.host)
+        if routed is None:
+            self._answer_error(request, 503)
+            return
+        client, route = routed
+        exchange = Exchange(self, request, client, route)
+        request.exchange = exchange
+        self._exchange = exchange
+        self.server.exchange_started()
+        exchange.start()
+
+    def _answer_error(self, request: _Request, status: int) -> None:
+        """Answer a parsed request ourselves; keep the connection if we safely can."""
+        keep_alive = request.keep_alive and request.complete and not self._closing
+        self.write(
+            h.error_response(status, keep_alive=keep_alive, head_only=request.method == b"HEAD")
+        )
+        log_access(request, "-", status, 0, 0)
+        self._request_done(keep_alive=keep_alive)
+
+    def exchange_done(self, exchange: Exchange, *, keep_alive: bool) -> None:
+        """The response was written (or the exchange failed): move to the next request."""
+        if self._exchange is exchange:
+            self._exchange = None
+            self.server.exchange_ended()
+            self._request_done(keep_alive=keep_alive and exchange.request.complete)
+        elif self._tunnel is exchange:
+            self._tunnel = None
+            self.server.exchange_ended()
+            self.close()
+
+    def _request_done(self, *, keep_alive: bool) -> None:
+        if not keep_alive or self._closing or self.server.closing:
+            self.close()
+            return
+        if self._queue:
+            request = self._queue.popleft()
+            if not self._queue:
+                self._resume(_PAUSE_PIPELINE)
+            self._start(request)
+            return
+        self._arm(_Timer.KEEPALIVE, self.config.keepalive_timeout_s)
+
+    def _upgrade_requested(self, tail: bytes) -> None:
+        """llhttp paused after a WebSocket upgrade request; hold what follows."""
+        self._early_upgrade_bytes = bytearray(tail)
+
+    def enter_tunnel(self, exchange: Exchange) -> None:
+        """The upstream switched protocols: from now on, bytes pass as they are."""
+        self._exchange = None
+        self._tunnel = exchange
+        self._disarm()
+        early = self._early_upgrade_bytes or b""
+        self._early_upgrade_bytes = None
+        self._resume(_PAUSE_UPGRADE | _PAUSE_PIPELINE | _PAUSE_STREAM)
+        if early and exchange.stream is not None:
+            exchange.stream.write(bytes(early))
+
+    def _reject(self, status: int) -> None:
+        """A request we refuse before it reaches any upstream: answer and close."""
+        if self.transport is None or self.transport.is_closing():
+            return
+        request = self._request
+        exchange = self._exchange
+        if exchange is not None and exchange.request.complete:
+            # The bad request came pipelined behind one being answered:
+            # finish that one, then close (responses must stay in order).
+            self._stop_parsing()
+            return
+        self._in_head = False
+        if exchange is not None:
+            # Bad framing or too much body in the middle of a streamed request.
+            if not exchange.head_sent:
+                self.write(h.error_response(status))
+            exchange.abort()
+        else:
+            self.write(h.error_response(status))
+            if request is not None:
+                log_access(request, "-", status, request.body_bytes, 0)
+        self.close()
+
+    def _stop_parsing(self) -> None:
+        self._parser_stopped = True
+        self._closing = True
+        self._queue.clear()
+        self._pause(_PAUSE_PIPELINE)
+        if self._exchange is None and self._tunnel is None:
+            self.close()
+
+    # -- flow control, timers, closing --------------------------------------------------
+
+    def stream_paused(self) -> None:
+        self._pause(_PAUSE_STREAM)
+
+    def stream_resumed(self) -> None:
+        self._resume(_PAUSE_STREAM)
+
+    def _pause(self, reason: int) -> None:
+        if not self._paused and self.transport is not None:
+            self.transport.pause_reading()
+        self._paused |= reason
+
+    def _resume(self, reason: int) -> None:
+        if not self._paused & reason:
+            return
+        self._paused &= ~reason
+        if not self._paused and self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def _arm(self, kind: _Timer, timeout_s: float) -> None:
+        self._timer_kind = kind
+        self._deadline = self._loop.time() + timeout_s
+        if self._timer is None:
+            self._timer = self._loop.call_at(self._deadline, self._on_timer)
+
+    def _disarm(self) -> None:
+        self._timer_kind = _Timer.NONE
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        kind = self._timer_kind
+        if kind is _Timer.NONE or self.transport is None:
+            return
+        now = self._loop.time()
+        if now < self._deadline or (kind is _Timer.BODY and self._paused & _PAUSE_STREAM):
+            # Not yet due, or the body is stalled by our upstream, not the visitor.
+            if self._deadline <= now:
+                self._deadline = now + self.config.body_timeout_s
+            self._timer = self._loop.call_at(self._deadline, self._on_timer)
+            return
+        self._timer_kind = _Timer.NONE
+        if kind is _Timer.HEAD and self._in_head:
+            self._reject(408)
+        elif kind is _Timer.BODY:
+            if self._exchange is not None:
+                self._exchange.abort()
+            request = self._request
+            if request is not None and not (self._exchange and self._exchange.head_sent):
+                self.write(h.error_response(408))
+                log_access(request, "-", 408, request.body_bytes, 0)
+            self.close()
+        else:
+            self.close()
+
+    def write(self, data: bytes | memoryview) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+
+    def writelines(self, parts: list[bytes]) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.writelines(parts)
+
+    def write_eof(self) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing() and transport.can_write_eof():
+            transport.write_eof()
+
+    def close(self) -> None:
+        """Close after what is written has been sent."""
+        self._closing = True
+        self._disarm()
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        """Drop the connection now (a response cannot be completed)."""
+        self._closing = True
+        self._disarm()
+        if self.transport is not None:
+            self.transport.abort()
+
+    def shut_down(self) -> None:
+        """Server shutdown: close now if idle, else after the current response."""
+        self._closing = True
+        if self._exchange is None and self._tunnel is None:
+            self.close()
+
+
+class Exchange(StreamHandler):
+    """One request and its response, carried on one stream to the upstream."""
+
+    def __init__(
+        self, connection: VisitorConnection, request: _Request, client: ConnectedClient, route: str
+    ) -> None:
+        self.connection = connection
+        self.request = request
+        self.client = client
+        self.route = route
+        self.stream: Stream | None = None
+        self.reused = False
+        self.attempts = 0
+        self.head_sent = False
+        self.done = False
+        self.status = 0
+        self.bytes_out = 0
+        self._parser = httptools.HttpResponseParser(self)
+        self._reason = b""
+        self._headers: list[h.Header] = []
+        self._head_size = 0
+        self._got_response_bytes = False
+        self._chunked_out = False
+        self._close_delimited = False
+        self._keep_alive = False
+        self._message_complete = False
+        self._head_only = False
+        self._out: list[bytes] = []
+        self._upgrade_tail: bytes | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    # -- request side ------------------------------------------------------------------
+
+    def start(self, *, fresh: bool = False) -> None:
+        request = self.request
+        config = self.connection.config
+        self.attempts += 1
+        self._cancel_timer()
+        try:
+            if fresh:
+                self.stream = self.client.session.open_stream(self.route, self)
+                self.reused = False
+            else:
+                self.stream, self.reused = self.client.acquire(self.route, self)
+        except StreamClosed:
+            self._fail(503)
+            return
+        route = self.client.routes.get(self.route)
+        self.stream.write(
+            h.upstream_request_head(
+                request.method,
+                request.target,
+                request.headers,
+                visitor_ip=self.connection.visitor_ip,
+                proto="http",
+                host_rewrite=route.host_rewrite if route else None,
+                chunked=request.chunked,
+                upgrade=request.upgrade,
+            )
+        )
+        for body in request.buffered:
+            self.send_body(body)
+        request.buffered.clear()
+        if request.complete:
+            self.request_complete()
+        self._timer = asyncio.get_running_loop().call_later(
+            config.response_timeout_s, self._timed_out
+        )
+
+    def send_body(self, body: bytes) -> None:
+        stream = self.stream
+        if stream is None or stream.closed:
+            return
+        if self.request.chunked:
+            stream.write(b"%x\r\n" % len(body))
+            stream.write(body)
+            stream.write(b"\r\n")
+        else:
+            stream.write(body)
+
+    def request_complete(self) -> None:
+        stream = self.stream
+        if self.request.chunked and stream is not None and not stream.closed:
+            stream.write(b"0\r\n\r\n")
+
+    # -- stream handler ------------------------------------------------------------------
+
+    def data_received(self, data: bytes | memoryview) -> None:
+        if self.done:
+            return
+        if self.connection._tunnel is self:
+            self.connection.write(data)
+            self.bytes_out += len(data)
+            return
+        self._got_response_bytes = True
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            self._flush_out()
+            self._switch_protocols(bytes(data[upgrade.args[0] :]))
+            return
+        except httptools.HttpParserCallbackError as exc:
+            if isinstance(exc.__context__, _HeadDone):
+                self._flush_out()
+                self._head_only = True
+                self._message_complete = True
+                self._finish()
+                return
+            if not isinstance(exc.__context__, _BadResponse):
+                logger.error("response handling failed", exc_info=exc.__context__ or exc)
+            self._bad_response()
+            return
+        except httptools.HttpParserError:
+            self._bad_response()
+            return
+        self._flush_out()
+        if self._message_complete:
+            self._finish()
+
+    def eof_received(self) -> None:
+        if self.done:
+            return
+        if self.connection._tunnel is self:
+            self.connection.write_eof()
+            return
+        if self.head_sent and self._close_delimited:
+            self._message_complete = True
+            self._finish()
+        elif not self.head_sent:
+            self._upstream_failed(502)
+        else:
+            self._truncated()
+
+    def stream_closed(self, exc: TunnelError | None) -> None:
+        if self.done:
+            return
+        if self.connection._tunnel is self:
+            self.done = True
+            self._log()
+            self.connection.exchange_done(self, keep_alive=False)
+            return
+        if not self.head_sent:
+            status = 502
+            if isinstance(exc, StreamError | SessionClosed):
+                status = HTTP_STATUS_FOR_CODE.get(exc.code, 502)
+            self._upstream_failed(status)
+        elif self._close_delimited and exc is None:
+            self._message_complete = True
+            self._finish()
+        else:
+            self._truncated()
+
+    def pause_writing(self) -> None:
+        self.connection.stream_paused()
+
+    def resume_writing(self) -> None:
+        self.connection.stream_resumed()
+
+    # -- llhttp callbacks (response) ----------------------------------------------------
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason
+        if len(self._reason) > 512:
+            raise _BadResponse
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_size += len(name) + len(value) + 4
+        if (
+            len(self._headers) >= h.MAX_RESPONSE_HEADERS
+            or self._head_size > h.MAX_RESPONSE_HEAD_BYTES
+        ):
+            raise _BadResponse
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        request = self.request
+        connection = self.connection
+        if not 100 <= status <= 599:
+            raise _BadResponse
+        if status < 200 and status != 101:
+            if request.version == "1.1":
+                self._out.append(h.informational_head(status, self._reason, self._headers))
+            self._reason, self._headers, self._head_size = b"", [], 0
+            return
+        if status == 101 and not request.upgrade:
+            raise _BadResponse
+        self.status = status
+        self._cancel_timer()
+        http10 = request.version == "1.0"
+        headers = self._headers
+        framing: bytes | None = None
+        head_only = request.method == b"HEAD" or status in (204, 304)
+        if status == 101:
+            keep_alive = False
+        elif head_only:
+            lengths = h.values(headers, b"content-length")
+            if lengths and status != 204:
+                framing = b"Content-Length: " + lengths[0]
+            keep_alive = request.keep_alive
+        else:
+            codings = h.values(headers, b"transfer-encoding")
+            lengths = h.values(headers, b"content-length")
+            if codings:
+                if len(codings) != 1 or codings[0].strip().lower() != b"chunked":
+                    raise _BadResponse  # a transfer coding we would pass on undecoded
+                self._chunked_out = not http10
+            elif lengths:
+                framing = b"Content-Length: " + lengths[0]
+            else:
+                self._close_delimited = True
+                self._chunked_out = not http10
+            if self._chunked_out:
+                framing = b"Transfer-Encoding: chunked"
+            keep_alive = request.keep_alive and framing is not None
+        # After a refused upgrade llhttp parses nothing more: close then.
+        keep_alive = keep_alive and request.complete and not request.upgrade
+        keep_alive = keep_alive and not connection._closing
+        self._keep_alive = keep_alive
+        self._out.append(
+            h.visitor_response_head(
+                status,
+                self._reason,
+                headers,
+                framing=framing,
+                keep_alive=keep_alive,
+                http10_visitor=http10,
+                upgrade=status == 101,
+            )
+        )
+        self.head_sent = True
+        if request.method == b"HEAD" and status != 101:
+            raise _HeadDone
+
+    def on_body(self, body: bytes) -> None:
+        self.bytes_out += len(body)
+        if self._chunked_out:
+            self._out += (b"%x\r\n" % len(body), body, b"\r\n")
+        else:
+            self._out.append(body)
+
+    def on_message_complete(self) -> None:
+        if self.status:  # the final response, not an informational one
+            self._message_complete = True
+
+    def _flush_out(self) -> None:
+        if self._out:
+            self.connection.writelines(self._out)
+            self._out = []
+
+    # -- endings ---------------------------------------------------------------------------
+
+    def _finish(self) -> None:
+        """The response is complete: end it, and reuse the stream if both sides allow."""
+        self.done = True
+        self._cancel_timer()
+        if self._chunked_out:
+            self.connection.write(b"0\r\n\r\n")
+        stream = self.stream
+        if stream is not None:
+            if not self.request.complete:
+                # An early answer (a 401 or 413 before the upload ended): the
+                # upstream may still wait for the body we will not send.
+                stream.set_handler(StreamHandler())
+                stream.reset()
+            elif (
+                not self._head_only
+                and not self._close_delimited
+                and self._parser.should_keep_alive()
+                and not stream.remote_ended
+            ):
+                self.client.release(stream)
+            else:
+                self.client.retire(stream)
+        self._log()
+        self.connection.exchange_done(self, keep_alive=self._keep_alive)
+
+    def _switch_protocols(self, upstream_tail: bytes) -> None:
+        self.connection.enter_tunnel(self)
+        if upstream_tail:
+            self.bytes_out += len(upstream_tail)
+            self.connection.write(upstream_tail)
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        if not self.head_sent and not self.done:
+            if self.stream is not None:
+                self.stream.reset()
+            self._fail(504)
+
+    def _upstream_failed(self, status: int) -> None:
+        """The stream failed before any response: retry once if that is safe, else answer."""
+        if (
+            self.reused
+            and self.attempts == 1
+            and self.request.retryable
+            and self.request.complete
+            and not self._got_response_bytes
+        ):
+            # A pooled stream whose upstream had just closed its keep-alive
+            # connection: the request never reached it, so try a fresh stream.
+            stale = self.stream
+            if stale is not None:
+                stale.set_handler(StreamHandler())
+                stale.reset()
+            self._parser = httptools.HttpResponseParser(self)
+            self.start(fresh=True)
+            return
+        self._fail(status)
+
+    def _bad_response(self) -> None:
+        if self.stream is not None:
+            self.stream.reset()
+        if self.head_sent:
+            self._truncated()
+        else:
+            self._out.clear()
+            self._fail(502)
+
+    def _fail(self, status: int) -> None:
+        """Answer the visitor with an error of ours; the upstream gave nothing usable."""
+        if self.done:
+            return
+        self.done = True
+        self.status = status
+        self._cancel_timer()
+        if self.stream is not None and not self.stream.closed:
+            self.stream.reset()
+        request = self.request
+        keep_alive = request.keep_alive and request.complete and not self.connection._closing
+        self.connection.write(
+            h.error_response(status, keep_alive=keep_alive, head_only=request.method == b"HEAD")
+        )
+        self._log()
+        self.connection.exchange_done(self, keep_alive=keep_alive)
+
+    def _truncated(self) -> None:
+        """The response broke off after its head: the visitor must see it fail."""
+        self.done = True
+        self._cancel_timer()
+        if self.stream is not None:
+            self.stream.reset()
+        self._log()
+        self.connection.exchange_done(self, keep_alive=False)
+        self.connection.abort()
+
+    def abort(self) -> None:
+        """The request failed on the visitor's side: abandon the upstream request."""
+        if self.done:
+            return
+        self.done = True
+        self._cancel_timer()
+        if self.stream is not None and not self.stream.closed:
+            self.stream.reset()
+        self._log()
+        self.connection.exchange_done(self, keep_alive=False)
+
+    def visitor_gone(self) -> None:
+        """The visitor disconnected: reset the stream so the upstream request is aborted."""
+        self.abort()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _log(self) -> None:
+        log_access(
+            self.request, self.client.name, self.status, self.request.body_bytes, self.bytes_out
+        )
+
+
+def log_access(request: _Request, client: str, status: int, bytes_in: int, bytes_out: int) -> None:
+    """One line per request: who served it, what it was, how it went."""
+    if not access_logger.isEnabledFor(logging.INFO):
+        return
+    duration_ms = (time.monotonic() - request.started_at) * 1000
+    access_logger.info(
+        '%s "%s %s" host=%s status=%d in=%d out=%d ms=%.1f',
+        client,
+        escape(request.method),
+        request.path,
+        escape(request.host or "-"),
+        status,
+        bytes_in,
+        bytes_out,
+        duration_ms,
+    )

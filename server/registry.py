@@ -1,0 +1,240 @@
+"""Which connected client serves which host, and each client's idle streams.
+
+Routing (docs/architecture.md): a request's ``Host`` is normalised (lower
+case, no port, no trailing dot) and matched exactly against the host names
+clients registered; when none matches, a client that registered a default
+route serves it. Several clients may serve the same name: requests are
+spread over them round-robin, and when one goes away the others carry on. A
+client that connects with the name of one already connected replaces it
+(after a power cut the old session is a ghost).
+
+Streams are reused like an HTTP proxy's upstream keep-alive connections: a
+stream whose exchange ended cleanly goes back to its route's pool, most
+recently used first, for at most :data:`POOL_IDLE_TIMEOUT_S`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import itertools
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Final
+
+from tunnel.errors import ErrorCode, StreamClosed, TunnelError
+from tunnel.session import Session, Stream, StreamHandler
+
+logger = logging.getLogger("homeport.server")
+
+#: Idle pooled streams are retired after this long. Shorter than the
+#: keep-alive timeout of common upstream servers (uvicorn and Node.js: 5 s),
+#: so we close first and rarely race an upstream closing the connection.
+POOL_IDLE_TIMEOUT_S: Final = 4.0
+#: A retired stream whose upstream never closes is reset after this long.
+RETIRE_TIMEOUT_S: Final = 10.0
+DEFAULT_ROUTE: Final = ""
+
+_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
+_CLIENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+
+
+def normalize_host(value: str) -> str | None:
+    """A Host header value as a route key: lower case, no port, no trailing dot.
+
+    Returns None for a value that is not a host name or IP literal.
+    """
+    host = value.strip().lower()
+    if host.startswith("["):  # IPv6 literal, maybe with a port
+        end = host.find("]")
+        if end < 0:
+            return None
+        literal, rest = host[1:end], host[end + 1 :]
+        if rest and not (rest.startswith(":") and rest[1:].isdigit()):
+            return None
+        try:
+            return f"[{ipaddress.IPv6Address(literal).compressed}]"
+        except ValueError:
+            return None
+    name, sep, port = host.partition(":")
+    if sep and not (port.isdigit() and len(port) <= 5):
+        return None
+    name = name.removesuffix(".")
+    if not name or len(name) > 253:
+        return None
+    if not all(_LABEL.fullmatch(label) for label in name.split(".")):
+        return None
+    return name
+
+
+def valid_client_name(name: object) -> bool:
+    return isinstance(name, str) and _CLIENT_NAME.fullmatch(name) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One host a client serves. ``host`` is ``""`` for the default route."""
+
+    host: str
+    #: the upstream's own host:port to send as Host, when the client asks for it
+    host_rewrite: bytes | None = None
+
+
+class _Idle(StreamHandler):
+    """Handler of a pooled stream between two exchanges."""
+
+    def __init__(self, client: ConnectedClient, stream: Stream) -> None:
+        self.client = client
+        self.stream = stream
+
+    def data_received(self, data: bytes | memoryview) -> None:
+        # An idle upstream has nothing to say; bytes now mean it is confused.
+        self.client.discard(self.stream)
+        self.stream.reset(ErrorCode.CANCEL)
+
+    def eof_received(self) -> None:
+        # The upstream closed its keep-alive connection: close our side too.
+        self.client.discard(self.stream)
+        self.stream.write_eof()
+
+    def stream_closed(self, exc: TunnelError | None) -> None:
+        self.client.discard(self.stream)
+
+
+class _Retiring(StreamHandler):
+    """Handler of a stream we ended: waits for the upstream to close, bounded."""
+
+    def __init__(self, stream: Stream) -> None:
+        self.stream = stream
+        self.timer = asyncio.get_running_loop().call_later(
+            RETIRE_TIMEOUT_S, stream.reset, ErrorCode.CANCEL
+        )
+
+    def stream_closed(self, exc: TunnelError | None) -> None:
+        self.timer.cancel()
+
+
+@dataclass(eq=False)
+class ConnectedClient:
+    """A client with an open session, as the exit server sees it."""
+
+    name: str
+    session: Session
+    routes: dict[str, Route]
+    remote_addr: str
+    session_id: str
+    max_streams: int
+    connected_at: float = field(default_factory=time.time)
+    _idle: dict[str, dict[Stream, asyncio.TimerHandle]] = field(default_factory=dict)
+
+    def acquire(self, route: str, handler: StreamHandler) -> tuple[Stream, bool]:
+        """A stream to ``route``'s upstream for one exchange: a pooled one if any.
+
+        Returns the stream and whether it was reused.
+
+        Raises:
+            StreamClosed: REFUSED_STREAM when the client's stream limit is reached
+                or the session is closing.
+        """
+        idle = self._idle.get(route)
+        while idle:
+            stream, timer = idle.popitem()
+            timer.cancel()
+            if not (stream.is_closing() or stream.remote_ended):
+                stream.set_handler(handler)
+                return stream, True
+        if len(self.session.streams) >= self.max_streams:
+            raise StreamClosed(0, ErrorCode.REFUSED_STREAM, "stream limit for this client")
+        return self.session.open_stream(route, handler), False
+
+    def release(self, stream: Stream) -> None:
+        """Put a stream whose exchange ended cleanly back in its route's pool."""
+        if stream.is_closing() or stream.remote_ended or self.session.is_closing:
+            self.retire(stream)
+            return
+        stream.set_handler(_Idle(self, stream))
+        timer = asyncio.get_running_loop().call_later(POOL_IDLE_TIMEOUT_S, self._expire, stream)
+        self._idle.setdefault(stream.route, {})[stream] = timer
+
+    def retire(self, stream: Stream) -> None:
+        """End a stream that must not be reused, letting the upstream close gracefully."""
+        self.discard(stream)
+        if stream.closed:
+            return
+        stream.set_handler(_Retiring(stream))
+        stream.write_eof()
+
+    def discard(self, stream: Stream) -> None:
+        """Take a stream out of the pool, if it is there."""
+        idle = self._idle.get(stream.route)
+        if idle is not None:
+            timer = idle.pop(stream, None)
+            if timer is not None:
+                timer.cancel()
+
+    def _expire(self, stream: Stream) -> None:
+        idle = self._idle.get(stream.route)
+        if idle is not None and idle.pop(stream, None) is not None:
+            self.retire(stream)
+
+    def idle_streams(self) -> int:
+        return sum(len(idle) for idle in self._idle.values())
+
+    def close_pool(self) -> None:
+        for idle in self._idle.values():
+            for stream, timer in list(idle.items()):
+                timer.cancel()
+                stream.reset(ErrorCode.CANCEL)
+            idle.clear()
+
+
+class Registry:
+    """The connected clients, by name and by the hosts they serve."""
+
+    def __init__(self) -> None:
+        self._by_name: dict[str, ConnectedClient] = {}
+        self._by_host: dict[str, list[ConnectedClient]] = {}
+        self._turn = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self._by_name)
+
+    def clients(self) -> list[ConnectedClient]:
+        return list(self._by_name.values())
+
+    def get(self, name: str) -> ConnectedClient | None:
+        return self._by_name.get(name)
+
+    def add(self, client: ConnectedClient) -> ConnectedClient | None:
+        """Register a client; return the one it replaces (same name), if any."""
+        replaced = self._by_name.get(client.name)
+        if replaced is not None:
+            self.remove(replaced)
+        self._by_name[client.name] = client
+        for host in client.routes:
+            self._by_host.setdefault(host, []).append(client)
+        return replaced
+
+    def remove(self, client: ConnectedClient) -> None:
+        """Forget a client (its session ended); others serving its hosts carry on."""
+        if self._by_name.get(client.name) is client:
+            del self._by_name[client.name]
+        for host in client.routes:
+            serving = self._by_host.get(host)
+            if serving and client in serving:
+                serving.remove(client)
+                if not serving:
+                    del self._by_host[host]
+
+    def lookup(self, host: str | None) -> tuple[ConnectedClient, str] | None:
+        """The client and route for a normalised host; the default route if none matches."""
+        for key in (host, DEFAULT_ROUTE) if host else (DEFAULT_ROUTE,):
+            serving = self._by_host.get(key)
+            if not serving:
+                continue
+            live = [c for c in serving if not c.session.is_closing]
+            if live:
+                return live[next(self._turn) % len(live)], key
+        return None

@@ -1,0 +1,95 @@
+"""Events the multiplexer returns: past-tense facts about what the peer did.
+
+:meth:`tunnel.mux.Multiplexer.receive_data` and
+:meth:`~tunnel.mux.Multiplexer.handle_timer` return lists of these; the
+asyncio session turns them into calls on stream handlers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from tunnel.errors import ErrorCode
+
+
+@dataclass(frozen=True, slots=True)
+class HelloReceived:
+    """The peer's HELLO arrived and its version matched ours."""
+
+    fields: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class StreamOpened:
+    """The peer opened a stream to the upstream of ``route``."""
+
+    stream_id: int
+    route: str
+
+
+@dataclass(frozen=True, slots=True)
+class DataReceived:
+    """Bytes arrived on a stream. Return credit with ``acknowledge`` once consumed."""
+
+    stream_id: int
+    data: bytes | memoryview
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEnded:
+    """The peer half-closed the stream: it will send no more bytes on it."""
+
+    stream_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class StreamReset:
+    """The peer reset the stream (or refused it, after a GO_AWAY)."""
+
+    stream_id: int
+    code: ErrorCode
+
+
+@dataclass(frozen=True, slots=True)
+class WindowUpdated:
+    """The peer granted more credit; buffered bytes for the stream may now flow."""
+
+    stream_id: int
+    increment: int
+
+
+@dataclass(frozen=True, slots=True)
+class PingAcknowledged:
+    """The peer answered our latest heartbeat, sent at ``sent_at`` in the caller's clock."""
+
+    sent_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class GoAwayReceived:
+    """The peer will open no new streams and wants none from us."""
+
+    last_stream_id: int
+    code: ErrorCode
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatTimedOut:
+    """Nothing came back from the peer within the heartbeat timeout: the link is dead."""
+
+    silent_s: float
+
+
+Event = (
+    HelloReceived
+    | StreamOpened
+    | DataReceived
+    | StreamEnded
+    | StreamReset
+    | WindowUpdated
+    | PingAcknowledged
+    | GoAwayReceived
+    | HeartbeatTimedOut
+)

@@ -1,0 +1,102 @@
+"""Logging set-up shared by both sides: secrets redacted, visitor text escaped.
+
+Loggers are ``homeport.tunnel``, ``homeport.server`` (with
+``homeport.server.access`` for the access log) and ``homeport.client``.
+Nothing we log should ever carry a token, but a last line of defence costs
+little: every record passes :class:`RedactSecrets` before it is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Iterable
+from typing import Final
+
+REDACTED: Final = "<redacted>"
+_ESCAPES: Final = {i: f"\\x{i:02x}" for i in (*range(0x20), 0x7F)}
+_ESCAPES.update({ord("\\"): "\\\\", ord('"'): '\\"'})
+#: websockets logs every handshake header at DEBUG, Authorization included.
+_WEBSOCKETS_HEADER_LINE: Final = ("> ", "< ")
+
+
+def escape(text: str | bytes, limit: int = 512) -> str:
+    """Make visitor-supplied text safe for one log line: control characters escaped."""
+    if isinstance(text, bytes):
+        text = text.decode("latin-1")
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    return text.translate(_ESCAPES)
+
+
+class RedactSecrets(logging.Filter):
+    """Replace any known secret in a record's message and traceback text."""
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        super().__init__()
+        self._secrets: list[str] = []
+        self.add(*secrets)
+
+    def add(self, *secrets: str) -> None:
+        for secret in secrets:
+            if secret and len(secret) >= 8 and secret not in self._secrets:
+                self._secrets.append(secret)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self._secrets:
+            return True
+        message = record.getMessage()
+        redacted = self._redact(message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = self._redact(record.exc_text)
+        return True
+
+    def _redact(self, text: str) -> str:
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, REDACTED)
+        return text
+
+
+class _DropWebsocketsHeaders(logging.Filter):
+    """websockets' DEBUG handshake dumps carry Authorization: never let them through."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno > logging.DEBUG:
+            return True
+        message = record.getMessage()
+        return not (message.startswith(_WEBSOCKETS_HEADER_LINE) and ":" in message)
+
+
+_redactor = RedactSecrets()
+
+
+def add_secrets(*secrets: str) -> None:
+    """Register secrets that must never reach a log line."""
+    _redactor.add(*secrets)
+
+
+def setup_logging(level: str = "info") -> None:
+    """Configure the root logger for a homeport process (stderr, one line a record)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S")
+    )
+    handler.addFilter(_redactor)
+    handler.addFilter(_DropWebsocketsHeaders())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    numeric = logging.getLevelName(level.upper())
+    root.setLevel(numeric if isinstance(numeric, int) else logging.INFO)
+    # websockets logs every connection at INFO (we log our own, better) and
+    # every header at DEBUG (filtered above): only its warnings by default.
+    logging.getLogger("websockets").setLevel(
+        logging.DEBUG if root.level <= logging.DEBUG else logging.WARNING
+    )
+    logging.getLogger("asyncio").setLevel(logging.WARNING)

@@ -1,0 +1,654 @@
+"""The asyncio session: drives a :class:`~tunnel.mux.Multiplexer` over one websocket.
+
+A session has three tasks: a reader that feeds each message to the
+multiplexer and turns the events into calls on stream handlers, a writer
+that drains :meth:`~tunnel.mux.Multiplexer.data_to_send` (coalescing
+whatever was written meanwhile into one message), and a timer for the
+heartbeat. Streams have no task of their own: like asyncio transports they
+call a :class:`StreamHandler` back, and the handler applies backpressure
+with :meth:`Stream.pause_reading` and reacts to
+:meth:`StreamHandler.pause_writing`. So a forwarder pipes a TCP connection
+into a stream with no task at all, and the reader never waits on any one
+stream's consumer: what a slow consumer has not read stays within its
+window (protocol.md §6).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
+
+import websockets
+from websockets.asyncio.connection import Connection
+
+from tunnel import events as ev
+from tunnel.errors import (
+    ErrorCode,
+    ProtocolError,
+    SessionClosed,
+    StreamClosed,
+    StreamReset,
+    TunnelError,
+)
+from tunnel.mux import DEFAULT_MAX_MESSAGE_BYTES, Multiplexer
+
+logger = logging.getLogger("homeport.tunnel")
+
+#: A stream's handler is paused when more than this is queued and not yet
+#: sent, and resumed below the low mark: memory per stream stays bounded.
+STREAM_WRITE_HIGH_WATER_BYTES: Final = 256 * 1024
+STREAM_WRITE_LOW_WATER_BYTES: Final = 64 * 1024
+#: Websocket messages are at most this big; the peer's limit must exceed it.
+MAX_MESSAGE_BYTES: Final = DEFAULT_MAX_MESSAGE_BYTES
+#: The limit we accept: one message plus room for queued control frames.
+MAX_RECEIVE_MESSAGE_BYTES: Final = 2 * MAX_MESSAGE_BYTES
+HELLO_TIMEOUT_S: Final = 10.0
+CLOSE_TIMEOUT_S: Final = 2.0
+
+# Websocket close codes (RFC 6455 §7.4) and homeport's own range 4000-4015,
+# one per ErrorCode, for the ends the standard codes do not name.
+_WS_CODE_FOR_ERROR: Final = {
+    ErrorCode.NO_ERROR: 1000,
+    ErrorCode.GOING_AWAY: 1001,
+    ErrorCode.PROTOCOL_ERROR: 1002,
+    ErrorCode.STREAM_CLOSED: 1002,
+    ErrorCode.FLOW_CONTROL_ERROR: 1002,
+    ErrorCode.FRAME_SIZE_ERROR: 1009,
+    ErrorCode.ENHANCE_YOUR_CALM: 1008,
+    ErrorCode.INTERNAL_ERROR: 1011,
+}
+_ERROR_FOR_WS_CODE: Final = {
+    1000: ErrorCode.NO_ERROR,
+    1001: ErrorCode.GOING_AWAY,
+    1002: ErrorCode.PROTOCOL_ERROR,
+    1003: ErrorCode.PROTOCOL_ERROR,
+    1007: ErrorCode.PROTOCOL_ERROR,
+    1008: ErrorCode.ENHANCE_YOUR_CALM,
+    1009: ErrorCode.FRAME_SIZE_ERROR,
+    1011: ErrorCode.INTERNAL_ERROR,
+}
+
+
+def ws_close_code(code: ErrorCode) -> int:
+    """The websocket close code that ends a session for ``code``."""
+    return _WS_CODE_FOR_ERROR.get(code, 4000 + int(code))
+
+
+def error_code_for_close(ws_code: int | None) -> ErrorCode:
+    """The :class:`ErrorCode` a received websocket close code stands for."""
+    if ws_code is None:
+        return ErrorCode.INTERNAL_ERROR
+    if 4000 <= ws_code <= 4000 + max(ErrorCode):
+        return ErrorCode(ws_code - 4000)
+    return _ERROR_FOR_WS_CODE.get(ws_code, ErrorCode.INTERNAL_ERROR)
+
+
+class Channel(Protocol):
+    """An ordered, reliable channel of binary messages (a websocket, or a test pair)."""
+
+    async def send(self, message: bytes) -> None:
+        """Send one message. Raises SessionClosed when the channel is gone."""
+
+    async def recv(self) -> bytes:
+        """Receive one message. Raises SessionClosed when the channel is gone."""
+
+    async def close(self, code: ErrorCode, reason: str) -> None:
+        """Close politely, waiting briefly for the peer."""
+
+    def abort(self) -> None:
+        """Drop the connection at once (the peer is presumed dead)."""
+
+
+class WebSocketChannel:
+    """:class:`Channel` over a websockets connection: foreign errors mapped here, once."""
+
+    def __init__(self, websocket: Connection) -> None:
+        self.websocket = websocket
+
+    async def send(self, message: bytes) -> None:
+        try:
+            await self.websocket.send(message)
+        except websockets.ConnectionClosed as exc:
+            raise _session_closed_from(exc) from None
+
+    async def recv(self) -> bytes:
+        try:
+            message = await self.websocket.recv()
+        except websockets.ConnectionClosed as exc:
+            raise _session_closed_from(exc) from None
+        if isinstance(message, str):
+            await self.websocket.close(1003, "binary messages only")
+            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "text message received")
+        return message
+
+    async def close(self, code: ErrorCode, reason: str) -> None:
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                await self.websocket.close(ws_close_code(code), reason[:120])
+        except (TimeoutError, OSError):
+            self.abort()
+
+    def abort(self) -> None:
+        self.websocket.transport.abort()
+
+
+def _session_closed_from(exc: websockets.ConnectionClosed) -> SessionClosed:
+    close = exc.rcvd or exc.sent
+    if close is None:
+        return SessionClosed(ErrorCode.INTERNAL_ERROR, "connection lost")
+    return SessionClosed(error_code_for_close(close.code), close.reason)
+
+
+class StreamHandler:
+    """Callbacks for one stream, in the manner of :class:`asyncio.Protocol`.
+
+    Subclass and override what you need. ``stream_closed`` is called exactly
+    once, always from the event loop (never from inside a call you made on
+    the stream), and no other callback follows it.
+    """
+
+    def data_received(self, data: bytes | memoryview) -> None:
+        """Bytes arrived. Credit returns to the sender when this returns."""
+
+    def eof_received(self) -> None:
+        """The peer half-closed: no more bytes will arrive."""
+
+    def stream_closed(self, exc: TunnelError | None) -> None:
+        """The stream is over: ``None`` when both sides ended it, else why it failed."""
+
+    def pause_writing(self) -> None:
+        """Too much is queued on the stream: stop writing until :meth:`resume_writing`."""
+
+    def resume_writing(self) -> None:
+        """The queue drained: writing may go on."""
+
+
+class Stream:
+    """One stream of a session, seen from this side; methods never block."""
+
+    __slots__ = (
+        "_closed",
+        "_eof_pending",
+        "_handler",
+        "_inbox",
+        "_local_ended",
+        "_reading_paused",
+        "_remote_ended",
+        "_session",
+        "_write_paused",
+        "route",
+        "stream_id",
+    )
+
+    def __init__(self, session: Session, stream_id: int, route: str, handler: StreamHandler):
+        self._session = session
+        self.stream_id = stream_id
+        self.route = route
+        self._handler = handler
+        self._inbox: collections.deque[bytes | memoryview] = collections.deque()
+        self._reading_paused = False
+        self._write_paused = False
+        self._eof_pending = False
+        self._local_ended = False
+        self._remote_ended = False
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<Stream {self.stream_id} route={self.route!r} session={self._session.name!r}>"
+
+    @property
+    def session(self) -> Session:
+        return self._session
+
+    @property
+    def handler(self) -> StreamHandler:
+        return self._handler
+
+    def set_handler(self, handler: StreamHandler) -> None:
+        """Hand the stream to a new handler (a pooled stream's next user)."""
+        self._handler = handler
+
+    def is_closing(self) -> bool:
+        """Whether the stream was reset, closed, or ended on our side."""
+        return self._closed or self._local_ended
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def remote_ended(self) -> bool:
+        return self._remote_ended
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Queue bytes for the peer; the handler is paused if too much is queued.
+
+        Writes on a stream that is already closed are dropped (its handler
+        learns of the close from ``stream_closed``).
+
+        Raises:
+            StreamClosed: the stream was ended on our side with :meth:`write_eof`.
+        """
+        if self._closed or not data:
+            return
+        if self._local_ended:
+            raise StreamClosed(self.stream_id, ErrorCode.STREAM_CLOSED, "write after write_eof")
+        session = self._session
+        session.mux.send_data(self.stream_id, data)
+        session.bytes_written += len(data)
+        session.wake_writer()
+        if (
+            not self._write_paused
+            and session.mux.buffered_bytes(self.stream_id) > STREAM_WRITE_HIGH_WATER_BYTES
+        ):
+            self._write_paused = True
+            session.paused_writers.add(self)
+            self._call(self._handler.pause_writing)
+
+    def write_eof(self) -> None:
+        """Half-close: send what is queued, then tell the peer no more will follow."""
+        if self._closed or self._local_ended:
+            return
+        self._local_ended = True
+        self._session.mux.end_stream(self.stream_id)
+        self._session.wake_writer()
+        if self._remote_ended and not self._inbox:
+            self._finish(None)
+
+    def reset(self, code: ErrorCode = ErrorCode.CANCEL) -> None:
+        """Abort the stream in both directions, dropping whatever is queued."""
+        if self._closed:
+            return
+        self._session.mux.reset_stream(self.stream_id, code)
+        self._session.wake_writer()
+        self._finish(StreamReset(self.stream_id, code, remote=False))
+
+    def pause_reading(self) -> None:
+        """Stop delivering data; what arrives waits here and its credit is withheld."""
+        self._reading_paused = True
+
+    def resume_reading(self) -> None:
+        """Deliver what waited and return its credit."""
+        if not self._reading_paused:
+            return
+        self._reading_paused = False
+        self._drain_inbox()
+        self._session.wake_writer()
+
+    def get_write_buffer_size(self) -> int:
+        """Bytes queued on this stream and not yet sent."""
+        return self._session.mux.buffered_bytes(self.stream_id)
+
+    # -- called by the session ------------------------------------------------
+
+    def _data_received(self, data: bytes | memoryview) -> None:
+        if self._reading_paused or self._inbox:
+            self._inbox.append(data)
+            return
+        self._deliver(data)
+
+    def _deliver(self, data: bytes | memoryview) -> None:
+        self._session.bytes_read += len(data)
+        self._call(self._handler.data_received, data)
+        self._session.mux.acknowledge(self.stream_id, len(data))
+
+    def _drain_inbox(self) -> None:
+        inbox = self._inbox
+        while inbox and not self._reading_paused and not self._closed:
+            self._deliver(inbox.popleft())
+        if not inbox and self._eof_pending and not self._closed:
+            self._eof_pending = False
+            self._eof()
+
+    def _eof_received(self) -> None:
+        if self._inbox:
+            self._eof_pending = True
+            return
+        self._eof()
+
+    def _eof(self) -> None:
+        self._remote_ended = True
+        self._call(self._handler.eof_received)
+        if self._local_ended and not self._closed:
+            self._finish(None)
+
+    def _resume_writing(self) -> None:
+        self._write_paused = False
+        self._call(self._handler.resume_writing)
+
+    def _finish(self, exc: TunnelError | None) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._inbox.clear()
+        session = self._session
+        session.forget_stream(self)
+        asyncio.get_running_loop().call_soon(self._call, self._handler.stream_closed, exc)
+
+    def _call(self, callback: Callable[..., None], *args: Any) -> None:
+        """Run a handler callback; a failing handler costs its own stream only."""
+        try:
+            callback(*args)
+        except Exception:
+            logger.exception("stream %d handler failed; resetting the stream", self.stream_id)
+            if not self._closed:
+                self.reset(ErrorCode.INTERNAL_ERROR)
+
+
+@dataclass(frozen=True, slots=True)
+class SessionEnd:
+    """How a session ended: the code, a reason, and whether the peer or the link ended it."""
+
+    code: ErrorCode
+    reason: str
+    by_peer: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SessionStatistics:
+    streams: int
+    paused_writers: int
+    bytes_written: int
+    bytes_read: int
+    messages_sent: int
+    messages_received: int
+    round_trip_s: float | None
+
+
+class Session:
+    """One authenticated websocket carrying many streams.
+
+    ``accept_stream`` is called for each stream the peer opens; it returns
+    the handler, or resets the stream to refuse it.
+    """
+
+    def __init__(
+        self,
+        channel: Channel,
+        mux: Multiplexer,
+        *,
+        name: str = "",
+        accept_stream: Callable[[Stream], StreamHandler] | None = None,
+        debug: bool = False,
+    ) -> None:
+        self.channel = channel
+        self.mux = mux
+        self.name = name
+        self._accept_stream = accept_stream
+        self._debug = debug
+        self.streams: dict[int, Stream] = {}
+        self.paused_writers: set[Stream] = set()
+        self.bytes_written = 0
+        self.bytes_read = 0
+        self.messages_sent = 0
+        self.messages_received = 0
+        self.round_trip_s: float | None = None
+        self.end: SessionEnd | None = None
+        self._writer_wakeup = asyncio.Event()
+        self._done = asyncio.Event()
+        self._closed = asyncio.Event()
+        self._pending_events: list[ev.Event] = []
+        self._close_request: tuple[ErrorCode, str] | None = None
+        self.on_go_away: Callable[[ev.GoAwayReceived], None] | None = None
+
+    def __repr__(self) -> str:
+        return f"<Session {self.name!r} streams={len(self.streams)}>"
+
+    # -- handshake -------------------------------------------------------------
+
+    async def send_hello(self, fields: dict[str, Any]) -> None:
+        """Send our HELLO at once (before :meth:`run`)."""
+        self.mux.send_hello(fields)
+        await self._flush()
+
+    async def wait_hello(self, timeout_s: float = HELLO_TIMEOUT_S) -> dict[str, Any]:
+        """Wait for the peer's HELLO, which must come first; return its fields.
+
+        Raises:
+            ProtocolError: the first frame was not a valid HELLO, or versions differ.
+            SessionClosed: the channel closed or the HELLO took longer than ``timeout_s``.
+        """
+        try:
+            async with asyncio.timeout(timeout_s):
+                while True:
+                    message = await self.channel.recv()
+                    self.messages_received += 1
+                    events = self.mux.receive_data(message)
+                    if events:
+                        break
+        except TimeoutError:
+            raise SessionClosed(ErrorCode.PROTOCOL_ERROR, "no HELLO within timeout") from None
+        hello = events[0]
+        if not isinstance(hello, ev.HelloReceived):  # the mux makes HELLO come first
+            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "expected HELLO")
+        self._pending_events.extend(events[1:])
+        return hello.fields
+
+    async def _flush(self) -> None:
+        while data := self.mux.data_to_send(MAX_MESSAGE_BYTES):
+            await self.channel.send(data)
+            self.messages_sent += 1
+
+    # -- streams ---------------------------------------------------------------
+
+    def open_stream(self, route: str, handler: StreamHandler) -> Stream:
+        """Open a stream to the peer's upstream for ``route``.
+
+        Raises:
+            StreamClosed: the session is closing or the peer's stream limit is reached.
+        """
+        if self._done.is_set():
+            raise StreamClosed(0, ErrorCode.REFUSED_STREAM, "session is closed")
+        stream_id = self.mux.open_stream(route)
+        stream = Stream(self, stream_id, route, handler)
+        self.streams[stream_id] = stream
+        self.wake_writer()
+        return stream
+
+    def forget_stream(self, stream: Stream) -> None:
+        self.streams.pop(stream.stream_id, None)
+        self.paused_writers.discard(stream)
+
+    def wake_writer(self) -> None:
+        self._writer_wakeup.set()
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def go_away(self, code: ErrorCode = ErrorCode.NO_ERROR, reason: str = "") -> None:
+        """Announce that no new streams will be opened; open ones go on."""
+        self.mux.go_away(code, reason)
+        self.wake_writer()
+
+    @property
+    def is_closing(self) -> bool:
+        return self._done.is_set() or self.mux.local_going_away or self.mux.remote_going_away
+
+    def close(self, code: ErrorCode = ErrorCode.NO_ERROR, reason: str = "") -> None:
+        """End the session: GO_AWAY, then close the websocket. :meth:`run` returns."""
+        if self._close_request is None:
+            self._close_request = (code, reason)
+        self._terminate(SessionEnd(code, reason, by_peer=False))
+
+    async def wait_closed(self) -> None:
+        """Wait until :meth:`run` has finished and every stream was told."""
+        await self._closed.wait()
+
+    async def run(self) -> SessionEnd:
+        """Carry streams until the session ends; return how it ended.
+
+        Every stream still open is closed with :class:`SessionClosed`.
+        """
+        try:
+            for event in self._pending_events:
+                self._dispatch(event)
+            self._pending_events.clear()
+            async with asyncio.TaskGroup() as tasks:
+                children = [
+                    tasks.create_task(self._read_loop(), name=f"session-{self.name}-reader"),
+                    tasks.create_task(self._write_loop(), name=f"session-{self.name}-writer"),
+                    tasks.create_task(self._timer_loop(), name=f"session-{self.name}-timer"),
+                ]
+                await self._done.wait()
+                for child in children:
+                    child.cancel()
+            assert self.end is not None
+            await self._shut_channel(self.end)
+            return self.end
+        finally:
+            if self.end is None:  # cancelled from outside
+                self.end = SessionEnd(ErrorCode.GOING_AWAY, "cancelled", by_peer=False)
+                self.channel.abort()
+            self._fail_streams(self.end)
+            self._closed.set()
+
+    def _terminate(self, end: SessionEnd) -> None:
+        if self.end is None:
+            self.end = end
+        self._done.set()
+
+    async def _shut_channel(self, end: SessionEnd) -> None:
+        if end.by_peer:
+            if end.code is ErrorCode.HEARTBEAT_TIMEOUT:
+                self.channel.abort()
+            else:
+                await self.channel.close(end.code, end.reason)
+            return
+        # Our decision: say why in a GO_AWAY, then close with the matching code.
+        self.mux.go_away(end.code, end.reason)
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                await self._flush()
+        except (TimeoutError, SessionClosed):
+            self.channel.abort()
+            return
+        await self.channel.close(end.code, end.reason)
+
+    def _fail_streams(self, end: SessionEnd) -> None:
+        error = SessionClosed(end.code, end.reason)
+        for stream in list(self.streams.values()):
+            stream._finish(error)
+        self.paused_writers.clear()
+
+    # -- the three tasks -----------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        channel = self.channel
+        mux = self.mux
+        dispatch = self._dispatch
+        try:
+            while True:
+                message = await channel.recv()
+                self.messages_received += 1
+                for event in mux.receive_data(message):
+                    dispatch(event)
+                if mux.has_data_to_send:
+                    self._writer_wakeup.set()
+        except ProtocolError as exc:
+            logger.warning("! session %s: protocol error %s", self.name, exc)
+            self._terminate(SessionEnd(exc.code, exc.message, by_peer=False))
+        except SessionClosed as exc:
+            self._terminate(SessionEnd(exc.code, exc.reason, by_peer=True))
+
+    async def _write_loop(self) -> None:
+        channel = self.channel
+        mux = self.mux
+        wakeup = self._writer_wakeup
+        try:
+            while True:
+                await wakeup.wait()
+                wakeup.clear()
+                while data := mux.data_to_send(MAX_MESSAGE_BYTES):
+                    await channel.send(data)
+                    self.messages_sent += 1
+                    if self.paused_writers:
+                        self._resume_drained_writers()
+        except SessionClosed as exc:
+            self._terminate(SessionEnd(exc.code, exc.reason, by_peer=True))
+
+    def _resume_drained_writers(self) -> None:
+        buffered = self.mux.buffered_bytes
+        for stream in list(self.paused_writers):
+            if buffered(stream.stream_id) <= STREAM_WRITE_LOW_WATER_BYTES:
+                self.paused_writers.discard(stream)
+                stream._resume_writing()
+
+    async def _timer_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        mux = self.mux
+        while True:
+            delay = mux.next_deadline() - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            for event in mux.handle_timer(loop.time()):
+                if isinstance(event, ev.HeartbeatTimedOut):
+                    logger.warning(
+                        "! session %s: nothing heard for %.1f s, the link is dead",
+                        self.name,
+                        event.silent_s,
+                    )
+                    self._terminate(
+                        SessionEnd(ErrorCode.HEARTBEAT_TIMEOUT, "heartbeat timeout", by_peer=True)
+                    )
+                    return
+            if mux.has_data_to_send:
+                self._writer_wakeup.set()
+
+    # -- events -----------------------------------------------------------------------
+
+    def _dispatch(self, event: ev.Event) -> None:
+        if type(event) is ev.DataReceived:
+            stream = self.streams.get(event.stream_id)
+            if stream is not None:
+                stream._data_received(event.data)
+            else:  # closed on our side while bytes were in flight: return the credit
+                self.mux.acknowledge(event.stream_id, len(event.data))
+        elif isinstance(event, ev.StreamEnded):
+            stream = self.streams.get(event.stream_id)
+            if stream is not None:
+                stream._eof_received()
+        elif isinstance(event, ev.WindowUpdated):
+            if self._debug:
+                logger.debug("< WINDOW_UPDATE sid=%d +%d", event.stream_id, event.increment)
+        elif isinstance(event, ev.StreamOpened):
+            self._stream_opened(event)
+        elif isinstance(event, ev.StreamReset):
+            stream = self.streams.get(event.stream_id)
+            if stream is not None:
+                stream._finish(StreamReset(event.stream_id, event.code, remote=True))
+        elif isinstance(event, ev.PingAcknowledged):
+            self.round_trip_s = asyncio.get_running_loop().time() - event.sent_at
+        elif isinstance(event, ev.GoAwayReceived):
+            logger.info(
+                "< GO_AWAY session %s: %s %s", self.name, event.code.name, event.reason or ""
+            )
+            if self.on_go_away is not None:
+                self.on_go_away(event)
+        elif isinstance(event, ev.HelloReceived):  # pragma: no cover - the mux forbids it
+            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "HELLO received twice")
+
+    def _stream_opened(self, event: ev.StreamOpened) -> None:
+        stream = Stream(self, event.stream_id, event.route, StreamHandler())
+        self.streams[event.stream_id] = stream
+        if self._accept_stream is None:
+            stream.reset(ErrorCode.REFUSED_STREAM)
+            return
+        try:
+            stream.set_handler(self._accept_stream(stream))
+        except Exception:
+            logger.exception("accepting stream %d failed", event.stream_id)
+            stream.reset(ErrorCode.INTERNAL_ERROR)
+
+    def statistics(self) -> SessionStatistics:
+        return SessionStatistics(
+            streams=len(self.streams),
+            paused_writers=len(self.paused_writers),
+            bytes_written=self.bytes_written,
+            bytes_read=self.bytes_read,
+            messages_sent=self.messages_sent,
+            messages_received=self.messages_received,
+            round_trip_s=self.round_trip_s,
+        )
