@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
+from typing import Any
 
 from server.config import ServerConfig
 from server.control import CONNECT_PATH, ControlServer
@@ -12,6 +14,7 @@ from server.proxy import PublicServer
 from server.registry import Registry
 from tunnel.auth import TokenVerifier
 from tunnel.errors import ErrorCode
+from tunnel.version import SOFTWARE
 
 logger = logging.getLogger("homeport.server")
 
@@ -28,10 +31,46 @@ class ExitServer:
         self.config = config
         self.registry = Registry()
         self.public = PublicServer(config, self.registry)
-        self.control = ControlServer(config, self.registry, TokenVerifier(config.token_digest))
+        self.control = ControlServer(
+            config, self.registry, TokenVerifier(config.token_digest), status=self.status
+        )
         self.public_addresses: list[tuple[str, int]] = []
         self.control_addresses: list[tuple[str, int]] = []
         self._stop = asyncio.Event()
+
+    def status(self) -> dict[str, Any]:
+        """What ``GET /status`` on the control port reports (with the token)."""
+        now = time.time()
+        clients = []
+        for client in self.registry.clients():
+            session = client.session
+            stats = session.statistics()
+            clients.append(
+                {
+                    "name": client.name,
+                    "session_id": client.session_id,
+                    "remote_addr": client.remote_addr,
+                    "routes": [route or "*" for route in client.routes],
+                    "connected_s": round(now - client.connected_at, 1),
+                    "streams": stats.streams,
+                    "idle_streams": client.idle_streams(),
+                    "mux_streams": session.mux.statistics().open_streams,
+                    "bytes_to_client": stats.bytes_written,
+                    "bytes_from_client": stats.bytes_read,
+                    "round_trip_ms": (
+                        round(stats.round_trip_s * 1000, 2)
+                        if stats.round_trip_s is not None
+                        else None
+                    ),
+                }
+            )
+        return {
+            "software": SOFTWARE,
+            "clients": clients,
+            "visitor_connections": len(self.public.connections),
+            "requests_in_flight": self.public.in_flight,
+            "auth_failures": self.control.auth_failures,
+        }
 
     async def start(self) -> None:
         """Bind both ports.

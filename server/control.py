@@ -10,8 +10,10 @@ the connection upgraded and the HELLO exchanged.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import secrets
+from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any, Final
 
@@ -32,6 +34,7 @@ logger = logging.getLogger("homeport.server")
 
 CONNECT_PATH: Final = "/connect"
 HEALTH_PATH: Final = "/healthz"
+STATUS_PATH: Final = "/status"
 SUBPROTOCOL: Final = "homeport.v1"
 MAX_ROUTES: Final = 64
 HANDSHAKE_TIMEOUT_S: Final = 10.0
@@ -50,10 +53,17 @@ def _plain(status: int, text: str, extra: dict[str, str] | None = None) -> Respo
 class ControlServer:
     """Accepts clients on the control port and keeps their sessions."""
 
-    def __init__(self, config: ServerConfig, registry: Registry, verifier: TokenVerifier) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        registry: Registry,
+        verifier: TokenVerifier,
+        status: Callable[[], dict[str, Any]] | None = None,
+    ) -> None:
         self.config = config
         self.registry = registry
         self.verifier = verifier
+        self.status = status
         self.sessions: set[Session] = set()
         self.auth_failures = 0
         self._server: Server | None = None
@@ -95,9 +105,10 @@ class ControlServer:
 
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         path, _, query = request.path.partition("?")
-        if path == HEALTH_PATH and "Upgrade" not in request.headers:
+        upgrade = "Upgrade" in request.headers
+        if path == HEALTH_PATH and not upgrade:
             return _plain(200, "ok")
-        if path != CONNECT_PATH:
+        if path not in (CONNECT_PATH, STATUS_PATH) or (path == STATUS_PATH and upgrade):
             return _plain(404, "not found")
         if query:
             # A token must never travel in a URL (it ends up in logs and
@@ -114,6 +125,11 @@ class ControlServer:
                 "missing" if token is None else "wrong",
             )
             return _plain(401, "unauthorized", {"WWW-Authenticate": 'Bearer realm="homeport"'})
+        if path == STATUS_PATH:
+            body = json.dumps(self.status() if self.status else {}, indent=2) + "\n"
+            headers = Headers({"Content-Type": "application/json", "Cache-Control": "no-store"})
+            headers["Content-Length"] = str(len(body.encode()))
+            return Response(200, "OK", headers, body.encode())
         offered = [
             p.strip()
             for value in request.headers.get_all("Sec-WebSocket-Protocol")

@@ -620,6 +620,7 @@ class Exchange(StreamHandler):
         self._chunked_out = False
         self._close_delimited = False
         self._keep_alive = False
+        self._upstream_keep_alive = False
         self._message_complete = False
         self._head_only = False
         self._out: list[bytes] = []
@@ -784,6 +785,8 @@ class Exchange(StreamHandler):
             raise _BadResponse
         self.status = status
         self._cancel_timer()
+        # Only meaningful while this message is current: llhttp resets after it.
+        self._upstream_keep_alive = self._parser.should_keep_alive()
         http10 = request.version == "1.0"
         headers = self._headers
         framing: bytes | None = None
@@ -863,7 +866,7 @@ class Exchange(StreamHandler):
             elif (
                 not self._head_only
                 and not self._close_delimited
-                and self._parser.should_keep_alive()
+                and self._upstream_keep_alive
                 and not stream.remote_ended
             ):
                 self.client.release(stream)

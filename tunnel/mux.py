@@ -130,6 +130,10 @@ TRANSITIONS: Final[dict[tuple[StreamState, StreamInput], StreamState]] = {
     (_S.HALF_CLOSED_REMOTE, _I.SEND_RST): _S.CLOSED,
     (_S.HALF_CLOSED_REMOTE, _I.RECV_RST): _S.CLOSED,
     (_S.HALF_CLOSED_REMOTE, _I.RECV_WINDOW_UPDATE): _S.HALF_CLOSED_REMOTE,
+    # Both sides ended but our last bytes still wait for credit: a reset drops them.
+    (_S.CLOSED, _I.SEND_RST): _S.CLOSED,
+    (_S.CLOSED, _I.RECV_RST): _S.CLOSED,
+    (_S.CLOSED, _I.RECV_WINDOW_UPDATE): _S.CLOSED,
 }
 
 
@@ -388,6 +392,10 @@ class Multiplexer:
             frame = control.popleft()
             parts.append(frame)
             budget -= len(frame)
+        if control:
+            # DATA never overtakes a control frame: a stream's OPEN must
+            # reach the peer before its first bytes do.
+            return b"".join(parts)
         assert self.remote_settings is not None or not self._ready
         max_frame = self.remote_settings.max_frame_bytes if self.remote_settings else 0
         ready = self._ready

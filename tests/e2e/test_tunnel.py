@@ -1,0 +1,324 @@
+"""The tunnel end to end: real server and client processes, a real upstream, real HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import json
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+
+import aiohttp
+import pytest
+
+from tests.e2e.conftest import ClientProcess, ExitServerProcess, Upstream
+from tests.support.upstream import pattern_body, pattern_sha256
+
+MIB = 1024 * 1024
+
+
+async def fetch(url: str, **kwargs: object) -> tuple[int, bytes, aiohttp.typedefs.LooseHeaders]:
+    async with aiohttp.ClientSession() as http, http.get(url, **kwargs) as response:  # type: ignore[arg-type]
+        return response.status, await response.read(), response.headers
+
+
+async def test_a_ten_mib_binary_file_arrives_intact(
+    tunnel: tuple[ExitServerProcess, ClientProcess],
+) -> None:
+    server, _ = tunnel
+    status, body, headers = await fetch(f"{server.url}/pattern/{10 * MIB}")
+    assert status == 200
+    assert headers["Content-Length"] == str(10 * MIB)
+    assert hashlib.sha256(body).hexdigest() == pattern_sha256(10 * MIB)
+
+
+async def test_a_ten_mib_upload_streams_to_the_upstream_intact(
+    tunnel: tuple[ExitServerProcess, ClientProcess],
+) -> None:
+    server, _ = tunnel
+    body = pattern_body(10 * MIB)
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(f"{server.url}/sha256", data=io.BytesIO(body)) as response,
+    ):
+        assert response.status == 200
+        result = await response.json()
+    assert result == {"sha256": hashlib.sha256(body).hexdigest(), "size": len(body)}
+
+
+async def test_a_chunked_upload_arrives_intact(
+    tunnel: tuple[ExitServerProcess, ClientProcess],
+) -> None:
+    server, _ = tunnel
+
+    async def chunks():  # type: ignore[no-untyped-def]
+        for i in range(50):
+            yield bytes([i]) * 10_000
+
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(f"{server.url}/sha256", data=chunks()) as response,
+    ):
+        result = await response.json()
+    expected = b"".join(bytes([i]) * 10_000 for i in range(50))
+    assert result == {"sha256": hashlib.sha256(expected).hexdigest(), "size": len(expected)}
+
+
+async def test_a_hundred_concurrent_requests_all_succeed(
+    tunnel: tuple[ExitServerProcess, ClientProcess],
+) -> None:
+    server, _ = tunnel
+    connector = aiohttp.TCPConnector(limit=100)
+    async with aiohttp.ClientSession(connector=connector) as http:
+
+        async def one(n: int) -> tuple[int, bytes]:
+            async with http.get(f"{server.url}/pattern/{1000 + n}") as response:
+                return response.status, await response.read()
+
+        results = await asyncio.gather(*(one(n) for n in range(100)))
+    for n, (status, body) in enumerate(results):
+        assert status == 200
+        assert body == pattern_body(1000 + n)
+
+
+async def test_no_connected_client_gives_503_at_once(
+    start_server: Callable[..., ExitServerProcess],
+) -> None:
+    server = start_server()
+    started = time.monotonic()
+    status, body, headers = await fetch(f"{server.url}/")
+    assert status == 503
+    assert time.monotonic() - started < 1.0
+    assert headers["Content-Type"].startswith("text/plain")
+    assert headers["Retry-After"] == "5"
+    assert body.startswith(b"503 ")
+    assert len(body) < 100
+
+
+async def test_a_wrong_token_gives_no_tunnel_and_a_clear_client_message(
+    start_server: Callable[..., ExitServerProcess],
+    start_client: Callable[..., ClientProcess],
+    upstream: Upstream,
+    tmp_path: os.PathLike[str],
+) -> None:
+    server = start_server()
+    wrong = os.path.join(tmp_path, "wrong-token")
+    with open(wrong, "w") as file:
+        file.write("not-the-right-token-at-all\n")
+    os.chmod(wrong, 0o600)
+    client = start_client(server, upstream.url, token_path=wrong, wait=False)  # type: ignore[arg-type]
+    await client.process.wait_for_async(r"token rejected by server \(HTTP 401\)")
+    await server.process.wait_for_async(r"rejected a client from 127\.0\.0\.1:\d+: wrong token")
+    status, _, _ = await fetch(f"{server.url}/")
+    assert status == 503
+    assert "not-the-right-token" not in client.process.output + server.process.output
+
+
+async def test_killing_the_client_turns_requests_into_502_or_503_within_seconds(
+    tunnel: tuple[ExitServerProcess, ClientProcess],
+) -> None:
+    server, client = tunnel
+    assert (await fetch(f"{server.url}/"))[0] == 200
+    client.process.kill()
+    started = time.monotonic()
+    statuses: list[int] = []
+
+    async def failing() -> bool:
+        statuses.append((await fetch(f"{server.url}/"))[0])
+        return statuses[-1] in (502, 503)
+
+    while not await failing():
+        assert time.monotonic() - started < 5, statuses
+        await asyncio.sleep(0.05)
+
+
+async def test_restarting_the_server_brings_the_same_client_back(
+    start_server: Callable[..., ExitServerProcess],
+    start_client: Callable[..., ClientProcess],
+    upstream: Upstream,
+) -> None:
+    server = start_server()
+    client = start_client(server, upstream.url)
+    mark = client.process.mark()
+    assert server.process.stop() == 0
+    await client.process.wait_for_async(r"reconnecting in", since=mark)
+    again = start_server(port=server.port, control_port=server.control_port)
+    await asyncio.to_thread(client.wait_connected, 20.0, mark)
+    assert client.process.running()
+    status, body, _ = await fetch(f"{again.url}/")
+    assert (status, body) == (200, b"hello from upstream\n")
+
+
+async def test_sigterm_lets_in_flight_requests_finish_and_exits_0(
+    tunnel: tuple[ExitServerProcess, ClientProcess],
+) -> None:
+    server, client = tunnel
+    async with aiohttp.ClientSession() as http:
+        slow = asyncio.create_task(http.get(f"{server.url}/slow?seconds=1.5"))
+        await server.process.wait_for_async(r"")  # the request is on its way
+        await asyncio.sleep(0.3)
+        server.process.send_signal(signal.SIGTERM)
+        response = await slow
+        assert response.status == 200
+        assert await response.read() == b"slow but done\n"
+        response.release()
+    assert await server.process.wait_async(15) == 0
+    assert "exit server stopped" in server.process.output
+    await client.process.wait_for_async(r"disconnected from the exit server: GOING_AWAY")
+
+
+async def test_the_upstream_sees_forwarding_headers_and_no_hop_by_hop_ones(
+    tunnel: tuple[ExitServerProcess, ClientProcess],
+) -> None:
+    server, _ = tunnel
+    request_headers = {
+        "Host": "fn.example.com",
+        "X-Forwarded-For": "6.6.6.6",
+        "X-Forwarded-Host": "evil.example",
+        "Connection": "keep-alive, X-Secret-Hop",
+        "X-Secret-Hop": "must not pass",
+        "Keep-Alive": "timeout=5",
+        "X-Kept": "a",
+    }
+    status, body, _ = await fetch(f"{server.url}/headers", headers=request_headers)
+    assert status == 200
+    seen = json.loads(body)["headers"]
+    names = [name.lower() for name, _ in seen]
+    values = {name.lower(): value for name, value in seen}
+    assert values["host"] == "fn.example.com"
+    assert values["x-forwarded-for"] == "127.0.0.1"
+    assert values["x-forwarded-proto"] == "http"
+    assert values["x-forwarded-host"] == "fn.example.com"
+    assert values["x-kept"] == "a"
+    assert names.count("x-forwarded-for") == 1
+    for hop in ("x-secret-hop", "keep-alive", "connection"):
+        assert hop not in names
+
+
+async def test_requests_are_routed_by_host_with_a_default_route(
+    start_server: Callable[..., ExitServerProcess],
+    start_client: Callable[..., ClientProcess],
+    start_upstream: Callable[..., Upstream],
+) -> None:
+    functions = start_upstream("functions")
+    website = start_upstream("website")
+    server = start_server()
+    start_client(server, f"fn.example.com={functions.url}", website.url)
+    for host, expected in [
+        ("fn.example.com", b"hello from functions\n"),
+        ("FN.Example.COM.:80", b"hello from functions\n"),
+        ("www.example.com", b"hello from website\n"),
+        ("203.0.113.10", b"hello from website\n"),
+    ]:
+        status, body, _ = await fetch(f"{server.url}/", headers={"Host": host})
+        assert (status, body) == (200, expected), host
+
+
+async def test_a_client_serving_only_named_hosts_leaves_others_unrouted(
+    start_server: Callable[..., ExitServerProcess],
+    start_client: Callable[..., ClientProcess],
+    upstream: Upstream,
+) -> None:
+    server = start_server()
+    start_client(server, f"fn.example.com={upstream.url}")
+    assert (await fetch(f"{server.url}/", headers={"Host": "fn.example.com"}))[0] == 200
+    assert (await fetch(f"{server.url}/", headers={"Host": "other.example.com"}))[0] == 503
+
+
+async def test_upstream_refusing_connections_gives_502_at_once(
+    start_server: Callable[..., ExitServerProcess],
+    start_client: Callable[..., ClientProcess],
+) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    server = start_server()
+    start_client(server, f"http://127.0.0.1:{closed_port}")
+    started = time.monotonic()
+    status, body, _ = await fetch(f"{server.url}/")
+    assert status == 502
+    assert time.monotonic() - started < 2
+    assert str(closed_port).encode() not in body
+
+
+async def test_keep_alive_requests_reuse_streams(
+    tunnel: tuple[ExitServerProcess, ClientProcess],
+) -> None:
+    server, _ = tunnel
+    async with aiohttp.ClientSession() as http:
+        for _ in range(50):
+            async with http.get(f"{server.url}/") as response:
+                assert await response.read() == b"hello from upstream\n"
+
+
+@pytest.mark.timeout(180)
+async def test_a_one_gib_download_holds_memory_flat_on_both_sides(
+    tunnel: tuple[ExitServerProcess, ClientProcess],
+) -> None:
+    server, client = tunnel
+    size = 1024 * MIB
+    baseline = {"server": server.process.rss_bytes(), "client": client.process.rss_bytes()}
+    peak = dict(baseline)
+    digest = hashlib.sha256()
+    received = 0
+    timeout = aiohttp.ClientTimeout(total=150)
+    async with (
+        aiohttp.ClientSession(timeout=timeout) as http,
+        http.get(f"{server.url}/pattern/{size}") as response,
+    ):
+        assert response.status == 200
+        async for chunk in response.content.iter_chunked(1 * MIB):
+            digest.update(chunk)
+            received += len(chunk)
+            if received % (32 * MIB) < len(chunk):
+                peak["server"] = max(peak["server"], server.process.rss_bytes())
+                peak["client"] = max(peak["client"], client.process.rss_bytes())
+    assert received == size
+    assert digest.hexdigest() == pattern_sha256(size)
+    for side in ("server", "client"):
+        growth = peak[side] - baseline[side]
+        assert growth < 48 * MIB, f"{side} grew by {growth / MIB:.1f} MiB"
+
+
+async def server_status(server: ExitServerProcess, token: str) -> dict:
+    headers = {"Authorization": f"Bearer {token}"}
+    status, body, _ = await fetch(f"http://127.0.0.1:{server.control_port}/status", headers=headers)
+    assert status == 200
+    return json.loads(body)
+
+
+async def test_finished_requests_leave_no_stream_state_on_the_server(
+    tunnel: tuple[ExitServerProcess, ClientProcess], token: str
+) -> None:
+    server, _ = tunnel
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http:
+        for _ in range(3):
+            responses = await asyncio.gather(*(http.get(f"{server.url}/") for _ in range(30)))
+            for response in responses:
+                assert await response.read() == b"hello from upstream\n"
+                response.release()
+    status = await server_status(server, token)
+    (client,) = status["clients"]
+    assert client["name"] == "pi"
+    assert client["streams"] == client["idle_streams"]  # only pooled keep-alive streams remain
+    assert status["requests_in_flight"] == 0
+
+    async def drained() -> bool:
+        (client,) = (await server_status(server, token))["clients"]
+        return client["streams"] == 0 and client["mux_streams"] == 0
+
+    deadline = time.monotonic() + 20  # pooled streams retire after 4 s idle
+    while not await drained():
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.2)
+
+
+async def test_status_needs_the_token(tunnel: tuple[ExitServerProcess, ClientProcess]) -> None:
+    server, _ = tunnel
+    status, body, _ = await fetch(f"http://127.0.0.1:{server.control_port}/status")
+    assert status == 401
+    assert b"clients" not in body

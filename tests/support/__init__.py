@@ -1,0 +1,1 @@
+"""Helpers shared by the tests: process runners, a test upstream, the MuxPair."""

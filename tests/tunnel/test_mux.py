@@ -1,0 +1,519 @@
+"""The multiplexer, driven with real bytes between two instances (no mocks, no sockets)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    Bundle,
+    RuleBasedStateMachine,
+    consumes,
+    invariant,
+    rule,
+)
+
+from tests.support.muxpair import MuxPair
+from tunnel import events as ev
+from tunnel.errors import ErrorCode, ProtocolError, StreamClosed
+from tunnel.frames import Data, Hello, Open, Ping, Rst, WindowUpdate, encode
+from tunnel.mux import (
+    DEFAULT_WINDOW_BYTES,
+    PROTOCOL_VERSION,
+    Multiplexer,
+    Role,
+    Settings,
+    StreamState,
+)
+
+
+def of_type(events: list[ev.Event], kind: type) -> list:
+    return [e for e in events if isinstance(e, kind)]
+
+
+def received_bytes(events: list[ev.Event], stream_id: int) -> bytes:
+    return b"".join(
+        bytes(e.data) for e in events if isinstance(e, ev.DataReceived) and e.stream_id == stream_id
+    )
+
+
+# -- handshake --------------------------------------------------------------------------
+
+
+def test_hello_exchange_shares_settings_and_extra_fields() -> None:
+    client = Multiplexer(Role.CLIENT, Settings(initial_window_bytes=100_000))
+    server = Multiplexer(Role.SERVER, Settings(max_concurrent_streams=0))
+    client.send_hello({"client_name": "pi"})
+    (hello,) = server.receive_data(client.data_to_send())
+    assert isinstance(hello, ev.HelloReceived)
+    assert hello.fields["client_name"] == "pi"
+    assert hello.fields["version"] == PROTOCOL_VERSION
+    assert server.remote_settings == Settings(initial_window_bytes=100_000)
+
+
+def test_first_frame_other_than_hello_is_a_protocol_error() -> None:
+    server = Multiplexer(Role.SERVER)
+    with pytest.raises(ProtocolError, match="expected HELLO"):
+        server.receive_data(encode(Ping(b"12345678")))
+
+
+def test_hello_from_another_protocol_version_names_both_versions() -> None:
+    server = Multiplexer(Role.SERVER)
+    with pytest.raises(ProtocolError, match="peer speaks protocol version 99; this side speaks 1"):
+        server.receive_data(encode(Hello({"version": 99})))
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"version": 1},
+        {
+            "version": 1,
+            "initial_window_bytes": "big",
+            "max_frame_bytes": 65536,
+            "max_concurrent_streams": 1,
+        },
+        {
+            "version": 1,
+            "initial_window_bytes": 10,
+            "max_frame_bytes": 65536,
+            "max_concurrent_streams": 1,
+        },
+        {
+            "version": 1,
+            "initial_window_bytes": 65536,
+            "max_frame_bytes": 2**40,
+            "max_concurrent_streams": 1,
+        },
+        {
+            "version": 1,
+            "initial_window_bytes": True,
+            "max_frame_bytes": 65536,
+            "max_concurrent_streams": 1,
+        },
+    ],
+)
+def test_hello_with_missing_or_bad_settings_is_a_protocol_error(fields: dict) -> None:
+    server = Multiplexer(Role.SERVER)
+    with pytest.raises(ProtocolError, match="HELLO setting"):
+        server.receive_data(encode(Hello(fields)))
+
+
+def test_second_hello_is_a_protocol_error() -> None:
+    pair = MuxPair()
+    pair.client._hello_sent = False  # force a second HELLO onto the wire
+    pair.client.send_hello()
+    with pytest.raises(ProtocolError, match="HELLO received twice"):
+        pair.deliver(pair.client, pair.server)
+
+
+def test_streams_cannot_open_before_the_handshake() -> None:
+    server = Multiplexer(Role.SERVER)
+    with pytest.raises(StreamClosed):
+        server.open_stream("")
+
+
+# -- streams --------------------------------------------------------------------------------
+
+
+def test_stream_carries_bytes_both_ways_and_closes_cleanly() -> None:
+    pair = MuxPair()
+    sid = pair.server.open_stream("fn.example.com")
+    assert sid % 2 == 0
+    pair.server.send_data(sid, b"GET / HTTP/1.1\r\n\r\n")
+    client_events = pair.deliver(pair.server, pair.client)
+    assert client_events[0] == ev.StreamOpened(sid, "fn.example.com")
+    assert received_bytes(client_events, sid) == b"GET / HTTP/1.1\r\n\r\n"
+
+    pair.client.send_data(sid, b"HTTP/1.1 200 OK\r\n\r\n", end_stream=True)
+    server_events = pair.deliver(pair.client, pair.server)
+    assert received_bytes(server_events, sid) == b"HTTP/1.1 200 OK\r\n\r\n"
+    assert of_type(server_events, ev.StreamEnded) == [ev.StreamEnded(sid)]
+    assert pair.server.stream_state(sid) is StreamState.HALF_CLOSED_REMOTE
+
+    pair.server.end_stream(sid)
+    assert of_type(pair.deliver(pair.server, pair.client), ev.StreamEnded) == [ev.StreamEnded(sid)]
+    for mux in (pair.client, pair.server):
+        stats = mux.statistics()
+        assert stats.open_streams == 0
+        assert stats.buffered_send_bytes == 0
+
+
+def test_stream_ids_grow_with_the_openers_parity() -> None:
+    pair = MuxPair()
+    assert [pair.server.open_stream("") for _ in range(3)] == [2, 4, 6]
+
+
+def test_write_after_end_stream_raises_stream_closed() -> None:
+    pair = MuxPair()
+    sid = pair.server.open_stream("")
+    pair.server.end_stream(sid)
+    with pytest.raises(StreamClosed):
+        pair.server.send_data(sid, b"late")
+
+
+def test_reset_drops_buffered_bytes_and_the_peer_sees_the_code() -> None:
+    pair = MuxPair()
+    sid = pair.server.open_stream("")
+    pair.server.send_data(sid, b"x" * 1000)
+    pair.server.reset_stream(sid, ErrorCode.CANCEL)
+    events = pair.deliver(pair.server, pair.client)
+    assert received_bytes(events, sid) == b""
+    assert of_type(events, ev.StreamReset) == [ev.StreamReset(sid, ErrorCode.CANCEL)]
+    assert pair.server.statistics().open_streams == 0
+    assert pair.client.statistics().open_streams == 0
+
+
+def test_frames_crossing_a_reset_on_the_wire_are_ignored() -> None:
+    pair = MuxPair()
+    sid = pair.server.open_stream("")
+    pair.exchange()
+    pair.client.send_data(sid, b"in flight", end_stream=True)  # client has not seen the RST yet
+    pair.client._control.append(encode(WindowUpdate(sid, 100)))
+    pair.server.reset_stream(sid)
+    pair.deliver(pair.server, pair.client)
+    assert pair.deliver(pair.client, pair.server) == []
+
+
+def test_data_on_a_stream_after_its_end_is_a_protocol_error() -> None:
+    pair = MuxPair()
+    sid = pair.server.open_stream("")
+    pair.exchange()
+    pair.client.send_data(sid, b"done", end_stream=True)
+    pair.deliver(pair.client, pair.server)
+    with pytest.raises(ProtocolError) as raised:
+        pair.server.receive_data(encode(Data(sid, b"more")))
+    assert raised.value.code is ErrorCode.STREAM_CLOSED
+
+
+def test_data_on_a_stream_that_closed_normally_is_a_protocol_error() -> None:
+    pair = MuxPair()
+    sid = pair.server.open_stream("")
+    pair.server.end_stream(sid)
+    pair.exchange()
+    pair.client.end_stream(sid)
+    pair.exchange()
+    with pytest.raises(ProtocolError, match="after it closed"):
+        pair.server.receive_data(encode(Data(sid, b"zombie")))
+
+
+@pytest.mark.parametrize(
+    "frame", [Data(40, b"x"), WindowUpdate(40, 5), Rst(40, ErrorCode.CANCEL)], ids=str
+)
+def test_frames_for_a_stream_never_opened_are_a_protocol_error(frame: Data) -> None:
+    pair = MuxPair()
+    with pytest.raises(ProtocolError, match="never opened"):
+        pair.server.receive_data(encode(frame))
+
+
+def test_server_refuses_streams_opened_by_a_client() -> None:
+    pair = MuxPair()
+    with pytest.raises(ProtocolError, match="may not open streams"):
+        pair.server.receive_data(encode(Open(1, "")))
+
+
+@pytest.mark.parametrize("stream_id", [1, 2], ids=["wrong parity", "not increasing"])
+def test_open_with_a_bad_stream_id_is_a_protocol_error(stream_id: int) -> None:
+    pair = MuxPair()
+    pair.client.receive_data(encode(Open(4, "")))
+    with pytest.raises(ProtocolError, match="wrong parity or not increasing"):
+        pair.client.receive_data(encode(Open(stream_id + 2 if stream_id == 2 else stream_id, "")))
+
+
+def test_streams_beyond_the_limit_are_refused_without_disturbing_others() -> None:
+    pair = MuxPair(client_settings=Settings(max_concurrent_streams=2))
+    first = pair.client.receive_data(
+        encode(Open(2, "")) + encode(Open(4, "")) + encode(Open(6, ""))
+    )
+    assert [e.stream_id for e in of_type(first, ev.StreamOpened)] == [2, 4]
+    refused = pair.client.data_to_send()
+    assert encode(Rst(6, ErrorCode.REFUSED_STREAM)) in refused
+
+
+def test_opening_more_streams_than_the_peer_allows_is_refused_locally() -> None:
+    pair = MuxPair(client_settings=Settings(max_concurrent_streams=1))
+    pair.server.open_stream("")
+    with pytest.raises(StreamClosed) as raised:
+        pair.server.open_stream("")
+    assert raised.value.code is ErrorCode.REFUSED_STREAM
+
+
+def test_rapid_reset_ends_the_session_with_enhance_your_calm() -> None:
+    pair = MuxPair(max_resets_per_window=50)
+    with pytest.raises(ProtocolError) as raised:
+        for n in range(1, 200):
+            sid = 2 * n
+            pair.client.receive_data(encode(Open(sid, "")) + encode(Rst(sid, ErrorCode.CANCEL)))
+    assert raised.value.code is ErrorCode.ENHANCE_YOUR_CALM
+
+
+def test_reset_counter_starts_again_each_rate_window() -> None:
+    pair = MuxPair(max_resets_per_window=50)
+    sid = 2
+    for window in range(3):
+        for _ in range(40):
+            pair.client.receive_data(encode(Open(sid, "")) + encode(Rst(sid, ErrorCode.CANCEL)))
+            sid += 2
+        pair.client.handle_timer(10.0 * (window + 1))
+
+
+# -- flow control -----------------------------------------------------------------------------
+
+
+def test_sender_stops_at_the_window_and_resumes_on_acknowledge() -> None:
+    pair = MuxPair()
+    sid = pair.server.open_stream("")
+    body = bytes(range(256)) * 4096  # 1 MiB
+    pair.server.send_data(sid, body)
+    first = pair.deliver(pair.server, pair.client)
+    assert len(received_bytes(first, sid)) == DEFAULT_WINDOW_BYTES
+    assert pair.server.buffered_bytes(sid) == len(body) - DEFAULT_WINDOW_BYTES
+    assert pair.deliver(pair.server, pair.client) == []  # no credit, nothing moves
+
+    got = received_bytes(first, sid)
+    while len(got) < len(body):
+        pair.client.acknowledge(sid, DEFAULT_WINDOW_BYTES)
+        server_events = pair.deliver(pair.client, pair.server)
+        assert of_type(server_events, ev.WindowUpdated)
+        got += received_bytes(pair.deliver(pair.server, pair.client), sid)
+    assert got == body
+
+
+def test_credit_returns_only_when_the_consumer_reads() -> None:
+    pair = MuxPair()
+    sid = pair.server.open_stream("")
+    pair.server.send_data(sid, b"x" * DEFAULT_WINDOW_BYTES)
+    pair.exchange()
+    assert pair.server.send_window(sid) == 0
+    pair.client.acknowledge(sid, DEFAULT_WINDOW_BYTES // 8)  # below the update threshold
+    pair.exchange()
+    assert pair.server.send_window(sid) == 0
+    pair.client.acknowledge(sid, DEFAULT_WINDOW_BYTES // 8)
+    pair.exchange()
+    assert pair.server.send_window(sid) == DEFAULT_WINDOW_BYTES // 4
+
+
+def test_data_beyond_window_raises_flow_control_error() -> None:
+    pair = MuxPair(client_settings=Settings(initial_window_bytes=4096))
+    sid = pair.server.open_stream("")
+    pair.exchange()
+    with pytest.raises(ProtocolError) as raised:
+        pair.client.receive_data(encode(Data(sid, b"x" * 4097)))
+    assert raised.value.code is ErrorCode.FLOW_CONTROL_ERROR
+
+
+def test_window_update_overflowing_31_bits_raises_flow_control_error() -> None:
+    pair = MuxPair()
+    sid = pair.server.open_stream("")
+    pair.exchange()
+    with pytest.raises(ProtocolError) as raised:
+        pair.server.receive_data(encode(WindowUpdate(sid, 2**31 - 1)))
+    assert raised.value.code is ErrorCode.FLOW_CONTROL_ERROR
+
+
+def test_busy_streams_share_each_message_round_robin() -> None:
+    pair = MuxPair(client_settings=Settings(max_frame_bytes=1024))
+    first, second = pair.server.open_stream(""), pair.server.open_stream("")
+    pair.server.send_data(first, b"a" * 100_000)
+    pair.server.send_data(second, b"b" * 100_000)
+    message = pair.server.data_to_send(max_bytes=8 * 1034 + 100)
+    events = pair.client.receive_data(message)
+    order = [e.stream_id for e in events if isinstance(e, ev.DataReceived)]
+    assert order[:4] == [first, second, first, second]
+
+
+def test_a_stalled_stream_does_not_hold_back_another() -> None:
+    pair = MuxPair()
+    stalled, live = pair.server.open_stream(""), pair.server.open_stream("")
+    pair.server.send_data(stalled, b"s" * (4 * DEFAULT_WINDOW_BYTES))
+    pair.exchange()  # stalled's window is now used up and nobody reads it
+    pair.server.send_data(live, b"small response")
+    events = pair.deliver(pair.server, pair.client)
+    assert received_bytes(events, live) == b"small response"
+
+
+def test_end_stream_waits_behind_buffered_bytes() -> None:
+    pair = MuxPair(client_settings=Settings(initial_window_bytes=2048))
+    sid = pair.server.open_stream("")
+    pair.server.send_data(sid, b"z" * 5000, end_stream=True)
+    events = pair.deliver(pair.server, pair.client)
+    assert not of_type(events, ev.StreamEnded)
+    got = received_bytes(events, sid)
+    while not of_type(events, ev.StreamEnded):
+        pair.client.acknowledge(sid, len(received_bytes(events, sid)))
+        pair.deliver(pair.client, pair.server)
+        events = pair.deliver(pair.server, pair.client)
+        got += received_bytes(events, sid)
+    assert got == b"z" * 5000
+
+
+# -- go-away and heartbeat ------------------------------------------------------------------
+
+
+def test_go_away_stops_new_streams_and_refuses_unseen_ones() -> None:
+    pair = MuxPair()
+    seen = pair.server.open_stream("")
+    pair.exchange()
+    unseen = pair.server.open_stream("")  # not yet delivered when the client goes away
+    pair.server.data_to_send()  # lost on the wire, say
+    pair.client.go_away(ErrorCode.NO_ERROR, "bye")
+    events = pair.deliver(pair.client, pair.server)
+    assert ev.StreamReset(unseen, ErrorCode.REFUSED_STREAM) in events
+    assert ev.GoAwayReceived(seen, ErrorCode.NO_ERROR, "bye") in events
+    assert pair.server.stream_state(seen) is StreamState.OPEN
+    with pytest.raises(StreamClosed):
+        pair.server.open_stream("")
+
+
+def test_heartbeat_pings_and_the_ack_reports_its_send_time() -> None:
+    pair = MuxPair(heartbeat_interval_s=10.0, heartbeat_timeout_s=20.0)
+    assert pair.server.next_deadline() == 10.0
+    assert pair.server.handle_timer(10.0) == []
+    pair.deliver(pair.server, pair.client)  # the client answers the PING at once
+    events = pair.deliver(pair.client, pair.server)
+    assert events == [ev.PingAcknowledged(10.0)]
+
+
+def test_a_silent_peer_is_declared_dead_within_timeout_plus_one_interval() -> None:
+    # The HELLO arrived before t=0; the timer samples traffic, so the last
+    # sign of life is dated at the first tick that saw it (t=10) at worst.
+    pair = MuxPair(heartbeat_interval_s=10.0, heartbeat_timeout_s=20.0)
+    pair.server.handle_timer(10.0)
+    pair.server.data_to_send()  # the PING vanishes: the link is dead
+    assert pair.server.handle_timer(20.0) == []
+    assert pair.server.next_deadline() == 30.0
+    (timeout,) = pair.server.handle_timer(30.0)
+    assert isinstance(timeout, ev.HeartbeatTimedOut)
+    assert timeout.silent_s == 20.0
+
+
+def test_any_traffic_counts_as_a_sign_of_life() -> None:
+    pair = MuxPair(heartbeat_interval_s=10.0, heartbeat_timeout_s=20.0)
+    sid = pair.server.open_stream("")
+    pair.exchange()
+    for now in (10.0, 19.0, 28.0, 37.0):
+        pair.client.send_data(sid, b"busy")
+        pair.deliver(pair.client, pair.server)
+        assert not of_type(pair.server.handle_timer(now), ev.HeartbeatTimedOut)
+        pair.server.data_to_send()  # PINGs lost; only the data gets through
+
+
+# -- the stateful model -------------------------------------------------------------------------
+
+
+class MuxModel(RuleBasedStateMachine):
+    """Any interleaving of opens, data, acknowledgements, ends and resets, both directions.
+
+    Invariants: every stream's bytes arrive complete and in order; no sender
+    exceeds its window (the receiver would raise); closed streams leave
+    nothing behind.
+    """
+
+    streams = Bundle("streams")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pair = MuxPair(
+            client_settings=Settings(initial_window_bytes=4096, max_frame_bytes=1024)
+        )
+        self.sent: dict[tuple[int, str], bytearray] = {}
+        self.got: dict[tuple[int, str], bytearray] = {}
+        self.unacked: dict[tuple[int, str], int] = {}
+        self.ended: set[tuple[int, str]] = set()
+        self.reset: set[int] = set()
+
+    def mux(self, side: str) -> Multiplexer:
+        return self.pair.client if side == "client" else self.pair.server
+
+    def absorb(self, side: str, events: list[ev.Event]) -> None:
+        for event in events:
+            if isinstance(event, ev.DataReceived):
+                key = (event.stream_id, side)
+                self.got.setdefault(key, bytearray()).extend(event.data)
+                self.unacked[key] = self.unacked.get(key, 0) + len(event.data)
+            elif isinstance(event, ev.StreamReset):
+                self.reset.add(event.stream_id)
+
+    @rule(target=streams)
+    def open_stream(self) -> int:
+        return self.pair.server.open_stream("")
+
+    @rule(sid=streams, side=st.sampled_from(["client", "server"]), size=st.integers(1, 6000))
+    def send(self, sid: int, side: str, size: int) -> None:
+        if sid in self.reset or (sid, side) in self.ended:
+            return
+        if side == "client" and self.pair.client.stream_state(sid) is StreamState.CLOSED:
+            return  # the client has not received the OPEN yet
+        key = (sid, side)
+        data = bytes([len(self.sent.get(key, b"")) % 251]) * size
+        self.mux(side).send_data(sid, data)
+        self.sent.setdefault(key, bytearray()).extend(data)
+
+    @rule(sid=streams, side=st.sampled_from(["client", "server"]))
+    def end(self, sid: int, side: str) -> None:
+        if sid in self.reset or (sid, side) in self.ended:
+            return
+        if side == "client" and self.pair.client.stream_state(sid) is StreamState.CLOSED:
+            return
+        self.mux(side).end_stream(sid)
+        self.ended.add((sid, side))
+
+    @rule(sid=consumes(streams))
+    def reset_stream(self, sid: int) -> None:
+        self.pair.server.reset_stream(sid)
+        self.reset.add(sid)
+
+    @rule(sid=streams, side=st.sampled_from(["client", "server"]), fraction=st.floats(0, 1))
+    def acknowledge(self, sid: int, side: str, fraction: float) -> None:
+        receiver = "server" if side == "client" else "client"
+        key = (sid, side)
+        amount = int(self.unacked.get(key, 0) * fraction)
+        if amount:
+            self.mux(receiver).acknowledge(sid, amount)
+            self.unacked[key] -= amount
+
+    @rule(budget=st.integers(20, 5000))
+    def deliver_some(self, budget: int) -> None:
+        message = self.pair.server.data_to_send(budget)
+        if message:
+            self.absorb("server", self.pair.client.receive_data(message))
+        message = self.pair.client.data_to_send(budget)
+        if message:
+            self.absorb("client", self.pair.server.receive_data(message))
+
+    @invariant()
+    def bytes_arrive_in_order_and_never_beyond_what_was_sent(self) -> None:
+        for key, got in self.got.items():
+            assert self.sent[key].startswith(got)
+
+    def teardown(self) -> None:
+        # Drain everything: read all, deliver all, end all; then nothing may remain.
+        for _ in range(10_000):
+            for (sid, side), count in list(self.unacked.items()):
+                if count:
+                    receiver = "server" if side == "client" else "client"
+                    self.mux(receiver).acknowledge(sid, count)
+                    self.unacked[(sid, side)] = 0
+            if not (self.pair.client.has_data_to_send or self.pair.server.has_data_to_send):
+                break
+            self.deliver_some(1 << 20)
+        for key, sent in self.sent.items():
+            if key[0] not in self.reset:
+                assert self.got.get(key, b"") == sent
+        for mux in (self.pair.client, self.pair.server):
+            for sid in list(mux._streams):
+                mux.reset_stream(sid)
+        self.deliver_some(1 << 20)
+        for mux in (self.pair.client, self.pair.server):
+            stats = mux.statistics()
+            assert stats.open_streams == 0
+            assert stats.buffered_send_bytes == 0
+
+
+TestMuxModel = MuxModel.TestCase
+TestMuxModel.settings = settings(
+    deadline=None,
+    max_examples=150,
+    stateful_step_count=40,
+    suppress_health_check=[HealthCheck.too_slow],
+)
