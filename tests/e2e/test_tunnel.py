@@ -11,12 +11,14 @@ import signal
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import aiohttp
 import pytest
 
 from tests.e2e.conftest import ClientProcess, ExitServerProcess, Upstream
 from tests.support.upstream import pattern_body, pattern_sha256
+from tunnel.auth import write_secret_file
 
 MIB = 1024 * 1024
 
@@ -107,9 +109,7 @@ async def test_a_wrong_token_gives_no_tunnel_and_a_clear_client_message(
 ) -> None:
     server = start_server()
     wrong = os.path.join(tmp_path, "wrong-token")
-    with open(wrong, "w") as file:
-        file.write("not-the-right-token-at-all\n")
-    os.chmod(wrong, 0o600)
+    write_secret_file(Path(wrong), "not-the-right-token-at-all")
     client = start_client(server, upstream.url, token_path=wrong, wait=False)  # type: ignore[arg-type]
     await client.process.wait_for_async(r"token rejected by server \(HTTP 401\)")
     await server.process.wait_for_async(r"rejected a client from 127\.0\.0\.1:\d+: wrong token")

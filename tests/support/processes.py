@@ -43,7 +43,8 @@ class Process:
         return self
 
     def _read(self) -> None:
-        assert self.popen is not None and self.popen.stdout is not None
+        assert self.popen is not None
+        assert self.popen.stdout is not None
         with self.popen.stdout as stdout:
             for line in stdout:
                 with self._changed:
@@ -90,9 +91,9 @@ class Process:
                 self._changed.wait(min(remaining, 0.2))
 
     async def wait_for_async(
-        self, pattern: str, timeout: float = 15.0, since: int = 0
+        self, pattern: str, within: float = 15.0, since: int = 0
     ) -> re.Match[str]:
-        return await asyncio.to_thread(self.wait_for, pattern, timeout, since)
+        return await asyncio.to_thread(self.wait_for, pattern, within, since)
 
     def send_signal(self, signum: int) -> None:
         assert self.popen is not None
@@ -105,8 +106,8 @@ class Process:
         self._reader.join(5)
         return code
 
-    async def wait_async(self, timeout: float = 30.0) -> int:
-        return await asyncio.to_thread(self.wait, timeout)
+    async def wait_async(self, within: float = 30.0) -> int:
+        return await asyncio.to_thread(self.wait, within)
 
     def running(self) -> bool:
         return self.popen is not None and self.popen.poll() is None

@@ -8,13 +8,13 @@ from collections.abc import Callable
 
 
 async def wait_until(
-    condition: Callable[[], object], timeout: float = 10.0, interval: float = 0.01
+    condition: Callable[[], object], within: float = 10.0, interval: float = 0.01
 ) -> None:
-    """Return once ``condition()`` is true; fail the test after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
+    """Return once ``condition()`` is true; fail the test after ``within`` seconds."""
+    deadline = time.monotonic() + within
     while not condition():
         if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s: {condition}")
+            raise AssertionError(f"condition not met within {within} s: {condition}")
         await asyncio.sleep(interval)
 
 

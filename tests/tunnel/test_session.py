@@ -127,7 +127,7 @@ async def test_many_concurrent_streams_carry_their_bytes_intact(
             stream = s.server.open_stream("", handler)
             stream.write(payload)
             stream.write_eof()
-        await wait_until(lambda: all(h.closed for h in handlers), timeout=30)
+        await wait_until(lambda: all(h.closed for h in handlers), within=30)
         for payload, handler in zip(payloads, handlers, strict=True):
             assert handler.error is None
             assert hashlib.sha256(handler.data).digest() == hashlib.sha256(payload).digest()
@@ -165,7 +165,7 @@ async def test_a_stalled_stream_does_not_block_the_others(
 
 
 async def _closed(handler: Collector) -> None:
-    await wait_until(lambda: handler.closed, timeout=5)
+    await wait_until(lambda: handler.closed, within=5)
 
 
 async def test_reading_again_resumes_the_paused_writer(channels: tuple[Channel, Channel]) -> None:
@@ -187,7 +187,7 @@ async def test_reading_again_resumes_the_paused_writer(channels: tuple[Channel, 
         stream.write(b"y" * (1024 * 1024))
         await wait_until(lambda: client_streams and writer.paused_writing == 1)
         client_streams[0].resume_reading()
-        await wait_until(lambda: len(received) == 1024 * 1024, timeout=20)
+        await wait_until(lambda: len(received) == 1024 * 1024, within=20)
         await wait_until(lambda: writer.resumed_writing >= 1)
 
 
@@ -279,7 +279,7 @@ async def test_heartbeats_keep_an_idle_session_alive_and_measure_round_trips(
     channels: tuple[Channel, Channel],
 ) -> None:
     async with running(channels, Echo, heartbeat=(0.05, 0.3)) as s:
-        await wait_until(lambda: s.server.round_trip_s is not None, timeout=5)
+        await wait_until(lambda: s.server.round_trip_s is not None, within=5)
         await asyncio.sleep(0.6)  # twice the timeout with no streams: still up
         assert not any(t.done() for t in s.tasks)
 
