@@ -103,12 +103,14 @@ def common_options(func: F) -> F:
         type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
         default="info",
         show_default=True,
+        show_envvar=True,
         envvar="HOMEPORT_LOG_LEVEL",
         help="How much to log.",
     )(func)
     return click.option(
         "--config",
         type=click.Path(dir_okay=False),
+        show_envvar=True,
         envvar="HOMEPORT_CONFIG",
         is_eager=True,
         expose_value=False,
@@ -121,6 +123,7 @@ def token_options(func: F) -> F:
     func = click.option(
         "--token-file",
         type=click.Path(dir_okay=False, path_type=Path),
+        show_envvar=True,
         envvar="HOMEPORT_TOKEN_FILE",
         help="File holding the token (mode 0600).",
     )(func)
@@ -198,12 +201,15 @@ def token(output: Path | None) -> None:
 
 
 @main.command()
-@click.option("--bind", envvar="HOMEPORT_BIND", help="Interface to bind. [default: all]")
+@click.option(
+    "--bind", show_envvar=True, envvar="HOMEPORT_BIND", help="Interface to bind. [default: all]"
+)
 @click.option(
     "--port",
     type=click.IntRange(0, 65535),
     default=8000,
     show_default=True,
+    show_envvar=True,
     envvar="HOMEPORT_PORT",
     help="Public HTTP port for visitors.",
 )
@@ -212,6 +218,7 @@ def token(output: Path | None) -> None:
     type=click.IntRange(0, 65535),
     default=8123,
     show_default=True,
+    show_envvar=True,
     envvar="HOMEPORT_CONTROL_PORT",
     help="Port clients connect to.",
 )
@@ -221,6 +228,7 @@ def token(output: Path | None) -> None:
     type=click.FloatRange(min=0.1),
     default=70.0,
     show_default=True,
+    show_envvar=True,
     envvar="HOMEPORT_RESPONSE_TIMEOUT",
     help="Seconds to wait for an upstream's response head (504 after).",
 )
@@ -229,6 +237,7 @@ def token(output: Path | None) -> None:
     type=click.FloatRange(min=0),
     default=25.0,
     show_default=True,
+    show_envvar=True,
     envvar="HOMEPORT_DRAIN_TIMEOUT",
     help="On SIGTERM, seconds in-flight requests get to finish.",
 )
@@ -237,6 +246,7 @@ def token(output: Path | None) -> None:
     type=click.FloatRange(min=0.1),
     default=10.0,
     show_default=True,
+    show_envvar=True,
     envvar="HOMEPORT_HEAD_TIMEOUT",
     help="Seconds a visitor has to send a request head (408 after).",
 )
@@ -245,6 +255,7 @@ def token(output: Path | None) -> None:
     type=click.FloatRange(min=0.1),
     default=60.0,
     show_default=True,
+    show_envvar=True,
     envvar="HOMEPORT_BODY_TIMEOUT",
     help="Seconds a request body may stall before the connection is closed.",
 )
@@ -253,6 +264,7 @@ def token(output: Path | None) -> None:
     type=click.FloatRange(min=0.1),
     default=30.0,
     show_default=True,
+    show_envvar=True,
     envvar="HOMEPORT_KEEPALIVE_TIMEOUT",
     help="Seconds an idle visitor connection is kept open.",
 )
@@ -261,6 +273,7 @@ def token(output: Path | None) -> None:
     type=click.IntRange(min=1),
     default=1024,
     show_default=True,
+    show_envvar=True,
     envvar="HOMEPORT_MAX_CONNECTIONS",
     help="Open visitor connections at most (503 beyond).",
 )
@@ -269,11 +282,13 @@ def token(output: Path | None) -> None:
     type=click.IntRange(min=1),
     default=1024,
     show_default=True,
+    show_envvar=True,
     envvar="HOMEPORT_MAX_STREAMS_PER_CLIENT",
     help="Concurrent streams to one client at most (503 beyond).",
 )
 @click.option(
     "--max-body",
+    show_envvar=True,
     envvar="HOMEPORT_MAX_BODY",
     help="Largest request body, e.g. 10M (413 above it). [default: no limit]",
 )
@@ -281,6 +296,7 @@ def token(output: Path | None) -> None:
     "--websocket/--no-websocket",
     default=True,
     show_default=True,
+    show_envvar=True,
     envvar="HOMEPORT_WEBSOCKET",
     help="Pass visitors' WebSocket upgrades through to upstreams.",
 )
@@ -289,6 +305,7 @@ def token(output: Path | None) -> None:
     type=click.FloatRange(min=0.1),
     default=10.0,
     show_default=True,
+    show_envvar=True,
     envvar="HOMEPORT_HEARTBEAT_INTERVAL",
     help="Seconds between heartbeats to each client.",
 )
@@ -297,6 +314,7 @@ def token(output: Path | None) -> None:
     type=click.FloatRange(min=0.2),
     default=20.0,
     show_default=True,
+    show_envvar=True,
     envvar="HOMEPORT_HEARTBEAT_TIMEOUT",
     help="A client silent this long is dropped.",
 )
@@ -368,6 +386,7 @@ def server(
 @main.command()
 @click.option(
     "--url",
+    show_envvar=True,
     envvar="HOMEPORT_URL",
     required=True,
     help="The exit server's control endpoint, e.g. wss://203.0.113.10:8123.",
@@ -377,6 +396,7 @@ def server(
     "--upstream",
     "upstreams",
     multiple=True,
+    show_envvar=True,
     envvar="HOMEPORT_UPSTREAM",
     metavar="[HOST=]URL",
     help="A LAN service to serve: http://127.0.0.1:8080 for every host, or "
@@ -386,6 +406,7 @@ def server(
     "--rewrite-host",
     "rewrite_hosts",
     multiple=True,
+    show_envvar=True,
     envvar="HOMEPORT_REWRITE_HOST",
     metavar="ROUTE",
     help="Send the upstream's own host:port as Host for this route "
@@ -393,6 +414,7 @@ def server(
 )
 @click.option(
     "--name",
+    show_envvar=True,
     envvar="HOMEPORT_NAME",
     help="This client's name; a new session with the same name replaces the old. "
     "[default: the host name]",
@@ -402,6 +424,7 @@ def server(
     type=click.FloatRange(min=0.1),
     default=10.0,
     show_default=True,
+    show_envvar=True,
     envvar="HOMEPORT_UPSTREAM_CONNECT_TIMEOUT",
     help="Seconds to wait for an upstream to accept a connection.",
 )
@@ -410,6 +433,7 @@ def server(
     type=click.IntRange(min=1),
     default=16384,
     show_default=True,
+    show_envvar=True,
     envvar="HOMEPORT_MAX_STREAMS",
     help="Concurrent streams the exit server may open to this client.",
 )
@@ -418,6 +442,7 @@ def server(
     type=click.FloatRange(min=0.1),
     default=10.0,
     show_default=True,
+    show_envvar=True,
     envvar="HOMEPORT_HEARTBEAT_INTERVAL",
     help="Seconds between heartbeats to the server.",
 )
@@ -426,6 +451,7 @@ def server(
     type=click.FloatRange(min=0.2),
     default=20.0,
     show_default=True,
+    show_envvar=True,
     envvar="HOMEPORT_HEARTBEAT_TIMEOUT",
     help="Reconnect when the server is silent this long.",
 )
@@ -434,12 +460,14 @@ def server(
     type=click.FloatRange(min=1),
     default=30.0,
     show_default=True,
+    show_envvar=True,
     envvar="HOMEPORT_RECONNECT_MAX_DELAY",
     help="Longest wait between reconnect attempts, in seconds.",
 )
 @click.option(
     "--insecure",
     is_flag=True,
+    show_envvar=True,
     envvar="HOMEPORT_INSECURE",
     help="Allow ws:// to a server that is not on this machine (the token travels in clear).",
 )

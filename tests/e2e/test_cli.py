@@ -1,0 +1,244 @@
+"""The command line as a user meets it: real processes, exit codes and messages."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import stat
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.e2e.conftest import READY, ClientProcess, ExitServerProcess, Processes, Upstream
+from tests.support.processes import homeport
+from tunnel.auth import token_digest
+
+
+def run(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        homeport(*args),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_token_prints_a_fresh_256_bit_url_safe_token() -> None:
+    first, second = run("token"), run("token")
+    assert first.returncode == 0
+    assert re.fullmatch(r"[A-Za-z0-9_-]{43}\n", first.stdout)
+    assert first.stdout != second.stdout
+
+
+def test_token_output_file_is_created_0600_and_nothing_is_printed(tmp_path: Path) -> None:
+    path = tmp_path / "token"
+    result = run("token", "-o", str(path))
+    assert result.returncode == 0
+    assert result.stdout == ""
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert re.fullmatch(r"[A-Za-z0-9_-]{43}\n", path.read_text())
+
+
+def test_server_refuses_to_start_without_a_token() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HOMEPORT_")}
+    result = subprocess.run(
+        homeport("server", "--port", "0", "--control-port", "0"),
+        capture_output=True, text=True, timeout=30, env=env, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "needs a token" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_server_refuses_a_short_token_without_printing_it() -> None:
+    result = run("server", "--port", "0", env={"HOMEPORT_TOKEN": "tooShort123"})
+    assert result.returncode == 2
+    assert "shorter than 16 characters" in result.stderr
+    assert "tooShort123" not in result.stderr
+
+
+def test_token_and_token_file_on_the_command_line_conflict(token_file: Path, token: str) -> None:
+    result = run("server", "--token", token, "--token-file", str(token_file))
+    assert result.returncode == 2
+    assert "either --token or --token-file" in result.stderr
+    assert token not in result.stderr + result.stdout
+
+
+def test_an_unreadable_token_file_is_a_clear_error(tmp_path: Path) -> None:
+    result = run("server", "--token-file", str(tmp_path / "nope"))
+    assert result.returncode == 2
+    assert "cannot read the token file" in result.stderr
+
+
+def test_settings_come_from_flags_over_environment_over_config_file(
+    processes: Processes, token_file: Path, tmp_path: Path
+) -> None:
+    from_file, from_env, from_flag = free_port(), free_port(), free_port()
+    config = tmp_path / "server.toml"
+    config.write_text(
+        f"port = {from_file}\n"
+        f"control-port = {free_port()}\n"
+        'bind = "127.0.0.1"\n'
+        f'token-file = "{token_file}"\n'
+    )
+    server = processes.start("server", homeport("server", "--config", str(config)))
+    assert int(server.wait_for(READY).group(1)) == from_file
+    server.stop()
+
+    server = processes.start(
+        "server", homeport("server", "--config", str(config)), env={"HOMEPORT_PORT": str(from_env)}
+    )
+    assert int(server.wait_for(READY).group(1)) == from_env
+    server.stop()
+
+    server = processes.start(
+        "server",
+        homeport("server", "--config", str(config), "--port", str(from_flag)),
+        env={"HOMEPORT_PORT": str(from_env)},
+    )
+    assert int(server.wait_for(READY).group(1)) == from_flag
+
+
+def test_an_unknown_setting_in_the_config_file_is_refused(tmp_path: Path) -> None:
+    config = tmp_path / "server.toml"
+    config.write_text("prot = 80\n")
+    result = run("server", "--config", str(config))
+    assert result.returncode == 2
+    assert "unknown setting(s) prot" in result.stderr
+    assert "valid settings:" in result.stderr
+
+
+def test_a_config_file_that_is_not_toml_is_refused(tmp_path: Path) -> None:
+    config = tmp_path / "server.toml"
+    config.write_text("port = = 80\n")
+    result = run("server", "--config", str(config))
+    assert result.returncode == 2
+    assert "is not valid TOML" in result.stderr
+
+
+def test_a_port_in_use_is_reported_plainly(token_file: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run(
+            "server", "--bind", "127.0.0.1", "--port", str(port), "--token-file", str(token_file)
+        )
+    assert result.returncode == 1
+    assert "already in use" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_client_refuses_plain_ws_to_a_remote_server(token_file: Path) -> None:
+    result = run(
+        "client", "--url", "ws://203.0.113.10:8123", "--token-file", str(token_file),
+        "--upstream", "http://127.0.0.1:8080",
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "refusing ws:// to a remote server" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("ftp://127.0.0.1:21", "must start with http://"),
+        ("http://127.0.0.1:8080/path", "must not have a path"),
+        ("bad host=http://127.0.0.1:8080", "not a valid host name"),
+        ("http://127.0.0.1:99999", "not a valid URL"),
+    ],
+)
+def test_client_explains_a_malformed_upstream(token_file: Path, spec: str, message: str) -> None:
+    result = run(
+        "client",
+        "--url",
+        "ws://127.0.0.1:8123",
+        "--token-file",
+        str(token_file),
+        "--upstream",
+        spec,
+    )
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+def test_client_needs_at_least_one_upstream(token_file: Path) -> None:
+    result = run("client", "--url", "ws://127.0.0.1:8123", "--token-file", str(token_file))
+    assert result.returncode == 2
+    assert "give at least one --upstream" in result.stderr
+
+
+def test_help_documents_every_option_with_its_environment_variable() -> None:
+    for command in ("server", "client"):
+        result = run(command, "--help")
+        assert result.returncode == 0
+        options = re.findall(r"^\s+(--[a-z-]+)", result.stdout, re.M)
+        assert len(options) > 8
+        assert result.stdout.count("env var:") >= len(options) - 2  # --help and --config aside
+
+
+async def test_the_demo_serves_its_page_and_stops_cleanly_on_ctrl_c(processes: Processes) -> None:
+    demo = processes.start("demo", homeport("demo", "--port", "0"))
+    url = (await demo.wait_for_async(r"Open (http://127\.0\.0\.1:\d+/)")).group(1)
+    async with aiohttp.ClientSession() as http, http.get(url) as response:
+        assert response.status == 200
+        assert "came through the homeport tunnel" in await response.text()
+    demo.send_signal(signal.SIGINT)
+    assert await demo.wait_async(15) == 0
+    assert "Traceback" not in demo.output
+
+
+def test_python_dash_m_homeport_is_the_same_command() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "homeport", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0
+    assert result.stdout.startswith("homeport, version ")
+
+
+async def test_a_full_session_at_debug_level_never_logs_the_token(
+    start_server: Callable[..., ExitServerProcess],
+    start_client: Callable[..., ClientProcess],
+    upstream: Upstream,
+    token: str,
+) -> None:
+    server = start_server("--log-level", "debug")
+    client = start_client(server, upstream.url, flags=("--log-level", "debug"))
+    async with aiohttp.ClientSession() as http:
+        async with http.get(
+            f"{server.url}/echo", headers={"Authorization": f"Bearer {token}"}
+        ) as response:
+            assert response.status == 200
+        bad = f"http://127.0.0.1:{server.control_port}/connect?token={token}"
+        async with http.get(bad) as response:
+            assert response.status == 400
+        async with http.get(
+            f"http://127.0.0.1:{server.control_port}/status",
+            headers={"Authorization": f"Bearer {token}"},
+        ) as response:
+            assert response.status == 200
+    client.process.stop()
+    server.process.stop()
+    for output in (server.process.output, client.process.output):
+        assert "DEBUG" in output
+        assert token not in output
+        assert token_digest(token).hex() not in output
