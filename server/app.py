@@ -45,6 +45,7 @@ class ExitServer:
         for client in self.registry.clients():
             session = client.session
             stats = session.statistics()
+            mux_stats = session.mux.statistics()
             clients.append(
                 {
                     "name": client.name,
@@ -54,7 +55,9 @@ class ExitServer:
                     "connected_s": round(now - client.connected_at, 1),
                     "streams": stats.streams,
                     "idle_streams": client.idle_streams(),
-                    "mux_streams": session.mux.statistics().open_streams,
+                    "mux_streams": mux_stats.open_streams,
+                    "held_bytes": mux_stats.held_receive_bytes,
+                    "queued_bytes": mux_stats.buffered_send_bytes,
                     "bytes_to_client": stats.bytes_written,
                     "bytes_from_client": stats.bytes_read,
                     "round_trip_ms": (
@@ -68,6 +71,7 @@ class ExitServer:
             "software": SOFTWARE,
             "clients": clients,
             "visitor_connections": len(self.public.connections),
+            "visitor_write_buffer_bytes": self.public.write_buffer_bytes(),
             "requests_in_flight": self.public.in_flight,
             "auth_failures": self.control.auth_failures,
         }

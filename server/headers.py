@@ -95,14 +95,16 @@ def upstream_request_head(
     host_rewrite: bytes | None,
     chunked: bool,
     upgrade: bool,
+    default_host: bytes = b"",
 ) -> bytes:
     """The HTTP/1.1 request head the exit server sends to the upstream.
 
     Visitor headers pass in order and unchanged except: hop-by-hop headers
     and any named in ``Connection`` are dropped (``Upgrade`` is kept for a
     WebSocket upgrade), ``X-Forwarded-*`` are replaced, ``Host`` is
-    rewritten when the route asks, and framing is chunked or left as the
-    visitor's ``Content-Length``.
+    rewritten when the route asks (or set to ``default_host`` for an HTTP/1.0
+    request that had none: HTTP/1.1 requires it), and framing is chunked or
+    left as the visitor's ``Content-Length``.
     """
     dropped = HOP_BY_HOP | connection_tokens(headers)
     lines = [method, b" ", target, b" HTTP/1.1\r\n"]
@@ -116,6 +118,8 @@ def upstream_request_head(
         elif lower in FORWARDING or (lower in dropped and not (upgrade and lower == b"upgrade")):
             continue
         lines += (name, b": ", value, b"\r\n")
+    if not original_host:
+        lines += (b"Host: ", host_rewrite or default_host, b"\r\n")
     if upgrade:
         lines.append(b"Connection: Upgrade\r\n")
     if chunked:
@@ -130,31 +134,52 @@ def upstream_request_head(
     return b"".join(lines)
 
 
+class Framing:
+    """How the response body is delimited on the visitor's hop."""
+
+    LENGTH = "length"  #: the upstream's Content-Length, kept where it was
+    CHUNKED = "chunked"  #: Transfer-Encoding: chunked (re-chunked by us)
+    CLOSE = "close"  #: the body ends when the connection closes (HTTP/1.0 visitors)
+    NONE = "none"  #: no body (204, 1xx); Content-Length dropped
+    HEAD = "head"  #: no body, but Content-Length kept as metadata (HEAD, 304)
+
+
 def visitor_response_head(
     status: int,
     reason: bytes,
     headers: Sequence[Header],
     *,
-    framing: bytes | None,
+    framing: str,
     keep_alive: bool,
     http10_visitor: bool,
     upgrade: bool = False,
 ) -> bytes:
     """The response head the exit server sends to the visitor.
 
-    ``framing`` is the header line our hop needs (``Transfer-Encoding:
-    chunked`` or the upstream's ``Content-Length``), or None for no body or
-    a body that ends when the connection closes.
+    End-to-end headers pass in order, case and value unchanged, framing
+    headers included where the upstream put them; only hop-by-hop headers
+    are dropped and our own ``Connection`` added.
     """
-    dropped = HOP_BY_HOP | FRAMING | connection_tokens(headers)
+    dropped = HOP_BY_HOP | connection_tokens(headers)
+    keep_length = framing in (Framing.LENGTH, Framing.HEAD)
     lines = [b"HTTP/1.1 ", str(status).encode(), b" ", reason or _reason(status), b"\r\n"]
+    chunked_written = False
     for name, value in headers:
         lower = name.lower()
+        if lower == b"content-length":
+            if keep_length:
+                lines += (name, b": ", value, b"\r\n")
+            continue
+        if lower == b"transfer-encoding":
+            if framing == Framing.CHUNKED and not chunked_written:
+                lines += (name, b": chunked\r\n")
+                chunked_written = True
+            continue
         if lower in dropped and not (upgrade and lower == b"upgrade"):
             continue
         lines += (name, b": ", value, b"\r\n")
-    if framing is not None:
-        lines += (framing, b"\r\n")
+    if framing == Framing.CHUNKED and not chunked_written:
+        lines.append(b"Transfer-Encoding: chunked\r\n")
     if upgrade:
         lines.append(b"Connection: Upgrade\r\n")
     elif not keep_alive:

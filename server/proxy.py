@@ -170,6 +170,14 @@ class PublicServer:
         for connection in list(self.connections):
             connection.shut_down()
 
+    def write_buffer_bytes(self) -> int:
+        """Bytes written to visitors and not yet taken by their sockets."""
+        return sum(
+            c.transport.get_write_buffer_size()
+            for c in self.connections
+            if c.transport is not None and not c.transport.is_closing()
+        )
+
     async def wait_drained(self) -> None:
         """Wait until no request is in flight."""
         await self._idle.wait()
@@ -187,6 +195,7 @@ class VisitorConnection(asyncio.Protocol):
         self.config = server.config
         self.transport: asyncio.Transport | None = None
         self.visitor_ip = ""
+        self.local_authority = b""
         self._loop = asyncio.get_running_loop()
         self._parser = httptools.HttpRequestParser(self)
         self._request: _Request | None = None
@@ -212,6 +221,10 @@ class VisitorConnection(asyncio.Protocol):
         self.transport = transport
         peer = transport.get_extra_info("peername")
         self.visitor_ip = str(peer[0]) if peer else "-"
+        local = transport.get_extra_info("sockname")
+        if local:
+            host = f"[{local[0]}]" if ":" in str(local[0]) else str(local[0])
+            self.local_authority = (host if local[1] == 80 else f"{host}:{local[1]}").encode()
         server = self.server
         if server.closing or len(server.connections) >= self.config.max_connections:
             transport.write(h.error_response(503))
@@ -654,6 +667,7 @@ class Exchange(StreamHandler):
                 host_rewrite=route.host_rewrite if route else None,
                 chunked=request.chunked,
                 upgrade=request.upgrade,
+                default_host=self.connection.local_authority,
             )
         )
         for body in request.buffered:
@@ -789,30 +803,28 @@ class Exchange(StreamHandler):
         self._upstream_keep_alive = self._parser.should_keep_alive()
         http10 = request.version == "1.0"
         headers = self._headers
-        framing: bytes | None = None
         head_only = request.method == b"HEAD" or status in (204, 304)
         if status == 101:
-            keep_alive = False
+            framing, keep_alive = h.Framing.NONE, False
         elif head_only:
-            lengths = h.values(headers, b"content-length")
-            if lengths and status != 204:
-                framing = b"Content-Length: " + lengths[0]
+            framing = h.Framing.NONE if status == 204 else h.Framing.HEAD
             keep_alive = request.keep_alive
         else:
             codings = h.values(headers, b"transfer-encoding")
-            lengths = h.values(headers, b"content-length")
             if codings:
                 if len(codings) != 1 or codings[0].strip().lower() != b"chunked":
                     raise _BadResponse  # a transfer coding we would pass on undecoded
                 self._chunked_out = not http10
-            elif lengths:
-                framing = b"Content-Length: " + lengths[0]
+            elif h.values(headers, b"content-length"):
+                framing = h.Framing.LENGTH
             else:
                 self._close_delimited = True
                 self._chunked_out = not http10
             if self._chunked_out:
-                framing = b"Transfer-Encoding: chunked"
-            keep_alive = request.keep_alive and framing is not None
+                framing = h.Framing.CHUNKED
+            elif codings or self._close_delimited:
+                framing = h.Framing.CLOSE
+            keep_alive = request.keep_alive and framing != h.Framing.CLOSE
         # After a refused upgrade llhttp parses nothing more: close then.
         keep_alive = keep_alive and request.complete and not request.upgrade
         keep_alive = keep_alive and not connection._closing
