@@ -15,6 +15,7 @@ from tunnel.backoff import AUTH_FAILURE_DELAY_S, DEFAULT_STABLE_AFTER_S, Backoff
 from tunnel.errors import AuthRejected, ErrorCode, ProtocolError, SessionClosed, VersionMismatch
 from tunnel.mux import Multiplexer, Role, Settings
 from tunnel.session import Session, Stream, StreamHandler, WebSocketChannel
+from tunnel.tls import PinMismatch, client_context
 from tunnel.version import SOFTWARE
 
 logger = logging.getLogger("homeport.client")
@@ -26,6 +27,11 @@ class TunnelClient:
     def __init__(self, config: ClientConfig, *, rng: random.Random | None = None) -> None:
         self.config = config
         self.url = control_url(config.url, insecure=config.insecure)
+        self.ssl_context = (
+            client_context(ca_file=config.ca_file, pinned=config.fingerprint is not None)
+            if self.url.startswith("wss://")
+            else None
+        )
         self.routes: dict[str, Upstream] = {u.route: u for u in config.upstreams}
         self.session: Session | None = None
         self.sessions_started = 0
@@ -65,6 +71,9 @@ class TunnelClient:
             except AuthRejected as exc:
                 logger.error("%s: check the token (--token-file) matches the exit server's", exc)
                 delay = AUTH_FAILURE_DELAY_S * random.uniform(0.8, 1.2)  # noqa: S311
+            except PinMismatch as exc:
+                logger.error("%s", exc)
+                delay = AUTH_FAILURE_DELAY_S
             except VersionMismatch as exc:
                 logger.error("the exit server refused our protocol version: %s", exc)
                 delay = AUTH_FAILURE_DELAY_S
@@ -92,7 +101,9 @@ class TunnelClient:
     async def _connect_and_serve(self) -> None:
         config = self.config
         loop = asyncio.get_running_loop()
-        websocket = await dial(self.url, config.token)
+        websocket = await dial(
+            self.url, config.token, ssl_context=self.ssl_context, pin=config.fingerprint
+        )
         mux = Multiplexer(
             Role.CLIENT,
             Settings(max_concurrent_streams=config.max_streams),
@@ -105,7 +116,11 @@ class TunnelClient:
         )
         self.session = session
         routes = [
-            {"host": u.route, "host_rewrite": u.authority if u.rewrite_host else None}
+            {
+                "host": u.route,
+                "host_rewrite": u.authority if u.rewrite_host else None,
+                "allow_paths": list(u.allow_paths),
+            }
             for u in config.upstreams
         ]
         try:

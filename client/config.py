@@ -7,6 +7,7 @@ import re
 import socket
 import urllib.parse
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from client.upstreams import Upstream
 from tunnel.errors import ConfigError
@@ -29,6 +30,10 @@ class ClientConfig:
     #: allow ws:// to a non-loopback server (the token would travel in clear)
     insecure: bool = False
     reconnect_max_delay_s: float = 30.0
+    #: SHA-256 of the server certificate to pin (wss:// only)
+    fingerprint: bytes | None = field(default=None, repr=False)
+    #: a CA to trust for the server certificate instead of the system's
+    ca_file: Path | None = None
 
 
 def default_client_name() -> str:

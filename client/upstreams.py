@@ -10,6 +10,7 @@ connect anywhere else on its LAN.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import ipaddress
 import re
 import urllib.parse
@@ -30,6 +31,7 @@ class Upstream:
     host: str  #: address to dial
     port: int
     rewrite_host: bool = False  #: send the upstream's own host:port as Host
+    allow_paths: tuple[str, ...] = ()  #: the only path prefixes the public may reach
 
     @property
     def authority(self) -> str:
@@ -38,7 +40,8 @@ class Upstream:
         return f"{host}:{self.port}"
 
     def describe(self) -> str:
-        return f"{self.route or 'default route'} -> {self.url}"
+        paths = f" (only {', '.join(self.allow_paths)})" if self.allow_paths else ""
+        return f"{self.route or 'default route'} -> {self.url}{paths}"
 
 
 def _route_name(text: str) -> str:
@@ -81,24 +84,49 @@ def parse_upstream(spec: str, *, rewrite_hosts: frozenset[str] = frozenset()) ->
 
 
 def parse_upstreams(
-    specs: list[str] | tuple[str, ...], rewrite_hosts: frozenset[str] = frozenset()
+    specs: list[str] | tuple[str, ...],
+    rewrite_hosts: frozenset[str] = frozenset(),
+    allow_paths: tuple[str, ...] = (),
 ) -> tuple[Upstream, ...]:
-    """Parse every ``--upstream``; each route may appear once.
+    """Parse every ``--upstream``, with the ``--rewrite-host`` and ``--allow-path`` that name them.
 
     Raises:
-        ConfigError: no upstream, a malformed one, or a route given twice.
+        ConfigError: no upstream, a malformed one, a route given twice, or a
+            rewrite or allowlist for a route that does not exist.
     """
     if not specs:
         raise ConfigError(
             "give at least one --upstream, for example --upstream http://127.0.0.1:8080"
         )
-    upstreams = tuple(parse_upstream(spec, rewrite_hosts=rewrite_hosts) for spec in specs)
+    allowed = _parse_allow_paths(allow_paths)
+    upstreams = []
     seen: set[str] = set()
-    for upstream in upstreams:
+    for spec in specs:
+        upstream = parse_upstream(spec, rewrite_hosts=rewrite_hosts)
         if upstream.route in seen:
             raise ConfigError(f"route {upstream.route or 'default'} is given twice")
         seen.add(upstream.route)
-    unknown = rewrite_hosts - {u.route or "default" for u in upstreams}
-    if unknown:
-        raise ConfigError(f"--rewrite-host names unknown routes: {', '.join(sorted(unknown))}")
-    return upstreams
+        prefixes = tuple(allowed.get(upstream.route or "default", ()))
+        upstreams.append(dataclasses.replace(upstream, allow_paths=prefixes))
+    names = {u.route or "default" for u in upstreams}
+    for option, named in (("--rewrite-host", set(rewrite_hosts)), ("--allow-path", set(allowed))):
+        unknown = named - names
+        if unknown:
+            raise ConfigError(f"{option} names unknown routes: {', '.join(sorted(unknown))}")
+    return tuple(upstreams)
+
+
+def _parse_allow_paths(specs: tuple[str, ...]) -> dict[str, list[str]]:
+    """``ROUTE=/prefix/`` pairs (ROUTE a route host, or ``default``)."""
+    allowed: dict[str, list[str]] = {}
+    for spec in specs:
+        route, sep, prefix = spec.partition("=")
+        if not sep or not prefix.startswith("/"):
+            raise ConfigError(f"--allow-path {spec!r} must look like default=/function/")
+        if not (prefix.isascii() and prefix.isprintable()) or "%" in prefix or "\\" in prefix:
+            raise ConfigError(f"--allow-path {spec!r}: give a plain path, without escapes")
+        if any(part in (".", "..") for part in prefix.split("/")):
+            raise ConfigError(f"--allow-path {spec!r}: give a path without . or .. segments")
+        key = route.strip().lower().removesuffix(".") or "default"
+        allowed.setdefault(key, []).append(prefix)
+    return allowed

@@ -20,9 +20,17 @@ from typing import Any, TypeVar
 import click
 from click.core import ParameterSource
 
-from tunnel.auth import generate_token, load_token, token_digest, write_secret_file
+from tunnel.auth import (
+    generate_token,
+    load_token,
+    parse_token_hash,
+    read_secret_file,
+    token_digest,
+    write_secret_file,
+)
 from tunnel.errors import ConfigError
 from tunnel.log import add_secrets, setup_logging
+from tunnel.tls import default_data_dir, ensure_self_signed, parse_fingerprint
 from tunnel.version import __version__
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -136,27 +144,75 @@ def token_options(func: F) -> F:
     )(func)
 
 
+def _rank(ctx: click.Context, name: str) -> int:
+    source = ctx.get_parameter_source(name)
+    return _SOURCE_RANK.get(source, 0) if source is not None else 0
+
+
+def _pick(ctx: click.Context, given: dict[str, Any], what: str) -> tuple[str, Any] | None:
+    """The one setting among ``given`` from the highest-ranked source.
+
+    Raises:
+        ConfigError: two of them come from the same, highest, source.
+    """
+    present = {name: value for name, value in given.items() if value is not None}
+    if not present:
+        return None
+    best = max(_rank(ctx, name) for name in present)
+    tied = [name for name in present if _rank(ctx, name) == best]
+    if len(tied) > 1:
+        flags = " or ".join("--" + name.replace("_", "-") for name in tied)
+        raise ConfigError(f"give only one {what}: {flags}, not both")
+    return tied[0], present[tied[0]]
+
+
 def resolve_token(ctx: click.Context, token: str | None, token_file: Path | None) -> str | None:
     """The token from the highest-ranked of --token and --token-file.
 
     Raises:
         ConfigError: both given at the same level, or the token is malformed.
     """
-    if token is not None and token_file is not None:
-        rank_token = _SOURCE_RANK.get(ctx.get_parameter_source("token"), 0)  # type: ignore[arg-type]
-        rank_file = _SOURCE_RANK.get(ctx.get_parameter_source("token_file"), 0)  # type: ignore[arg-type]
-        if rank_token == rank_file:
-            raise ConfigError("give either --token or --token-file, not both")
-        if rank_token > rank_file:
-            token_file = None
-        else:
-            token = None
-    if token is not None and ctx.get_parameter_source("token") is ParameterSource.COMMANDLINE:
+    picked = _pick(ctx, {"token": token, "token_file": token_file}, "token source")
+    if picked is None:
+        return None
+    name, value = picked
+    if name == "token" and ctx.get_parameter_source("token") is ParameterSource.COMMANDLINE:
         logger.warning(
             "--token on the command line is visible to other users (ps); "
             "prefer --token-file or HOMEPORT_TOKEN"
         )
-    return load_token(token, token_file)
+    return load_token(value if name == "token" else None, value if name == "token_file" else None)
+
+
+def resolve_server_secret(ctx: click.Context, given: dict[str, Any]) -> bytes:
+    """The SHA-256 the server checks tokens against, from a token or its hash.
+
+    Raises:
+        ConfigError: none given, two at the same level, or a malformed one.
+    """
+    picked = _pick(ctx, given, "token source")
+    if picked is None:
+        raise ConfigError(
+            "the exit server needs a token: give --token-file FILE "
+            "(make one with `homeport token -o FILE`), set HOMEPORT_TOKEN, "
+            "or give only its hash with --token-hash-file"
+        )
+    name, value = picked
+    if name == "token_hash":
+        digest = parse_token_hash(value, source="--token-hash")
+    elif name == "token_hash_file":
+        digest = parse_token_hash(read_secret_file(value, what="token hash"), source=str(value))
+    else:
+        token = resolve_token(
+            ctx,
+            given["token"] if name == "token" else None,
+            given["token_file"] if name == "token_file" else None,
+        )
+        assert token is not None
+        add_secrets(token)
+        digest = token_digest(token)
+    add_secrets(digest.hex())
+    return digest
 
 
 def bind_failure(exc: OSError, what: str) -> RunFailure:
@@ -223,6 +279,68 @@ def token(output: Path | None) -> None:
     help="Port clients connect to.",
 )
 @token_options
+@click.option(
+    "--token-hash",
+    show_envvar=True,
+    envvar="HOMEPORT_TOKEN_HASH",
+    metavar="SHA256",
+    help="Hold only the token's SHA-256 (64 hex digits) instead of the token.",
+)
+@click.option(
+    "--token-hash-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    show_envvar=True,
+    envvar="HOMEPORT_TOKEN_HASH_FILE",
+    help="File holding the token's SHA-256.",
+)
+@click.option(
+    "--auto-tls",
+    is_flag=True,
+    show_envvar=True,
+    envvar="HOMEPORT_AUTO_TLS",
+    help="Serve the control port over TLS with a self-signed certificate made once "
+    "in --data-dir; prints its fingerprint for clients to pin.",
+)
+@click.option(
+    "--auto-tls-san",
+    "auto_tls_sans",
+    multiple=True,
+    show_envvar=True,
+    envvar="HOMEPORT_AUTO_TLS_SAN",
+    metavar="IP_OR_NAME",
+    help="Address or name to put in the self-signed certificate. Repeatable.",
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    show_envvar=True,
+    envvar="HOMEPORT_DATA_DIR",
+    help="Where the server keeps its TLS key. [default: $STATE_DIRECTORY, "
+    "else ~/.local/state/homeport]",
+)
+@click.option(
+    "--tls-cert",
+    type=click.Path(dir_okay=False, path_type=Path),
+    show_envvar=True,
+    envvar="HOMEPORT_TLS_CERT",
+    help="A real certificate (PEM chain) for the control port.",
+)
+@click.option(
+    "--tls-key",
+    type=click.Path(dir_okay=False, path_type=Path),
+    show_envvar=True,
+    envvar="HOMEPORT_TLS_KEY",
+    help="The private key of --tls-cert.",
+)
+@click.option(
+    "--max-auth-failures",
+    type=click.IntRange(min=1),
+    default=5,
+    show_default=True,
+    show_envvar=True,
+    envvar="HOMEPORT_MAX_AUTH_FAILURES",
+    help="Failed logins an address may make per minute before it gets 429.",
+)
 @click.option(
     "--response-timeout",
     type=click.FloatRange(min=0.1),
@@ -327,6 +445,14 @@ def server(
     control_port: int,
     token: str | None,
     token_file: Path | None,
+    token_hash: str | None,
+    token_hash_file: Path | None,
+    auto_tls: bool,
+    auto_tls_sans: tuple[str, ...],
+    data_dir: Path | None,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+    max_auth_failures: int,
     response_timeout: float,
     drain_timeout: float,
     head_timeout: float,
@@ -346,15 +472,39 @@ def server(
 
     setup_logging(log_level)
     try:
-        secret = resolve_token(ctx, token, token_file)
-        if secret is None:
-            raise ConfigError(
-                "the exit server needs a token: give --token-file FILE "
-                "(make one with `homeport token -o FILE`) or set HOMEPORT_TOKEN"
+        digest = resolve_server_secret(
+            ctx,
+            {
+                "token": token,
+                "token_file": token_file,
+                "token_hash": token_hash,
+                "token_hash_file": token_hash_file,
+            },
+        )
+        tls_fingerprint = None
+        if auto_tls:
+            if tls_cert or tls_key:
+                raise ConfigError("give --auto-tls or --tls-cert/--tls-key, not both")
+            certificate = ensure_self_signed(data_dir or default_data_dir(), list(auto_tls_sans))
+            tls_cert, tls_key, tls_fingerprint = (
+                certificate.cert_path,
+                certificate.key_path,
+                certificate.fingerprint,
             )
-        add_secrets(secret)
+            verb = "made a new" if certificate.created else "using the"
+            logger.info("%s self-signed TLS certificate %s", verb, certificate.cert_path)
+            missing = set(auto_tls_sans) - set(certificate.sans)
+            if missing:
+                logger.warning(
+                    "the certificate does not name %s (it was made earlier; pinned clients do "
+                    "not mind; delete %s and its key to make a new one)",
+                    ", ".join(sorted(missing)),
+                    certificate.cert_path,
+                )
+        elif (tls_cert is None) != (tls_key is None):
+            raise ConfigError("--tls-cert and --tls-key go together")
         config = ServerConfig(
-            token_digest=token_digest(secret),
+            token_digest=digest,
             bind=bind or None,
             port=port,
             control_port=control_port,
@@ -369,6 +519,12 @@ def server(
             websocket_passthrough=websocket,
             heartbeat_interval_s=heartbeat_interval,
             heartbeat_timeout_s=heartbeat_timeout,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            tls_fingerprint=tls_fingerprint,
+            advertised_host=auto_tls_sans[0] if auto_tls_sans else None,
+            token_file_hint=str(token_file.resolve()) if token_file else None,
+            max_auth_failures=max_auth_failures,
         )
     except ConfigError as exc:
         raise Failure(str(exc)) from None
@@ -411,6 +567,16 @@ def server(
     metavar="ROUTE",
     help="Send the upstream's own host:port as Host for this route "
     "(a route host, or 'default'). Repeatable.",
+)
+@click.option(
+    "--allow-path",
+    "allow_paths",
+    multiple=True,
+    show_envvar=True,
+    envvar="HOMEPORT_ALLOW_PATH",
+    metavar="ROUTE=PREFIX",
+    help="Make only PREFIX of this route public, e.g. default=/function/ for a faasd "
+    "gateway (others get 403 at the exit server). Repeatable.",
 )
 @click.option(
     "--name",
@@ -465,6 +631,20 @@ def server(
     help="Longest wait between reconnect attempts, in seconds.",
 )
 @click.option(
+    "--fingerprint",
+    show_envvar=True,
+    envvar="HOMEPORT_FINGERPRINT",
+    metavar="sha256:HEX",
+    help="Pin the exit server's certificate (as it prints it at start); wss:// only.",
+)
+@click.option(
+    "--ca-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    show_envvar=True,
+    envvar="HOMEPORT_CA_FILE",
+    help="Trust this CA (PEM) for the server's certificate instead of the system's.",
+)
+@click.option(
     "--insecure",
     is_flag=True,
     show_envvar=True,
@@ -480,12 +660,15 @@ def client(
     token_file: Path | None,
     upstreams: tuple[str, ...],
     rewrite_hosts: tuple[str, ...],
+    allow_paths: tuple[str, ...],
     name: str | None,
     upstream_connect_timeout: float,
     max_streams: int,
     heartbeat_interval: float,
     heartbeat_timeout: float,
     reconnect_max_delay: float,
+    fingerprint: str | None,
+    ca_file: Path | None,
     insecure: bool,
     log_level: str,
 ) -> None:
@@ -507,11 +690,18 @@ def client(
                 f"--name {client_name!r} must be 1-63 letters, digits, '.', '_' or '-'"
             )
         control_url(url, insecure=insecure)
+        pin = parse_fingerprint(fingerprint) if fingerprint else None
+        if (pin or ca_file) and not url.strip().lower().startswith("wss://"):
+            raise ConfigError("--fingerprint and --ca-file need a wss:// --url")
+        if pin and ca_file:
+            raise ConfigError("give --fingerprint or --ca-file, not both")
         config = ClientConfig(
             url=url,
             token=secret,
             upstreams=parse_upstreams(
-                upstreams, frozenset(r.lower().removesuffix(".") for r in rewrite_hosts)
+                upstreams,
+                frozenset(r.lower().removesuffix(".") for r in rewrite_hosts),
+                allow_paths,
             ),
             name=client_name,
             upstream_connect_timeout_s=upstream_connect_timeout,
@@ -520,6 +710,8 @@ def client(
             heartbeat_timeout_s=heartbeat_timeout,
             insecure=insecure,
             reconnect_max_delay_s=reconnect_max_delay,
+            fingerprint=pin,
+            ca_file=ca_file,
         )
     except ConfigError as exc:
         raise Failure(str(exc)) from None

@@ -82,12 +82,39 @@ class ExitServer:
         Raises:
             OSError: a port cannot be bound (in use, or a privileged port).
         """
-        self.public_addresses = await self.public.listen(self.config.bind, self.config.port)
+        config = self.config
+        self.public_addresses = await self.public.listen(config.bind, config.port)
         self.control_addresses = await self.control.listen()
+        scheme = "wss" if config.tls_cert is not None else "ws"
         logger.info(
             "exit server ready: visitors on %s, clients on %s",
             ", ".join(f"http://{format_address(a)}/" for a in self.public_addresses),
-            ", ".join(f"ws://{format_address(a)}{CONNECT_PATH}" for a in self.control_addresses),
+            ", ".join(
+                f"{scheme}://{format_address(a)}{CONNECT_PATH}" for a in self.control_addresses
+            ),
+        )
+        if config.tls_fingerprint is not None:
+            self._announce_fingerprint(config.tls_fingerprint)
+
+    def _announce_fingerprint(self, fingerprint: str) -> None:
+        """Print what a client needs to pin this server, with the command to run."""
+        config = self.config
+        wildcard = (None, "", "0.0.0.0", "::")  # noqa: S104 - names, not a bind
+        host = config.advertised_host or (
+            config.bind if config.bind not in wildcard else "PUBLIC_IP"
+        )
+        if ":" in str(host):
+            host = f"[{host}]"
+        port = self.control_addresses[0][1]
+        token_file = config.token_file_hint or "TOKEN_FILE"  # a copy of it, on the client
+        logger.info("control channel TLS certificate fingerprint: %s", fingerprint)
+        logger.info(
+            "on the client, run: homeport client --url wss://%s:%d --fingerprint %s "
+            "--token-file %s --upstream http://127.0.0.1:8080",
+            host,
+            port,
+            fingerprint,
+            token_file,
         )
 
     def stop(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Final
 
 DEFAULT_PORT: Final = 8000
@@ -37,3 +38,14 @@ class ServerConfig:
     heartbeat_interval_s: float = 10.0
     heartbeat_timeout_s: float = 20.0
     backlog: int = 1024
+    #: certificate and key for the control port (TLS); None serves plain ws://
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    #: failed authentications an address may make per minute before 429
+    max_auth_failures: int = 5
+    #: the self-signed certificate's fingerprint, printed at start (--auto-tls)
+    tls_fingerprint: str | None = None
+    #: the address clients should dial, for the printed client command line
+    advertised_host: str | None = None
+    #: the token file, named in the printed client command line (never the token)
+    token_file_hint: str | None = None

@@ -23,11 +23,14 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from server.config import ServerConfig
+from server.limits import AuthLimiter
+from server.paths import MAX_ALLOWED_PATHS, valid_prefix
 from server.registry import ConnectedClient, Registry, Route, normalize_host, valid_client_name
 from tunnel.auth import TokenVerifier, bearer_token
 from tunnel.errors import ErrorCode, ProtocolError, SessionClosed
 from tunnel.mux import Multiplexer, Role, Settings
 from tunnel.session import MAX_RECEIVE_MESSAGE_BYTES, Session, WebSocketChannel
+from tunnel.tls import server_context
 from tunnel.version import SOFTWARE
 
 logger = logging.getLogger("homeport.server")
@@ -66,10 +69,20 @@ class ControlServer:
         self.status = status
         self.sessions: set[Session] = set()
         self.auth_failures = 0
+        self.limiter = AuthLimiter(max_failures=config.max_auth_failures)
         self._server: Server | None = None
 
     async def listen(self) -> list[tuple[str, int]]:
-        """Start listening; return the bound addresses."""
+        """Start listening; return the bound addresses.
+
+        Raises:
+            ConfigError: the TLS certificate or key cannot be loaded.
+            OSError: the port cannot be bound.
+        """
+        config = self.config
+        tls = None
+        if config.tls_cert is not None and config.tls_key is not None:
+            tls = server_context(config.tls_cert, config.tls_key)
         self._server = await serve(
             self._handle,
             self.config.bind,
@@ -85,6 +98,7 @@ class ControlServer:
             max_queue=64,
             write_limit=256 * 1024,
             reuse_address=True,
+            ssl=tls,
         )
         return [sock.getsockname()[:2] for sock in self._server.sockets]
 
@@ -116,15 +130,21 @@ class ControlServer:
             return _plain(400, "query strings are not accepted; send the token in a header")
         if "Origin" in request.headers:
             return _plain(403, "browsers may not open tunnels")
+        source = _host(connection)
+        now = asyncio.get_running_loop().time()
+        if self.limiter.blocked(source, now):
+            return _plain(429, "too many failed attempts; try again later", {"Retry-After": "60"})
         token = bearer_token(request.headers.get("Authorization"))
         if not self.verifier.verify(token):
             self.auth_failures += 1
+            self.limiter.failed(source, now)
             logger.warning(
                 "rejected a client from %s: %s token",
                 _address(connection),
                 "missing" if token is None else "wrong",
             )
             return _plain(401, "unauthorized", {"WWW-Authenticate": 'Bearer realm="homeport"'})
+        self.limiter.succeeded(source)
         if path == STATUS_PATH:
             body = json.dumps(self.status() if self.status else {}, indent=2) + "\n"
             headers = Headers({"Content-Type": "application/json", "Cache-Control": "no-store"})
@@ -193,7 +213,7 @@ class ControlServer:
             name,
             address,
             session_id,
-            ", ".join(route or "the default route" for route in routes),
+            ", ".join(_describe(route) for route in routes.values()),
         )
         self.sessions.add(session)
         try:
@@ -236,10 +256,27 @@ def _read_client_hello(hello: dict[str, Any]) -> tuple[str, dict[str, Route]]:
             not isinstance(rewrite, str) or not rewrite.isascii() or normalize_host(rewrite) is None
         ):
             raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "a route's host_rewrite is invalid")
+        allow = entry.get("allow_paths") or []
+        if (
+            not isinstance(allow, list)
+            or len(allow) > MAX_ALLOWED_PATHS
+            or not all(valid_prefix(p) for p in allow)
+        ):
+            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "a route's allow_paths is invalid")
         if host in routes:
             raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "a host is routed twice")
-        routes[host] = Route(host, rewrite.encode() if rewrite else None)
+        routes[host] = Route(host, rewrite.encode() if rewrite else None, tuple(allow))
     return name, routes
+
+
+def _describe(route: Route) -> str:
+    name = route.host or "the default route"
+    return f"{name} (paths {', '.join(route.allow_paths)})" if route.allow_paths else name
+
+
+def _host(connection: ServerConnection) -> str:
+    peer = connection.remote_address
+    return str(peer[0]) if peer else "-"
 
 
 def _address(connection: ServerConnection) -> str:

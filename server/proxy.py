@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Final, cast
 import httptools
 
 from server import headers as h
+from server.paths import path_allowed
 from server.registry import ConnectedClient, Registry, normalize_host
 from tunnel.errors import (
     HTTP_STATUS_FOR_CODE,
@@ -62,6 +63,11 @@ MAX_PIPELINED_REQUESTS: Final = 32
 #: Bytes a visitor may send after a WebSocket upgrade request before the
 #: upstream has answered; beyond it we stop reading.
 MAX_EARLY_UPGRADE_BYTES: Final = 64 * 1024
+#: Lingering close (as nginx): after our last response, half-close and keep
+#: reading, so a visitor still sending does not turn our close into a TCP
+#: reset that destroys the response it has not read yet. Bounded both ways.
+LINGER_S: Final = 2.0
+LINGER_MAX_BYTES: Final = 1024 * 1024
 _IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
 
@@ -204,6 +210,8 @@ class VisitorConnection(asyncio.Protocol):
         self._tunnel: Exchange | None = None
         self._early_upgrade_bytes: bytearray | None = None
         self._closing = False
+        self._lingering: asyncio.TimerHandle | None = None
+        self._lingered_bytes = 0
         self._parser_stopped = False
         self._paused = 0
         self._write_paused = False
@@ -237,6 +245,11 @@ class VisitorConnection(asyncio.Protocol):
         self._arm(_Timer.HEAD, self.config.head_timeout_s)
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering is not None:
+            self._lingered_bytes += len(data)
+            if self._lingered_bytes > LINGER_MAX_BYTES:
+                self.abort()
+            return
         if self._tunnel is not None:
             stream = self._tunnel.stream
             if stream is not None:
@@ -279,6 +292,8 @@ class VisitorConnection(asyncio.Protocol):
                 self._reject(431)
 
     def eof_received(self) -> bool:
+        if self._lingering is not None:
+            return False  # the visitor is done too: close now
         if self._tunnel is not None:
             stream = self._tunnel.stream
             if stream is not None:
@@ -294,6 +309,11 @@ class VisitorConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._lingering is not None:
+            self._lingering.cancel()
         self.server.connections.discard(self)
         for exchange in (self._exchange, self._tunnel):
             if exchange is not None:
@@ -433,6 +453,10 @@ class VisitorConnection(asyncio.Protocol):
             self._answer_error(request, 503)
             return
         client, route = routed
+        allowed = client.routes[route].allow_paths
+        if allowed and not path_allowed(request.target, allowed):
+            self._answer_error(request, 403)  # never reaches the client
+            return
         exchange = Exchange(self, request, client, route)
         request.exchange = exchange
         self._exchange = exchange
@@ -538,10 +562,15 @@ class VisitorConnection(asyncio.Protocol):
             self.transport.resume_reading()
 
     def _arm(self, kind: _Timer, timeout_s: float) -> None:
+        """Set the connection's one deadline; a later one just moves it (checked on firing)."""
         self._timer_kind = kind
         self._deadline = self._loop.time() + timeout_s
-        if self._timer is None:
-            self._timer = self._loop.call_at(self._deadline, self._on_timer)
+        timer = self._timer
+        if timer is not None:
+            if timer.when() <= self._deadline:
+                return
+            timer.cancel()
+        self._timer = self._loop.call_at(self._deadline, self._on_timer)
 
     def _disarm(self) -> None:
         self._timer_kind = _Timer.NONE
@@ -588,16 +617,27 @@ class VisitorConnection(asyncio.Protocol):
             transport.write_eof()
 
     def close(self) -> None:
-        """Close after what is written has been sent."""
+        """Close after what is written has been sent, lingering while the visitor sends."""
         self._closing = True
         self._disarm()
-        if self.transport is not None:
-            self.transport.close()
+        transport = self.transport
+        if transport is None or transport.is_closing() or self._lingering is not None:
+            return
+        if not transport.can_write_eof():
+            transport.close()
+            return
+        transport.write_eof()
+        self._parser_stopped = True
+        self._paused = 0
+        transport.resume_reading()
+        self._lingering = self._loop.call_later(LINGER_S, transport.close)
 
     def abort(self) -> None:
         """Drop the connection now (a response cannot be completed)."""
         self._closing = True
         self._disarm()
+        if self._lingering is not None:
+            self._lingering.cancel()
         if self.transport is not None:
             self.transport.abort()
 

@@ -80,6 +80,8 @@ class Route:
     host: str
     #: the upstream's own host:port to send as Host, when the client asks for it
     host_rewrite: bytes | None = None
+    #: path prefixes the public may reach; empty for all (server/paths.py)
+    allow_paths: tuple[str, ...] = ()
 
 
 class _Idle(StreamHandler):

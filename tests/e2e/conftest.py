@@ -12,8 +12,8 @@ import pytest
 from tests.support.processes import Process, homeport
 from tunnel.auth import generate_token, write_secret_file
 
-READY = r"exit server ready: visitors on http://127\.0\.0\.1:(\d+)/, clients on ws://127\.0\.0\.1:(\d+)/connect"
-CONNECTED = r"connected to ws://\S+ as (\S+) \(session (\w+)\)"
+READY = r"exit server ready: visitors on http://127\.0\.0\.1:(\d+)/, clients on wss?://127\.0\.0\.1:(\d+)/connect"
+CONNECTED = r"connected to wss?://\S+ as (\S+) \(session (\w+)\)"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -111,7 +111,11 @@ def upstream(start_upstream: Callable[..., Upstream]) -> Upstream:
 @pytest.fixture
 def start_server(processes: Processes, token_file: Path) -> Callable[..., ExitServerProcess]:
     def start(
-        *flags: str, port: int = 0, control_port: int = 0, token_path: Path | None = None
+        *flags: str,
+        port: int = 0,
+        control_port: int = 0,
+        token_path: Path | None = None,
+        auth: tuple[str, ...] | None = None,
     ) -> ExitServerProcess:
         process = processes.start(
             "server",
@@ -120,7 +124,7 @@ def start_server(processes: Processes, token_file: Path) -> Callable[..., ExitSe
                 "--bind", "127.0.0.1",
                 "--port", str(port),
                 "--control-port", str(control_port),
-                "--token-file", str(token_path or token_file),
+                *(auth if auth is not None else ("--token-file", str(token_path or token_file))),
                 *flags,
             ),
         )  # fmt: skip
@@ -139,10 +143,11 @@ def start_client(processes: Processes, token_file: Path) -> Callable[..., Client
         token_path: Path | None = None,
         flags: tuple[str, ...] = (),
         wait: bool = True,
+        url: str | None = None,
     ) -> ClientProcess:
         args = [
             "client",
-            "--url", server.control_url,
+            "--url", url or server.control_url,
             "--token-file", str(token_path or token_file),
             "--name", name,
             "--reconnect-max-delay", "2",

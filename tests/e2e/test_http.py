@@ -11,7 +11,6 @@ import socket
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import aiohttp
 import pytest
@@ -20,6 +19,7 @@ from websockets.asyncio.client import connect as ws_connect
 
 from tests.e2e.conftest import ClientProcess, ExitServerProcess, Upstream
 from tests.support.rawhttp import request
+from tests.support.rawupstream import RawUpstream
 from tests.support.upstream import pattern_body
 
 MIB = 1024 * 1024
@@ -226,29 +226,6 @@ async def test_a_visitor_leaving_mid_download_aborts_the_upstream_request(
     while not await nothing_left():
         assert time.monotonic() < deadline
         await asyncio.sleep(0.1)
-
-
-@dataclass
-class RawUpstream:
-    """A TCP server in the test that answers every request with canned bytes."""
-
-    answer: bytes
-    close_after: bool = True
-    port: int = 0
-
-    async def start(self) -> asyncio.Server:
-        server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = server.sockets[0].getsockname()[1]
-        return server
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
-            await reader.readuntil(b"\r\n\r\n")
-            writer.write(self.answer)
-            await writer.drain()
-            if not self.close_after:
-                await reader.read()
-        writer.close()
 
 
 MALFORMED = {

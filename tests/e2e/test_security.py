@@ -1,0 +1,578 @@
+"""Security and hard limits against real processes (issue 4, docs/security.md).
+
+Every bad input gets a clear answer, the bad connection or stream is closed,
+and everything else keeps working with no state left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import aiohttp
+import pytest
+import websockets
+from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.client import connect as ws_connect
+
+from tests.e2e.conftest import ClientProcess, ExitServerProcess, Upstream
+from tests.e2e.test_edge_corpus import BAD_HEADS, deliver
+from tests.support.rawhttp import read_response, request
+from tunnel.auth import token_digest
+from tunnel.frames import Data, Hello, Open, encode
+from tunnel.tls import ensure_self_signed
+
+Server = Callable[..., ExitServerProcess]
+Client = Callable[..., ClientProcess]
+
+
+def open_fds(pid: int) -> int:
+    return len(list(Path(f"/proc/{pid}/fd").iterdir()))
+
+
+def command_line(pid: int) -> bytes:
+    return Path(f"/proc/{pid}/cmdline").read_bytes()
+
+
+# -- the public edge ------------------------------------------------------------------------------
+
+
+async def test_the_edge_keeps_serving_after_a_storm_of_bad_requests(
+    start_server: Server, start_client: Client, upstream: Upstream
+) -> None:
+    server = start_server()
+    start_client(server, upstream.url)
+    await asyncio.gather(*(deliver(server.port, raw, "whole") for raw, _ in BAD_HEADS.values()))
+    response = await request("127.0.0.1", server.port, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert (response.status, response.body) == (200, b"hello from upstream\n")
+
+
+async def test_pipelined_requests_are_answered_in_order_with_a_bounded_queue(
+    start_server: Server, start_client: Client, upstream: Upstream
+) -> None:
+    server = start_server()
+    start_client(server, upstream.url)
+    few = b"".join(b"GET /inspect/%d HTTP/1.1\r\nHost: a\r\n\r\n" % n for n in range(10))
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(few)
+    paths = [json.loads((await read_response(reader)).body)["raw_path"] for _ in range(10)]
+    assert paths == [f"/inspect/{n}" for n in range(10)]
+    writer.close()
+    flood = b"".join(b"GET /inspect/%d HTTP/1.1\r\nHost: a\r\n\r\n" % n for n in range(1000))
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(flood)
+    data = b""
+    async with asyncio.timeout(20):
+        while chunk := await reader.read(65536):
+            data += chunk
+    answered = data.count(b"HTTP/1.1 200 OK")
+    assert 1 <= answered <= 40  # the first ones, in order, then the connection closes
+    numbers = [int(n) for n in re.findall(rb'"raw_path": "/inspect/(\d+)"', data)]
+    assert numbers == list(range(len(numbers)))
+    writer.close()
+
+
+async def test_incoming_forwarding_headers_are_replaced(
+    start_server: Server, start_client: Client, upstream: Upstream
+) -> None:
+    server = start_server()
+    start_client(server, upstream.url)
+    raw = b"GET /inspect HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 1.2.3.4\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Host: evil\r\n\r\n"
+    seen = {
+        k.lower(): v
+        for k, v in json.loads((await request("127.0.0.1", server.port, raw)).body)["headers"]
+    }
+    assert (seen["x-forwarded-for"], seen["x-forwarded-proto"], seen["x-forwarded-host"]) == (
+        "127.0.0.1",
+        "http",
+        "a",
+    )
+
+
+# -- slow and greedy visitors ----------------------------------------------------------------------
+
+
+async def test_slowloris_connections_get_408_while_a_normal_request_succeeds(
+    start_server: Server, start_client: Client, upstream: Upstream
+) -> None:
+    server = start_server("--head-timeout", "2")
+    start_client(server, upstream.url)
+    slow = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(50)]
+    started = time.monotonic()
+    for n, (_, writer) in enumerate(slow):
+        writer.write(b"GET /slowloris/%d HTTP/1.1\r\nHost: a\r\nX-Drip: " % n)
+    for _ in range(3):
+        for _, writer in slow:
+            writer.write(b"a")
+        response = await request("127.0.0.1", server.port, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert response.status == 200
+        await asyncio.sleep(0.3)
+    answers = await asyncio.gather(*(reader.read() for reader, _ in slow))
+    elapsed = time.monotonic() - started
+    assert all(answer.startswith(b"HTTP/1.1 408 ") for answer in answers)
+    assert 1.8 < elapsed < 6
+    for _, writer in slow:
+        writer.close()
+
+
+async def test_a_stalled_body_is_closed_after_the_body_timeout(
+    start_server: Server, start_client: Client, upstream: Upstream
+) -> None:
+    server = start_server("--body-timeout", "1")
+    start_client(server, upstream.url)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(b"POST /sha256 HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\nonly ten b")
+    started = time.monotonic()
+    async with asyncio.timeout(5):
+        answer = await reader.read()
+    assert 0.9 < time.monotonic() - started < 4
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 408 ")
+    writer.close()
+
+
+async def test_an_idle_keep_alive_connection_is_closed(
+    start_server: Server, start_client: Client, upstream: Upstream
+) -> None:
+    server = start_server("--keepalive-timeout", "1")
+    start_client(server, upstream.url)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert (await read_response(reader)).status == 200
+    started = time.monotonic()
+    async with asyncio.timeout(5):
+        assert await reader.read() == b""
+    assert 0.8 < time.monotonic() - started < 4
+    writer.close()
+
+
+async def test_connections_beyond_the_cap_get_503_and_the_rest_keep_working(
+    start_server: Server, start_client: Client, upstream: Upstream
+) -> None:
+    server = start_server("--max-connections", "10")
+    start_client(server, upstream.url)
+    held = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(10)]
+    extra_reader, extra_writer = await asyncio.open_connection("127.0.0.1", server.port)
+    async with asyncio.timeout(5):
+        refused = await extra_reader.read()
+    assert refused.startswith(b"HTTP/1.1 503 ")
+    extra_writer.close()
+    reader, writer = held[0]
+    writer.write(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert (await read_response(reader)).status == 200
+    for _, writer in held:
+        writer.close()
+    deadline = time.monotonic() + 5
+    while (
+        await request("127.0.0.1", server.port, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    ).status != 200:
+        assert time.monotonic() < deadline
+
+
+async def test_concurrent_requests_beyond_the_per_client_cap_get_503(
+    start_server: Server, start_client: Client, upstream: Upstream
+) -> None:
+    server = start_server("--max-streams-per-client", "3")
+    start_client(server, upstream.url)
+    raw = b"GET /slow?seconds=1 HTTP/1.1\r\nHost: a\r\n\r\n"
+    results = await asyncio.gather(*(request("127.0.0.1", server.port, raw) for _ in range(6)))
+    statuses = sorted(r.status for r in results)
+    assert statuses == [200, 200, 200, 503, 503, 503]
+
+
+async def test_a_body_over_max_body_gets_413(
+    start_server: Server, start_client: Client, upstream: Upstream
+) -> None:
+    server = start_server("--max-body", "1K")
+    start_client(server, upstream.url)
+    declared = await request(
+        "127.0.0.1",
+        server.port,
+        b"POST /sha256 HTTP/1.1\r\nHost: a\r\nContent-Length: 2000\r\n\r\n",
+    )
+    assert declared.status == 413  # refused before a byte of the body was sent
+    chunked = (
+        b"POST /sha256 HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + b"400\r\n"
+        + b"x" * 1024
+        + b"\r\n"
+        + b"10\r\n"
+        + b"y" * 16
+        + b"\r\n0\r\n\r\n"
+    )
+    status, closed = await deliver(server.port, chunked, "whole")
+    assert status in (413, None)
+    assert closed
+    small = await request(
+        "127.0.0.1",
+        server.port,
+        b"POST /sha256 HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello",
+    )
+    assert small.status == 200
+
+
+async def test_a_path_allowlist_keeps_everything_else_off_the_client(
+    start_server: Server, start_client: Client, upstream: Upstream
+) -> None:
+    server = start_server()
+    start_client(
+        server,
+        upstream.url,
+        flags=("--allow-path", "default=/inspect/", "--allow-path", "default=/echo"),
+    )
+    ok = await request(
+        "127.0.0.1", server.port, b"GET /inspect/function HTTP/1.1\r\nHost: a\r\n\r\n"
+    )
+    assert ok.status == 200
+    for target in [
+        b"/system/functions",
+        b"/inspect/../system/functions",
+        b"/inspect/..%2Fsystem/functions",
+        b"/inspect/%2e%2e/system/functions",
+        b"/inspect/%252e%252e/system",
+        b"//system/functions",
+        b"/%2Fsystem/functions",
+        b"/inspect\\..\\system",
+        b"/inspectx",
+    ]:
+        refused = await request(
+            "127.0.0.1", server.port, b"GET %s HTTP/1.1\r\nHost: a\r\n\r\n" % target
+        )
+        assert refused.status == 403, target
+        assert refused.body == b"403 forbidden\n"
+
+
+async def test_abandoned_connections_leave_nothing_behind(
+    start_server: Server, start_client: Client, upstream: Upstream, token: str
+) -> None:
+    server = start_server()
+    start_client(server, upstream.url)
+    fds_before = open_fds(server.process.pid)
+    sockets = []
+    for n in range(300):
+        conn = socket.create_connection(("127.0.0.1", server.port))
+        conn.sendall(
+            b"GET /slow?seconds=0.2 HTTP/1.1\r\nHost: a\r\n\r\n" if n % 2 else b"GET / HTT"
+        )
+        sockets.append(conn)
+    for conn in sockets:
+        conn.close()
+
+    async def clean() -> bool:
+        headers = {"Authorization": f"Bearer {token}"}
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{server.control_port}/status", headers=headers) as response,
+        ):
+            status = await response.json()
+        (client,) = status["clients"]
+        fds = open_fds(server.process.pid)
+        return (
+            status["visitor_connections"] == 0
+            and status["requests_in_flight"] == 0
+            and client["streams"] == client["idle_streams"]
+            and fds <= fds_before + 2
+        )
+
+    deadline = time.monotonic() + 15
+    while not await clean():
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.2)
+
+
+# -- the control channel: authentication ----------------------------------------------------------------
+
+
+async def control(
+    server: ExitServerProcess, path: str = "/connect", headers: dict[str, str] | None = None
+) -> tuple[int, str]:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(
+            f"http://127.0.0.1:{server.control_port}{path}", headers=headers or {}
+        ) as response,
+    ):
+        return response.status, await response.text()
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [
+        None,
+        "Bearer wrong-token-of-some-length",
+        "Basic dXNlcjpwYXNz",
+        "Bearer",
+        "{token}x",
+        "Bearer {token}.",
+        "Bearer {short}",
+    ],
+    ids=[
+        "missing",
+        "wrong",
+        "basic",
+        "empty bearer",
+        "no scheme",
+        "one extra character",
+        "truncated",
+    ],
+)
+async def test_a_missing_or_wrong_token_gets_401_before_the_upgrade(
+    start_server: Server, token: str, authorization: str | None
+) -> None:
+    server = start_server()
+    headers = {
+        "Upgrade": "websocket",
+        "Connection": "Upgrade",
+        "Sec-WebSocket-Version": "13",
+        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+        "Sec-WebSocket-Protocol": "homeport.v1",
+    }
+    if authorization is not None:
+        headers["Authorization"] = authorization.format(token=token, short=token[:-3])
+    status, body = await control(server, headers=headers)
+    assert status == 401
+    assert body == "unauthorized\n"
+    await server.process.wait_for_async(
+        r"rejected a client from 127\.0\.0\.1:\d+: (missing|wrong) token"
+    )
+
+
+async def test_a_token_in_the_url_is_refused_and_never_logged(
+    start_server: Server, token: str
+) -> None:
+    server = start_server("--log-level", "debug")
+    status, body = await control(server, f"/connect?token={token}")
+    assert status == 400
+    assert "header" in body
+    assert token not in server.process.output
+
+
+async def test_a_browser_origin_is_refused(start_server: Server, token: str) -> None:
+    server = start_server()
+    status, _ = await control(
+        server, headers={"Origin": "https://evil.example", "Authorization": f"Bearer {token}"}
+    )
+    assert status == 403
+
+
+async def test_repeated_failures_from_one_address_get_429_and_others_are_unaffected(
+    start_server: Server, start_client: Client, upstream: Upstream, token: str
+) -> None:
+    server = start_server()
+    for _ in range(5):
+        assert (await control(server, headers={"Authorization": "Bearer nope-nope-nope-nope"}))[
+            0
+        ] == 401
+    status, _ = await control(server, headers={"Authorization": f"Bearer {token}"})
+    assert status == 429  # even the right token, from the attacker's address
+    # A client from another address (127.0.0.2 is loopback too) is not affected.
+    async with (
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))) as http,
+        http.get(
+            f"http://127.0.0.1:{server.control_port}/status",
+            headers={"Authorization": f"Bearer {token}"},
+        ) as response,
+    ):
+        assert response.status == 200
+
+
+async def test_the_server_can_hold_only_the_token_hash(
+    start_server: Server, start_client: Client, upstream: Upstream, token: str, tmp_path: Path
+) -> None:
+    hash_file = tmp_path / "token.sha256"
+    hash_file.write_text(token_digest(token).hex() + "\n")
+    hash_file.chmod(0o600)
+    server = start_server(auth=("--token-hash-file", str(hash_file)))
+    start_client(server, upstream.url)
+    assert (
+        await request("127.0.0.1", server.port, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    ).status == 200
+    assert token_digest(token).hex() not in server.process.output
+
+
+async def test_no_service_has_the_token_in_its_argv(
+    tunnel: tuple[ExitServerProcess, ClientProcess], token: str
+) -> None:
+    server, client = tunnel
+    for process in (server.process, client.process):
+        assert token.encode() not in command_line(process.pid)
+
+
+# -- the control channel: TLS --------------------------------------------------------------------------
+
+
+FINGERPRINT = r"control channel TLS certificate fingerprint: (sha256:[0-9a-f]{64})$"
+
+
+async def test_auto_tls_prints_a_fingerprint_that_the_client_pins(
+    start_server: Server, start_client: Client, upstream: Upstream, tmp_path: Path
+) -> None:
+    data = tmp_path / "state"
+    server = start_server("--auto-tls", "--auto-tls-san", "127.0.0.1", "--data-dir", str(data))
+    fingerprint = server.process.wait_for(FINGERPRINT).group(1)
+    command = server.process.wait_for(
+        r"on the client, run: (homeport client --url wss://127\.0\.0\.1:\d+ .*)$"
+    ).group(1)
+    assert f"--fingerprint {fingerprint}" in command
+    url = f"wss://127.0.0.1:{server.control_port}"
+    client = start_client(server, upstream.url, url=url, flags=("--fingerprint", fingerprint))
+    assert "connected to wss://" in client.process.output
+    response = await request("127.0.0.1", server.port, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert response.status == 200
+    # A restart keeps the same certificate, so the pin still holds.
+    server.process.stop()
+    again = start_server(
+        "--auto-tls", "--data-dir", str(data), port=server.port, control_port=server.control_port
+    )
+    assert again.process.wait_for(FINGERPRINT).group(1) == fingerprint
+
+
+async def test_a_wrong_pin_is_refused_before_the_token_is_sent(
+    start_server: Server, start_client: Client, upstream: Upstream, tmp_path: Path
+) -> None:
+    server = start_server("--auto-tls", "--data-dir", str(tmp_path / "state"))
+    url = f"wss://127.0.0.1:{server.control_port}"
+    client = start_client(
+        server, upstream.url, url=url, flags=("--fingerprint", "sha256:" + "ab" * 32), wait=False
+    )
+    await client.process.wait_for_async(
+        r"is not the pinned sha256:(ab){32}; refusing to send the token"
+    )
+    assert "rejected a client" not in server.process.output  # no HTTP request ever reached it
+    assert "connected to" not in client.process.output
+
+
+async def test_ca_file_trusts_the_certificate_and_system_cas_do_not(
+    start_server: Server, start_client: Client, upstream: Upstream, tmp_path: Path
+) -> None:
+    data = tmp_path / "state"
+    server = start_server("--auto-tls", "--auto-tls-san", "127.0.0.1", "--data-dir", str(data))
+    url = f"wss://127.0.0.1:{server.control_port}"
+    start_client(server, upstream.url, url=url, flags=("--ca-file", str(data / "tls.crt")))
+    plain = start_client(server, upstream.url, url=url, name="plain", wait=False)
+    await plain.process.wait_for_async(
+        r"TLS certificate rejected: self-signed certificate; pin it with --fingerprint"
+    )
+
+
+async def test_a_real_certificate_can_be_given_with_tls_cert_and_tls_key(
+    start_server: Server, start_client: Client, upstream: Upstream, tmp_path: Path
+) -> None:
+    made = ensure_self_signed(tmp_path / "pki", ["127.0.0.1"])
+    server = start_server("--tls-cert", str(made.cert_path), "--tls-key", str(made.key_path))
+    url = f"wss://127.0.0.1:{server.control_port}"
+    start_client(server, upstream.url, url=url, flags=("--ca-file", str(made.cert_path)))
+    assert (
+        await request("127.0.0.1", server.port, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    ).status == 200
+
+
+# -- the control channel: handshake and session limits ------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+async def test_handshakes_that_never_complete_are_closed_at_10_s(
+    start_server: Server, tmp_path: Path
+) -> None:
+    plain = start_server()
+    tls = start_server("--auto-tls", "--data-dir", str(tmp_path / "state"))
+    started = time.monotonic()
+
+    async def stalled(port: int, opening: bytes) -> float:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(opening)
+        async with asyncio.timeout(20):
+            await reader.read()
+        writer.close()
+        return time.monotonic() - started
+
+    times = await asyncio.gather(
+        stalled(
+            plain.control_port, b"GET /connect HTTP/1.1\r\nHost: a\r\n"
+        ),  # an HTTP head never finished
+        stalled(tls.control_port, b""),  # a TLS handshake never started
+    )
+    assert all(9 < elapsed < 15 for elapsed in times), times
+
+
+def client_hello(name: str = "rogue") -> bytes:
+    return encode(Hello({
+        "version": 1, "initial_window_bytes": 262144, "max_frame_bytes": 65536,
+        "max_concurrent_streams": 100, "client_name": name, "routes": [{"host": f"{name}.example"}],
+    }))  # fmt: skip
+
+
+@contextlib.asynccontextmanager
+async def rogue(
+    server: ExitServerProcess, token: str, *, hello: bytes | None = None
+) -> AsyncIterator[ClientConnection]:
+    async with ws_connect(
+        f"ws://127.0.0.1:{server.control_port}/connect",
+        additional_headers={"Authorization": f"Bearer {token}"},
+        subprotocols=[websockets.Subprotocol("homeport.v1")],
+        compression=None,
+        max_size=None,
+        ping_interval=None,
+    ) as ws:
+        if hello is not None:
+            await ws.send(hello)
+            await asyncio.wait_for(ws.recv(), 5)  # the server's HELLO
+        yield ws
+
+
+async def drain_until_closed(ws: ClientConnection) -> None:
+    """Read until the server closes the connection (bounded)."""
+    async with asyncio.timeout(5):
+        with contextlib.suppress(websockets.ConnectionClosed):
+            while True:
+                await ws.recv()
+
+
+ROGUE_MESSAGES = {
+    # Its length field is read first: far beyond the limit, so FRAME_SIZE_ERROR.
+    "garbage bytes": (client_hello(), b"\xde\xad\xbe\xef" * 4, 1009),
+    "a truncated frame": (client_hello(), bytes.fromhex("0000000000010000"), 1009),
+    "an unknown frame type": (client_hello(), bytes.fromhex("7f00000000010000000000"), 1002),
+    "DATA for a stream never opened": (client_hello(), encode(Data(2, b"forged")), 1002),
+    "a client opening a stream": (client_hello(), encode(Open(1, "")), 1002),
+    "a text message": (client_hello(), "text, not binary", 1003),
+    "an oversized message": (client_hello(), b"\x00" * (3 * 1024 * 1024), 1009),
+    "no HELLO first": (None, encode(Data(1, b"x")), 1002),
+    "a HELLO with a bad name": (None, client_hello("bad name!"), 1002),
+}
+
+
+@pytest.mark.parametrize("case", ROGUE_MESSAGES.keys())
+async def test_a_rogue_client_loses_its_session_and_others_keep_working(
+    tunnel: tuple[ExitServerProcess, ClientProcess], token: str, case: str
+) -> None:
+    server, _ = tunnel
+    hello, message, code = ROGUE_MESSAGES[case]
+    async with rogue(server, token, hello=hello) as ws:
+        await ws.send(message)
+        await drain_until_closed(ws)
+        assert ws.close_code == code
+    response = await request("127.0.0.1", server.port, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert (response.status, response.body) == (200, b"hello from upstream\n")
+
+
+async def test_a_new_session_with_the_same_name_replaces_the_ghost(
+    tunnel: tuple[ExitServerProcess, ClientProcess], token: str
+) -> None:
+    server, client = tunnel
+    mark = client.process.mark()
+    async with rogue(server, token, hello=client_hello("pi")):
+        await client.process.wait_for_async(
+            r"replaced this session with a newer one named pi", since=mark
+        )
+        await server.process.wait_for_async(
+            r"client pi reconnected from .*closing its previous session"
+        )
+    await asyncio.to_thread(
+        client.wait_connected, 15.0, mark
+    )  # and it comes back when the other leaves

@@ -1,0 +1,215 @@
+"""TLS for the control channel, with no domain and no CA needed (docs/security.md).
+
+``homeport server --auto-tls`` makes a private key and a self-signed
+certificate once, in its data directory, and prints the certificate's
+fingerprint. The client pins it with ``--fingerprint sha256:…``: the
+certificate is checked right after the TLS handshake and before a single
+byte of HTTP (so before the token) is sent. Names and expiry do not matter
+to a pinned certificate; its fingerprint is the identity.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import hmac
+import ipaddress
+import os
+import re
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from tunnel.errors import ConfigError, TunnelError
+
+CERT_FILE: Final = "tls.crt"
+KEY_FILE: Final = "tls.key"
+CERT_VALIDITY_DAYS: Final = 3650
+_FINGERPRINT = re.compile(r"sha256:([0-9a-f]{64})")
+
+
+class PinMismatch(TunnelError):
+    """The server's certificate is not the one the client pinned."""
+
+
+def fingerprint(der: bytes) -> str:
+    """A certificate's identity as homeport prints it: ``sha256:`` and 64 hex digits."""
+    return "sha256:" + hashlib.sha256(der).hexdigest()
+
+
+def parse_fingerprint(text: str) -> bytes:
+    """Read ``sha256:<64 hex>`` (colons between bytes and upper case tolerated).
+
+    Raises:
+        ConfigError: not a SHA-256 fingerprint.
+    """
+    cleaned = text.strip().lower()
+    if cleaned.startswith("sha256:"):
+        cleaned = "sha256:" + cleaned[7:].replace(":", "")
+    match = _FINGERPRINT.fullmatch(cleaned)
+    if match is None:
+        raise ConfigError(
+            f"--fingerprint {text!r} must be sha256: followed by 64 hex digits, "
+            "as the exit server prints it at start"
+        )
+    return bytes.fromhex(match.group(1))
+
+
+def default_data_dir() -> Path:
+    """Where the server keeps its TLS key: systemd's StateDirectory, else XDG's state home."""
+    if state := os.environ.get("STATE_DIRECTORY"):
+        return Path(state.split(":")[0])
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "homeport"
+
+
+@dataclass(frozen=True)
+class Certificate:
+    cert_path: Path
+    key_path: Path
+    fingerprint: str
+    sans: tuple[str, ...]
+    created: bool
+
+
+def ensure_self_signed(data_dir: Path, sans: list[str]) -> Certificate:
+    """The server's self-signed certificate: made on first use, then always the same.
+
+    It is never replaced automatically, since clients pin its fingerprint;
+    delete the two files to make a new one.
+
+    Raises:
+        ConfigError: the directory or files cannot be written or read.
+    """
+    cert_path, key_path = data_dir / CERT_FILE, data_dir / KEY_FILE
+    try:
+        if cert_path.exists() and key_path.exists():
+            der = x509.load_pem_x509_certificate(cert_path.read_bytes()).public_bytes(
+                serialization.Encoding.DER
+            )
+            return Certificate(cert_path, key_path, fingerprint(der), _sans_of(der), created=False)
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = _self_signed(key, sans)
+        _write_private(key_path, key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ))  # fmt: skip
+        _write_private(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+    except OSError as exc:
+        raise ConfigError(f"cannot keep the TLS key in {data_dir}: {exc.strerror}") from None
+    except ValueError:
+        raise ConfigError(
+            f"{cert_path} is not a PEM certificate; delete it to make a new one"
+        ) from None
+    der = cert.public_bytes(serialization.Encoding.DER)
+    return Certificate(cert_path, key_path, fingerprint(der), tuple(sans), created=True)
+
+
+def _self_signed(key: ec.EllipticCurvePrivateKey, sans: list[str]) -> x509.Certificate:
+    names: list[x509.GeneralName] = []
+    for san in sans:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(san)))
+        except ValueError:
+            names.append(x509.DNSName(san))
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "homeport exit server")])
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        # A day of slack for clients whose clock is a little behind.
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=CERT_VALIDITY_DAYS))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+    )
+    if names:
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    return builder.sign(key, hashes.SHA256())
+
+
+def _sans_of(der: bytes) -> tuple[str, ...]:
+    cert = x509.load_der_x509_certificate(der)
+    try:
+        extension = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return ()
+    names = extension.value
+    return (
+        *names.get_values_for_type(x509.DNSName),
+        *(str(ip) for ip in names.get_values_for_type(x509.IPAddress)),
+    )
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as file:
+        file.write(data)
+
+
+def server_context(cert_path: Path, key_path: Path) -> ssl.SSLContext:
+    """A TLS 1.2+ server context for the control port.
+
+    Raises:
+        ConfigError: the certificate or key cannot be loaded.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cert_path, key_path)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"cannot load the TLS certificate {cert_path} and key {key_path}: {exc}"
+        ) from None
+    return context
+
+
+def client_context(*, ca_file: Path | None = None, pinned: bool = False) -> ssl.SSLContext:
+    """A client context: the system's CAs, a given CA, or none at all when pinning.
+
+    A pinned connection verifies nothing here; :func:`check_pin` then compares
+    the certificate's fingerprint, before anything is sent.
+
+    Raises:
+        ConfigError: the CA file cannot be loaded.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if pinned:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return context
+    try:
+        if ca_file is not None:
+            context.load_verify_locations(cafile=ca_file)
+        else:
+            context.load_default_certs()
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load the CA file {ca_file}: {exc}") from None
+    return context
+
+
+def check_pin(der: bytes | None, expected: bytes) -> None:
+    """Compare a peer certificate with the pinned SHA-256.
+
+    Raises:
+        PinMismatch: no certificate, or another one than pinned.
+    """
+    if der is None:
+        raise PinMismatch("the server presented no certificate")
+    if not hmac.compare_digest(hashlib.sha256(der).digest(), expected):
+        raise PinMismatch(
+            f"the server's certificate {fingerprint(der)} is not the pinned "
+            f"sha256:{expected.hex()}; refusing to send the token (a different server, "
+            "or its certificate was remade)"
+        )
