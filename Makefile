@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-fast lint bench clean
+.PHONY: venv system-deps demo test test-fast lint bench clean
 
 venv: $(STAMP)
 
@@ -18,10 +18,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+# Debian packages some tests drive (listed in scripts/system-packages.txt).
+system-deps:
+	./scripts/system-deps.sh
+
 demo: venv
 	$(BIN)/homeport demo
 
-test: venv
+test: venv system-deps
 	$(BIN)/python -m pytest
 
 test-fast: venv
