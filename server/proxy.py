@@ -212,6 +212,7 @@ class VisitorConnection(asyncio.Protocol):
         self._closing = False
         self._lingering: asyncio.TimerHandle | None = None
         self._lingered_bytes = 0
+        self._visitor_ended = False
         self._parser_stopped = False
         self._paused = 0
         self._write_paused = False
@@ -265,6 +266,7 @@ class VisitorConnection(asyncio.Protocol):
         self._feed(data)
 
     def _feed(self, data: bytes) -> None:
+        head_continues = self._in_head
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -284,14 +286,17 @@ class VisitorConnection(asyncio.Protocol):
         except httptools.HttpParserError:
             self._reject(400)
             return
-        if self._in_head:
-            # llhttp buffers a header's pieces until it completes; bound the
-            # bytes of a head however they are split (docs/security.md).
+        if self._in_head and head_continues:
+            # llhttp gathers a header's pieces until it completes, unseen by
+            # our callbacks: bound the raw bytes of an unfinished head too, so
+            # the limit holds however the bytes are split (docs/security.md).
+            # Counted only for reads that are all head; one read is bounded.
             self._raw_head_bytes += len(data)
             if self._raw_head_bytes > h.MAX_HEAD_BYTES + h.MAX_FIELD_BYTES:
                 self._reject(431)
 
     def eof_received(self) -> bool:
+        self._visitor_ended = True
         if self._lingering is not None:
             return False  # the visitor is done too: close now
         if self._tunnel is not None:
@@ -623,8 +628,8 @@ class VisitorConnection(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing() or self._lingering is not None:
             return
-        if not transport.can_write_eof():
-            transport.close()
+        if self._visitor_ended or not transport.can_write_eof():
+            transport.close()  # nothing more can come from the visitor
             return
         transport.write_eof()
         self._parser_stopped = True
@@ -677,7 +682,6 @@ class Exchange(StreamHandler):
         self._message_complete = False
         self._head_only = False
         self._out: list[bytes] = []
-        self._upgrade_tail: bytes | None = None
         self._timer: asyncio.TimerHandle | None = None
 
     # -- request side ------------------------------------------------------------------

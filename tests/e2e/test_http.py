@@ -18,7 +18,7 @@ import websockets
 from websockets.asyncio.client import connect as ws_connect
 
 from tests.e2e.conftest import ClientProcess, ExitServerProcess, Upstream
-from tests.support.rawhttp import request
+from tests.support.rawhttp import read_response, request
 from tests.support.rawupstream import RawUpstream
 from tests.support.upstream import pattern_body
 
@@ -431,3 +431,18 @@ async def test_a_slow_visitor_holds_one_window_and_does_not_slow_the_others(
         assert max(latencies) < 1.0
     finally:
         slow.close()
+
+
+async def test_a_request_pipelined_after_a_large_body_is_served(tunnel: Tunnel) -> None:
+    server, _ = tunnel
+    body = pattern_body(300 * 1024)
+    upload = b"POST /sha256 HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(upload + raw_get("/") + raw_get("/inspect/third"))
+    first = await read_response(reader)
+    second = await read_response(reader)
+    third = await read_response(reader)
+    writer.close()
+    assert json.loads(first.body) == {"sha256": hashlib.sha256(body).hexdigest(), "size": len(body)}
+    assert (second.status, second.body) == (200, b"hello from upstream\n")
+    assert json.loads(third.body)["raw_path"] == "/inspect/third"
