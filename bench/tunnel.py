@@ -1,0 +1,156 @@
+"""The tunnel under test: a real ``homeport server`` and ``homeport client``, as users run them.
+
+Both are subprocesses of this checkout's command line on 127.0.0.1, with
+ports we pick and a fresh token file. The benchmark picks the ports itself so
+the exit server can run at ``--log-level warning``: its one INFO access-log
+line per request is then off, and its cost is measured separately.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from bench.errors import BenchError
+from bench.processes import LOOPBACK, Child, free_port, http_get, run_bounded, running, wait_until
+from bench.upstream import SMALL_PATH, serves
+
+REPO_ROOT: Final = Path(__file__).resolve().parents[1]
+CLIENT_NAME: Final = "bench"
+READY_TIMEOUT_S: Final = 15.0
+IDLE_TIMEOUT_S: Final = 10.0
+TOKEN_TIMEOUT_S: Final = 30.0
+# On SIGTERM the exit server lets in-flight requests finish; none should be left.
+DRAIN_TIMEOUT_S: Final = 2.0
+
+
+@dataclass(frozen=True)
+class Tunnel:
+    """A running exit server and client, and how to reach them."""
+
+    visitor_port: int
+    control_port: int
+    token: str
+    access_log: bool
+    server: Child
+    client: Child
+
+    def status(self) -> dict[str, Any]:
+        """The exit server's ``GET /status`` (clients, streams, requests in flight).
+
+        Raises:
+            BenchError: the server or the client has exited, or the server did
+                not answer 200 with JSON.
+        """
+        self.server.check_running()
+        self.client.check_running()
+        headers = {"Authorization": f"Bearer {self.token}"}
+        try:
+            code, body = http_get(self.control_port, "/status", headers)
+            status: dict[str, Any] = json.loads(body)
+        except (OSError, ValueError, http.client.HTTPException) as exc:
+            raise BenchError(f"GET /status on the control port failed: {exc}") from None
+        if code != 200:
+            raise BenchError(f"GET /status on the control port answered {code}")
+        return status
+
+    def wait_idle(self) -> dict[str, Any]:
+        """Wait until no request is in flight; return that status.
+
+        Raises:
+            BenchError: requests were still in flight after ``IDLE_TIMEOUT_S``.
+        """
+        last: dict[str, Any] = {}
+
+        def idle() -> bool:
+            nonlocal last
+            last = self.status()
+            return last.get("requests_in_flight") == 0
+
+        wait_until(idle, IDLE_TIMEOUT_S, "requests_in_flight back to 0 on the exit server")
+        return last
+
+
+def write_token(path: Path) -> str:
+    """Make a new token with ``homeport token -o PATH`` and return it.
+
+    Raises:
+        BenchError: the command failed.
+    """
+    code, _, stderr = run_bounded(
+        "homeport token",
+        [*homeport_command(), "token", "-o", str(path)],
+        TOKEN_TIMEOUT_S,
+        REPO_ROOT,
+    )
+    if code != 0:
+        raise BenchError(f"homeport token failed with status {code}: {stderr.strip()}")
+    return path.read_text().strip()
+
+
+def homeport_command() -> list[str]:
+    """The argv that runs this checkout's ``homeport`` command line."""
+    return [sys.executable, "-m", "homeport"]
+
+
+def clean_environment() -> dict[str, str]:
+    """Our environment without ``HOMEPORT_*`` settings, which would change what we measure."""
+    return {key: value for key, value in os.environ.items() if not key.startswith("HOMEPORT_")}
+
+
+@contextlib.contextmanager
+def run_tunnel(
+    workdir: Path, upstream_url: str, small_body: bytes, access_log: bool
+) -> Iterator[Tunnel]:
+    """Run an exit server and a client for ``upstream_url``; stop both on the way out.
+
+    With ``access_log`` the exit server runs at INFO, writing its access log to
+    /dev/null (the cost of formatting every line is what we want to know);
+    otherwise at WARNING, its output kept in a log file for diagnosis.
+
+    Raises:
+        BenchError: a process exited, or ``GET /1k`` through the tunnel did not
+            answer 200 with the upstream's bytes within ``READY_TIMEOUT_S``.
+    """
+    label = "access-log" if access_log else "quiet"
+    token_file = workdir / f"token-{label}"
+    token = write_token(token_file)
+    visitor_port, control_port = free_port(), free_port()
+    server_args = [
+        *homeport_command(),
+        "server",
+        f"--bind={LOOPBACK}",
+        f"--port={visitor_port}",
+        f"--control-port={control_port}",
+        f"--token-file={token_file}",
+        f"--drain-timeout={DRAIN_TIMEOUT_S}",
+        f"--log-level={'info' if access_log else 'warning'}",
+    ]
+    client_args = [
+        *homeport_command(),
+        "client",
+        f"--url=ws://{LOOPBACK}:{control_port}",
+        f"--token-file={token_file}",
+        f"--upstream={upstream_url}",
+        f"--name={CLIENT_NAME}",
+        "--log-level=info",
+    ]
+    server_log = None if access_log else workdir / f"server-{label}.log"
+    server = Child("homeport server", server_args, server_log, cwd=REPO_ROOT)
+    client = Child("homeport client", client_args, workdir / f"client-{label}.log", cwd=REPO_ROOT)
+    env = clean_environment()
+    with running(server, env), running(client, env):
+        tunnel = Tunnel(visitor_port, control_port, token, access_log, server, client)
+        wait_until(
+            lambda: serves(visitor_port, small_body, server, client),
+            READY_TIMEOUT_S,
+            f"GET {SMALL_PATH} through the tunnel answering 200",
+        )
+        yield tunnel

@@ -1,0 +1,170 @@
+"""The upstream: our own nginx on 127.0.0.1, serving a small and a large file.
+
+It is never the system's nginx service. Everything it touches (config, pid
+file, error log, temp paths, the files it serves) lives in the benchmark's temp
+directory, and it runs in the foreground (``daemon off;``) as a child we end
+by its PID.
+
+``worker_processes 1``: the machine has 2 cores, shared by nginx, wrk, the
+exit server and the client. One nginx worker is far faster than the tunnel
+at serving a 1 KiB file, so it never limits the tunnel figures, and a second
+worker would only take CPU from the processes being measured. Both the direct
+and the tunnel figures come from this same nginx.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from bench.errors import BenchError
+from bench.processes import LOOPBACK, Child, free_port, http_get, running, wait_until
+
+SMALL_PATH: Final = "/1k"
+SMALL_BYTES: Final = 1024
+LARGE_PATH: Final = "/100m"
+LARGE_BYTES: Final = 100 * 1024 * 1024
+READY_TIMEOUT_S: Final = 10.0
+_WRITE_CHUNK_BYTES: Final = 1024 * 1024
+# Modules whose temp path nginx creates at start-up unless built without them.
+_TEMP_PATH_MODULES: Final = ("proxy", "fastcgi", "uwsgi", "scgi")
+
+_CONFIG_TEMPLATE: Final = """\
+# Written by homeport's benchmark (bench/upstream.py); not the system nginx.
+daemon off;
+master_process on;
+worker_processes 1;
+pid {root}/nginx.pid;
+error_log {root}/nginx-error.log warn;
+
+events {{
+    worker_connections 4096;
+}}
+
+http {{
+    access_log off;
+    default_type application/octet-stream;
+    sendfile on;
+    tcp_nopush on;
+    tcp_nodelay on;
+    keepalive_timeout 75s;
+    keepalive_requests 1000000;
+    client_body_temp_path {root}/temp/client_body;
+{temp_paths}
+    server {{
+        listen {host}:{port};
+        root {root}/www;
+        location / {{
+        }}
+    }}
+}}
+"""
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """A running nginx and what it serves."""
+
+    port: int
+    small_body: bytes
+    process: Child
+
+    @property
+    def url(self) -> str:
+        """The upstream's base URL, as the client is told to dial it."""
+        return f"http://{LOOPBACK}:{self.port}"
+
+
+def write_site(root: Path) -> bytes:
+    """Write the files nginx serves under ``root/www``; return the small file's bytes.
+
+    The files are random so that nothing on the way can compress them.
+    """
+    www = root / "www"
+    www.mkdir(mode=0o755)
+    small_body = os.urandom(SMALL_BYTES)
+    (www / SMALL_PATH.lstrip("/")).write_bytes(small_body)
+    with (www / LARGE_PATH.lstrip("/")).open("wb") as large:
+        for _ in range(LARGE_BYTES // _WRITE_CHUNK_BYTES):
+            large.write(os.urandom(_WRITE_CHUNK_BYTES))
+    for path in www.iterdir():
+        path.chmod(0o644)
+    return small_body
+
+
+def write_config(root: Path, port: int, nginx_build: str) -> Path:
+    """Write ``nginx.conf`` for ``port`` under ``root``; return its path.
+
+    ``nginx_build`` is ``nginx -V``'s output: it tells which modules are built
+    in, and so which temp paths must be moved out of /var/lib/nginx.
+    """
+    temp = root / "temp"
+    temp.mkdir(mode=0o755)
+    lines = [
+        f"    {module}_temp_path {temp}/{module};"
+        for module in _TEMP_PATH_MODULES
+        if f"--without-http_{module}_module" not in nginx_build
+    ]
+    config = root / "nginx.conf"
+    config.write_text(
+        _CONFIG_TEMPLATE.format(
+            root=root, host=LOOPBACK, port=port, temp_paths="\n".join(lines) + "\n"
+        )
+    )
+    return config
+
+
+def nginx_version(nginx_build: str) -> str:
+    """``1.22.1`` from ``nginx -V``'s output (or the whole first line if it differs)."""
+    match = re.search(r"nginx/(\S+)", nginx_build)
+    if match is not None:
+        return match.group(1)
+    return nginx_build.splitlines()[0] if nginx_build else "unknown"
+
+
+@contextlib.contextmanager
+def run_nginx(nginx: Path, root: Path, nginx_build: str, small_body: bytes) -> Iterator[Upstream]:
+    """Run nginx from a config under ``root`` on a free port; stop it on the way out.
+
+    The temp directory is made world-readable: nginx started as root serves
+    files from a worker that runs as ``nobody``.
+
+    Raises:
+        BenchError: nginx exited or did not serve ``/1k`` within ``READY_TIMEOUT_S``.
+    """
+    root.chmod(0o755)
+    port = free_port()
+    config = write_config(root, port, nginx_build)
+    args = [str(nginx), "-p", f"{root}/", "-e", str(root / "nginx-error.log"), "-c", str(config)]
+    child = Child("nginx", args, root / "nginx-output.log", cwd=root)
+    with running(child) as process:
+        upstream = Upstream(port=port, small_body=small_body, process=process)
+        wait_until(
+            lambda: serves(upstream.port, small_body, process),
+            READY_TIMEOUT_S,
+            f"nginx serving {SMALL_PATH} on {LOOPBACK}:{port}",
+        )
+        yield upstream
+
+
+def serves(port: int, small_body: bytes, *processes: Child) -> bool:
+    """Whether ``GET /1k`` on ``port`` answers 200 with ``small_body``.
+
+    Raises:
+        BenchError: one of ``processes`` has exited, so waiting longer is pointless.
+    """
+    for process in processes:
+        process.check_running()
+    try:
+        status, body = http_get(port, SMALL_PATH)
+    except (OSError, http.client.HTTPException):
+        return False
+    if status == 200 and body != small_body:
+        raise BenchError(f"{SMALL_PATH} on port {port} answered 200 with a different body")
+    return status == 200
