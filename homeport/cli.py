@@ -92,13 +92,26 @@ def _load_config_file(ctx: click.Context, _param: click.Parameter, value: str | 
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise click.BadParameter(f"{path} is not valid TOML: {exc}") from None
     assert ctx.command is not None
-    known = {p.name for p in ctx.command.params if p.name and p.name != "config"}
-    settings = {key.replace("-", "_"): item for key, item in data.items()}
-    unknown = sorted(set(settings) - known)
+    # Keys are the long option names (``upstream``, ``allow-path``), which may
+    # differ from the parameters they fill (``upstreams``, ``allow_paths``).
+    by_option: dict[str, str] = {}
+    for param in ctx.command.params:
+        if isinstance(param, click.Option) and param.name and param.name != "config":
+            for option in param.opts:
+                if option.startswith("--"):
+                    by_option[option[2:]] = param.name
+    settings: dict[str, Any] = {}
+    unknown = []
+    for key, item in data.items():
+        name = by_option.get(key.replace("_", "-"))
+        if name is None:
+            unknown.append(key)
+        else:
+            settings[name] = item
     if unknown:
-        valid = ", ".join(sorted(k.replace("_", "-") for k in known))
+        valid = ", ".join(sorted(by_option))
         raise click.BadParameter(
-            f"{path}: unknown setting(s) {', '.join(unknown)}; valid settings: {valid}"
+            f"{path}: unknown setting(s) {', '.join(sorted(unknown))}; valid settings: {valid}"
         )
     ctx.default_map = {**(ctx.default_map or {}), **settings}
     return value
@@ -750,3 +763,8 @@ def demo(port: int, control_port: int, log_level: str) -> None:
         raise bind_failure(exc, f"port {port}") from None
     except KeyboardInterrupt:  # pragma: no cover - the demo handles SIGINT itself
         sys.exit(130)
+
+
+from homeport.exitnode.cli import exit_node  # noqa: E402
+
+main.add_command(exit_node)

@@ -245,3 +245,20 @@ async def test_a_full_session_at_debug_level_never_logs_the_token(
         assert "DEBUG" in output
         assert token not in output
         assert token_digest(token).hex() not in output
+
+
+def test_config_keys_are_the_long_option_names_even_for_repeated_options(tmp_path: Path, token_file: Path) -> None:
+    config = tmp_path / "client.toml"
+    config.write_text(
+        'url = "ws://203.0.113.10:8123"\n'
+        f'token-file = "{token_file}"\n'
+        'upstream = ["http://127.0.0.1:8080", "fn.example.com=http://127.0.0.1:8081"]\n'
+        'allow-path = ["default=/function/"]\n'
+    )
+    result = run("client", "--config", str(config))
+    # Everything was understood: what stops it is only the remote ws:// URL.
+    assert result.returncode == 2
+    assert "refusing ws:// to a remote server" in result.stderr
+    config.write_text('upstreams = ["http://127.0.0.1:8080"]\n')
+    result = run("client", "--config", str(config))
+    assert "unknown setting(s) upstreams" in result.stderr

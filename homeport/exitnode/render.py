@@ -1,0 +1,183 @@
+"""The exit node's first-boot files, rendered from the templates shipped with homeport.
+
+Two forms say the same thing: ``bootstrap.sh`` (a shell script, what Civo's
+``script`` field runs once at first boot) and ``cloud-config.yaml`` (for
+providers that take cloud-init); a test keeps them equal. Each value is
+checked against a strict pattern *before* it is put into a template, so
+nothing a user types can become shell or YAML: ports are numbers, the token
+hash is 64 hex digits, PEM blocks are base64 lines between their armour
+lines, and the package spec is a pinned name or an https URL of a fixed
+alphabet. The shell script checks the simple values again itself.
+
+Templates mark a value as ``@@NAME@@``. A marker alone on its line takes a
+multi-line value, each line indented as the marker was.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from importlib import resources
+from typing import Final
+
+from homeport.exitnode.errors import ExitNodeError
+
+EXIT_UNIT: Final = "homeport-exit.service"
+CLIENT_UNIT: Final = "homeport-client.service"
+BOOTSTRAP: Final = "bootstrap.sh"
+CLOUD_CONFIG: Final = "cloud-config.yaml"
+INSTALL_CLIENT: Final = "install-client.sh"
+
+_MARKER: Final = re.compile(r"@@([A-Z_]+)@@")
+_PACKAGE: Final = re.compile(
+    r"homeport==[0-9A-Za-z.+!-]+|(?:git\+)?https://[A-Za-z0-9._~:/@+%#=?&-]+"
+)
+_TOKEN_HASH: Final = re.compile(r"[0-9a-f]{64}")
+_PEM: Final = re.compile(
+    r"-----BEGIN (?P<label>CERTIFICATE|PRIVATE KEY)-----\n"
+    r"(?:[A-Za-z0-9+/=]{1,76}\n)+"
+    r"-----END (?P=label)-----\n?"
+)
+#: Lines that end the quoted here-documents of bootstrap.sh: never inside a value.
+_HEREDOC_ENDS: Final = frozenset({"EOF_ENV", "EOF_HASH", "EOF_CERT", "EOF_KEY", "EOF_UNIT"})
+
+
+def template(name: str) -> str:
+    """The text of one shipped template (``bootstrap.sh``, ``homeport-exit.service``, ...)."""
+    return (
+        resources.files("homeport.exitnode").joinpath("templates", name).read_text(encoding="utf-8")
+    )
+
+
+def render(text: str, values: dict[str, str]) -> str:
+    """Replace every ``@@NAME@@`` in ``text``; a marker alone on a line takes a block.
+
+    Raises:
+        ExitNodeError: a marker has no value, or a value was given that no marker uses.
+    """
+    used: set[str] = set()
+
+    def value_of(name: str) -> str:
+        if name not in values:
+            raise ExitNodeError(f"template value {name} is missing")
+        used.add(name)
+        return values[name]
+
+    lines: list[str] = []
+    for line in text.splitlines(keepends=True):
+        whole = _MARKER.fullmatch(line.strip())
+        if whole is not None:
+            indent = line[: len(line) - len(line.lstrip())]
+            block = value_of(whole.group(1)).rstrip("\n").split("\n")
+            lines.extend(f"{indent}{item}\n" if item else "\n" for item in block)
+        else:
+            lines.append(_MARKER.sub(lambda match: value_of(match.group(1)), line))
+    unused = set(values) - used
+    if unused:
+        raise ExitNodeError(f"template values {', '.join(sorted(unused))} are not used")
+    return "".join(lines)
+
+
+def check_package(spec: str) -> str:
+    """A pip requirement we are willing to put in a script: ``homeport==X`` or an https URL.
+
+    Raises:
+        ExitNodeError: anything else.
+    """
+    if _PACKAGE.fullmatch(spec) is None:
+        raise ExitNodeError(
+            f"--package {spec!r} must be homeport==VERSION or an https:// (or git+https://) URL "
+            "made of letters, digits and ._~:/@+%#=?&-"
+        )
+    return spec
+
+
+def check_port(port: int, what: str) -> int:
+    """A TCP port from 1 to 65535.
+
+    Raises:
+        ExitNodeError: out of range.
+    """
+    if not 1 <= port <= 65535:
+        raise ExitNodeError(f"{what} {port} must be from 1 to 65535")
+    return port
+
+
+def check_pem(text: str, what: str) -> str:
+    """One PEM block (a certificate or a PKCS#8 key), nothing around it.
+
+    Raises:
+        ExitNodeError: not exactly one such block.
+    """
+    if _PEM.fullmatch(text) is None:
+        raise ExitNodeError(f"the {what} is not a single PEM block")
+    return text
+
+
+def check_unit(text: str) -> str:
+    """A unit file that cannot end a here-document early.
+
+    Raises:
+        ExitNodeError: it has a line that would.
+    """
+    if _HEREDOC_ENDS & {line.strip() for line in text.splitlines()}:
+        raise ExitNodeError("the unit file has a line that would end its here-document")
+    return text
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """Everything the exit node's first boot needs; no secret the VM does not need.
+
+    ``token_hash`` is the SHA-256 (hex) of the token: the server checks
+    tokens against it and never holds the token. ``tls_key_pem`` is the
+    control port's private key, made on the user's machine so that the
+    client can pin the certificate from its very first connection.
+    """
+
+    package: str
+    public_port: int
+    control_port: int
+    token_hash: str
+    tls_cert_pem: str
+    tls_key_pem: str
+
+    def checked_values(self) -> dict[str, str]:
+        """The template values, each checked against its strict pattern.
+
+        Raises:
+            ExitNodeError: a value does not match.
+        """
+        check_port(self.public_port, "the public port")
+        check_port(self.control_port, "the control port")
+        if self.public_port == self.control_port:
+            raise ExitNodeError("the public port and the control port must differ")
+        if _TOKEN_HASH.fullmatch(self.token_hash) is None:
+            raise ExitNodeError("the token hash must be 64 lowercase hex digits")
+        return {
+            "PACKAGE": check_package(self.package),
+            "PUBLIC_PORT": str(self.public_port),
+            "CONTROL_PORT": str(self.control_port),
+            "TOKEN_HASH": self.token_hash,
+            "TLS_CERT": check_pem(self.tls_cert_pem, "TLS certificate"),
+            "TLS_KEY": check_pem(self.tls_key_pem, "TLS key"),
+            "EXIT_UNIT": check_unit(template(EXIT_UNIT)),
+        }
+
+
+def bootstrap_script(settings: NodeSettings) -> str:
+    """The first-boot shell script for this node (Civo's ``script``).
+
+    Raises:
+        ExitNodeError: a setting does not match its pattern.
+    """
+    return render(template(BOOTSTRAP), settings.checked_values())
+
+
+def cloud_config(settings: NodeSettings) -> str:
+    """The same first boot as a ``#cloud-config`` document.
+
+    Raises:
+        ExitNodeError: a setting does not match its pattern.
+    """
+    return render(template(CLOUD_CONFIG), settings.checked_values())

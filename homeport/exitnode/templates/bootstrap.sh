@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# homeport exit node bootstrap: run once, as root, at the VM's first boot
+# (Civo's `script` field; cloud-config.yaml is the same for cloud-init).
+#
+# `homeport exit-node create` fills in the values between @@ marks after
+# checking each against a strict pattern; this script checks them again.
+# It carries the SHA-256 of the tunnel token, never the token itself.
+# Installs homeport in a venv under /opt/homeport, writes its settings and
+# secrets to /etc/homeport (root only), installs homeport-exit.service and
+# starts it. Safe to run again.
+#
+# Tests run it against a scratch directory: HOMEPORT_ROOT=/tmp/x, with fake
+# apt-get, python3 and systemctl first on PATH.
+set -euo pipefail
+export LC_ALL=C DEBIAN_FRONTEND=noninteractive
+umask 022
+
+ROOT=${HOMEPORT_ROOT:-}
+PACKAGE='@@PACKAGE@@'
+PUBLIC_PORT='@@PUBLIC_PORT@@'
+CONTROL_PORT='@@CONTROL_PORT@@'
+TOKEN_HASH='@@TOKEN_HASH@@'
+
+VENV=/opt/homeport/venv
+CONF=/etc/homeport
+UNIT=homeport-exit.service
+
+die() {
+  echo "homeport bootstrap: $*" >&2
+  exit 1
+}
+
+# must_match NAME VALUE REGEX: refuse a value that is not exactly what we expect.
+must_match() {
+  [[ $2 =~ $3 ]] || die "$1 is malformed; nothing was changed"
+}
+
+# put MODE PATH: write standard input to ROOT/PATH with MODE, atomically.
+put() {
+  local mode=$1 path=$ROOT$2 tmp
+  tmp=$(mktemp "$path.XXXXXX")
+  cat >"$tmp"
+  chmod "$mode" "$tmp"
+  mv -f "$tmp" "$path"
+}
+
+must_match HOMEPORT_ROOT "$ROOT" '^(/[A-Za-z0-9._/-]+)?$'
+must_match package "$PACKAGE" '^(homeport==[0-9A-Za-z.+!-]+|(git\+)?https://[A-Za-z0-9._~:/@+%#=?&-]+)$'
+must_match "public port" "$PUBLIC_PORT" '^[1-9][0-9]{0,4}$'
+must_match "control port" "$CONTROL_PORT" '^[1-9][0-9]{0,4}$'
+must_match "token hash" "$TOKEN_HASH" '^[0-9a-f]{64}$'
+((PUBLIC_PORT <= 65535 && CONTROL_PORT <= 65535 && PUBLIC_PORT != CONTROL_PORT)) ||
+  die "the ports must be two different numbers from 1 to 65535"
+
+apt_get() {
+  apt-get -o DPkg::Lock::Timeout=600 -q "$@"
+}
+apt_get update
+apt_get install -y --no-install-recommends ca-certificates python3 python3-venv
+python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' ||
+  die "homeport needs Python 3.11 or newer: pick a newer disk image (ubuntu-noble, debian-12)"
+
+mkdir -p "$ROOT$CONF" "$ROOT/etc/systemd/system"
+chmod 0700 "$ROOT$CONF"
+put 0600 "$CONF/exit.env" <<EOF_ENV
+HOMEPORT_PORT=$PUBLIC_PORT
+HOMEPORT_CONTROL_PORT=$CONTROL_PORT
+EOF_ENV
+put 0600 "$CONF/token-hash" <<EOF_HASH
+$TOKEN_HASH
+EOF_HASH
+put 0600 "$CONF/tls.crt" <<'EOF_CERT'
+@@TLS_CERT@@
+EOF_CERT
+put 0600 "$CONF/tls.key" <<'EOF_KEY'
+@@TLS_KEY@@
+EOF_KEY
+put 0644 "/etc/systemd/system/$UNIT" <<'EOF_UNIT'
+@@EXIT_UNIT@@
+EOF_UNIT
+
+[[ -x $ROOT$VENV/bin/python ]] || python3 -m venv "$ROOT$VENV"
+"$ROOT$VENV/bin/pip" install --no-cache-dir --disable-pip-version-check "$PACKAGE"
+systemctl daemon-reload
+systemctl enable "$UNIT"
+systemctl restart "$UNIT"
+echo "homeport bootstrap: $UNIT is running"

@@ -1,0 +1,237 @@
+"""The exit node's first boot: bootstrap.sh run against a scratch root, and its cloud-config twin."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from homeport.exitnode.errors import ExitNodeError
+from homeport.exitnode.material import NodeSecrets
+from homeport.exitnode.render import (
+    NodeSettings,
+    bootstrap_script,
+    cloud_config,
+    render,
+    template,
+)
+from tests.deploy.helpers import FakeBin, Written, require, run_script, snapshot
+
+APT = ["apt-get", "-o", "DPkg::Lock::Timeout=600", "-q"]
+PACKAGES = ["ca-certificates", "python3", "python3-venv"]
+PYTHON_CHECK = "import sys; sys.exit(sys.version_info < (3, 11))"
+PIP = ["pip", "install", "--no-cache-dir", "--disable-pip-version-check"]
+UNIT = "homeport-exit.service"
+
+
+def node_settings(secrets: NodeSecrets, **changes: Any) -> NodeSettings:
+    values: dict[str, Any] = {
+        "package": "homeport==0.1.0",
+        "public_port": 80,
+        "control_port": 8123,
+        "token_hash": secrets.token_hash,
+        "tls_cert_pem": secrets.tls_cert_pem,
+        "tls_key_pem": secrets.tls_key_pem,
+    }
+    return NodeSettings(**{**values, **changes})
+
+
+def boot(tmp_path: Path, fakebin: FakeBin, script_text: str) -> Path:
+    """Run a bootstrap script against a fresh scratch root; return the root."""
+    script = tmp_path / "bootstrap.sh"
+    script.write_text(script_text)
+    root = tmp_path / "vm"
+    root.mkdir()
+    result = run_script(script, root, fakebin)
+    assert result.returncode == 0, result.stderr
+    return root
+
+
+def expected_files(secrets: NodeSecrets, env: str) -> dict[str, tuple[int, bytes | None]]:
+    return {
+        "/etc/homeport": (0o700, None),
+        "/etc/homeport/exit.env": (0o600, env.encode()),
+        "/etc/homeport/token-hash": (0o600, f"{secrets.token_hash}\n".encode()),
+        "/etc/homeport/tls.crt": (0o600, secrets.tls_cert_pem.encode()),
+        "/etc/homeport/tls.key": (0o600, secrets.tls_key_pem.encode()),
+        f"/etc/systemd/system/{UNIT}": (0o644, template(UNIT).encode()),
+    }
+
+
+def test_bootstrap_writes_config_secrets_and_unit_with_tight_modes(
+    tmp_path: Path, fakebin: FakeBin, secrets: NodeSecrets
+) -> None:
+    root = boot(tmp_path, fakebin, bootstrap_script(node_settings(secrets, public_port=8080)))
+
+    written = snapshot(root)
+    expected = expected_files(secrets, "HOMEPORT_PORT=8080\nHOMEPORT_CONTROL_PORT=8123\n")
+    for path, (mode, content) in expected.items():
+        assert written[path] == Written(mode, os.getuid(), os.getgid(), content), path
+    files = {path for path, item in written.items() if item.content is not None}
+    assert files == {path for path, (_, content) in expected.items() if content is not None}
+    assert fakebin.commands() == [
+        [*APT, "update"],
+        [*APT, "install", "-y", "--no-install-recommends", *PACKAGES],
+        ["python3", "-c", PYTHON_CHECK],
+        ["python3", "-m", "venv", "/opt/homeport/venv"],
+        [*PIP, "homeport==0.1.0"],
+        ["systemctl", "daemon-reload"],
+        ["systemctl", "enable", UNIT],
+        ["systemctl", "restart", UNIT],
+    ]
+
+
+def test_the_script_carries_the_token_hash_never_the_token(secrets: NodeSecrets) -> None:
+    script = bootstrap_script(node_settings(secrets))
+    assert secrets.token not in script
+    assert secrets.token_hash in script
+
+
+def test_bootstrap_run_twice_leaves_the_same_files(
+    tmp_path: Path, fakebin: FakeBin, secrets: NodeSecrets
+) -> None:
+    root = boot(tmp_path, fakebin, bootstrap_script(node_settings(secrets)))
+    first = snapshot(root)
+    fakebin.clear()
+
+    result = run_script(tmp_path / "bootstrap.sh", root, fakebin)
+
+    assert result.returncode == 0, result.stderr
+    assert snapshot(root) == first
+    assert ["python3", "-m", "venv", "/opt/homeport/venv"] not in fakebin.commands()
+    assert ["systemctl", "restart", UNIT] in fakebin.commands()
+
+
+def test_bootstrap_stops_on_an_old_python(
+    tmp_path: Path, fakebin: FakeBin, secrets: NodeSecrets
+) -> None:
+    script = tmp_path / "bootstrap.sh"
+    script.write_text(bootstrap_script(node_settings(secrets)))
+    root = tmp_path / "vm"
+    root.mkdir()
+
+    result = run_script(script, root, fakebin, FAKE_PYTHON_C_EXIT="1")
+
+    assert result.returncode == 1
+    assert "needs Python 3.11 or newer" in result.stderr
+    assert not (root / "etc").exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("PUBLIC_PORT", "80$(touch {pwned})", "public port is malformed"),
+        ("CONTROL_PORT", "8123`touch {pwned}`", "control port is malformed"),
+        ("TOKEN_HASH", "$(touch {pwned})", "token hash is malformed"),
+        ("PACKAGE", "homeport==1 $(touch {pwned})", "package is malformed"),
+        ("PUBLIC_PORT", "8123", "two different numbers"),
+    ],
+)
+def test_the_script_itself_refuses_values_that_bypassed_the_renderer(
+    tmp_path: Path,
+    fakebin: FakeBin,
+    secrets: NodeSecrets,
+    name: str,
+    value: str,
+    message: str,
+) -> None:
+    pwned = tmp_path / "pwned"
+    values = node_settings(secrets).checked_values()
+    values[name] = value.format(pwned=pwned)
+    script = tmp_path / "bootstrap.sh"
+    script.write_text(render(template("bootstrap.sh"), values))
+    root = tmp_path / "vm"
+    root.mkdir()
+
+    result = run_script(script, root, fakebin)
+
+    assert result.returncode == 1
+    assert message in result.stderr
+    assert not pwned.exists()
+    assert fakebin.commands() == []
+    assert list(root.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"package": "homeport==1'; touch /tmp/x; '"}, "--package"),
+        ({"package": "homeport==1\nrm -rf /"}, "--package"),
+        ({"package": "https://example.com/a b.whl"}, "--package"),
+        ({"public_port": 0}, "public port"),
+        ({"control_port": 65536}, "control port"),
+        ({"control_port": 80}, "must differ"),
+        ({"token_hash": "A" * 64}, "token hash"),
+        ({"token_hash": "0" * 63}, "token hash"),
+        ({"tls_key_pem": "-----BEGIN PRIVATE KEY-----\nEOF_KEY\nrm -rf /\n"}, "TLS key"),
+        ({"tls_cert_pem": "not a certificate\n"}, "TLS certificate"),
+        (
+            {"tls_cert_pem": "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n$(x)"},
+            "TLS certificate",
+        ),
+    ],
+)
+def test_the_renderer_refuses_values_that_could_inject(
+    secrets: NodeSecrets, changes: dict[str, Any], message: str
+) -> None:
+    settings = node_settings(secrets, **changes)
+    for renderer in (bootstrap_script, cloud_config):
+        with pytest.raises(ExitNodeError, match=message):
+            renderer(settings)
+
+
+def test_render_refuses_missing_and_unused_values() -> None:
+    with pytest.raises(ExitNodeError, match="MISSING is missing"):
+        render("a @@MISSING@@ b\n", {})
+    with pytest.raises(ExitNodeError, match="EXTRA are not used"):
+        render("nothing here\n", {"EXTRA": "x"})
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML with the PyYAML that yamllint and cloud-init bring (not a homeport dependency)."""
+    yamllint = require("yamllint")
+    python = Path(yamllint).read_text().splitlines()[0].removeprefix("#!").split()[0]
+    result = subprocess.run(
+        [python, "-c", "import json, sys, yaml; json.dump(yaml.safe_load(sys.stdin), sys.stdout)"],
+        input=text,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=30,
+    )
+    assert result.returncode == 0, f"cannot parse YAML with {python}: {result.stderr}"
+    return json.loads(result.stdout)
+
+
+def test_cloud_config_says_exactly_what_the_bootstrap_script_does(
+    tmp_path: Path, fakebin: FakeBin, secrets: NodeSecrets
+) -> None:
+    settings = node_settings(secrets)
+    root = boot(tmp_path, fakebin, bootstrap_script(settings))
+    written = snapshot(root)
+    commands = fakebin.commands()
+
+    document = load_yaml(cloud_config(settings))
+
+    # The same files, modes and contents, all owned by root.
+    declared = {
+        entry["path"]: (int(entry["permissions"], 8), entry["content"].encode())
+        for entry in document["write_files"]
+    }
+    files = {path: (w.mode, w.content) for path, w in written.items() if w.content is not None}
+    assert declared == files
+    assert {entry["owner"] for entry in document["write_files"]} == {"root:root"}
+    # The same packages, after the same update.
+    assert document["package_update"] is True
+    assert [*APT, "update"] in commands
+    assert [*APT, "install", "-y", "--no-install-recommends", *document["packages"]] in commands
+    # The same commands in the same order; the folder's mode set the same way.
+    runcmd = document["runcmd"]
+    assert runcmd[0] == ["chmod", "0700", "/etc/homeport"]
+    assert written["/etc/homeport"].mode == 0o700
+    as_run = [[Path(c[0]).name if c[0].startswith("/") else c[0], *c[1:]] for c in runcmd[1:]]
+    assert as_run == [c for c in commands if c[0] != "apt-get"]

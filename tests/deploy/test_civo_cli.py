@@ -1,0 +1,412 @@
+"""``homeport exit-node`` against the fake Civo API, as a user runs it (real processes).
+
+The whole story runs offline: ``create`` talks to the fake API; the fake
+"boots" the VM by running the very bootstrap script it was sent against a
+scratch root and starting the installed unit's command line (a real
+``homeport server`` with the TLS key and token hash the script wrote), and
+reports 127.0.0.1 as the public IP; so ``create``'s readiness check and
+certificate pinning are real. Then the printed Pi command runs
+install-client.sh into another scratch root, the installed client unit
+starts, and a request to the public port reaches an upstream through the
+tunnel. ``list`` and ``delete`` finish the story.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import stat
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from tests.deploy.fakecivo import FakeCivo
+from tests.deploy.helpers import ROOT, FakeBin, free_port, require, run_script, start_unit
+from tests.support.processes import Process
+
+pytestmark = pytest.mark.e2e  # real processes on 127.0.0.1
+
+GOLDEN = Path(__file__).parent / "golden" / "create-dry-run.txt"
+NAME = "pi-exit"
+
+
+async def homeport(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """Run ``homeport ARGS`` as a user would; return its exit status, stdout and stderr."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("CIVO_", "HOMEPORT_"))}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "homeport",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**environment, **(env or {})},
+        cwd=ROOT,
+    )
+    async with asyncio.timeout(100):
+        out, err = await process.communicate()
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+def cli_env(fake: FakeCivo, config_dir: Path, key: str | None = None) -> dict[str, str]:
+    return {
+        "CIVO_TOKEN": fake.api_key if key is None else key,
+        "CIVO_API_URL": fake.url,
+        "HOMEPORT_CONFIG_DIR": str(config_dir),
+    }
+
+
+FAST = ("--poll-interval", "0.05")
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[str]:
+    """A LAN service on the 'Pi'."""
+
+    async def hello(_request: web.Request) -> web.Response:
+        return web.Response(text="hello from the pi")
+
+    app = web.Application()
+    app.router.add_get("/", hello)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    yield f"http://{host}:{port}"
+    await runner.cleanup()
+
+
+@pytest.fixture
+def started() -> Iterator[list[Process]]:
+    processes: list[Process] = []
+    yield processes
+    for process in reversed(processes):
+        process.stop(timeout=10)
+
+
+async def test_create_install_on_the_pi_browse_list_and_delete(
+    tmp_path: Path,
+    fake_civo: FakeCivo,
+    fakebin: FakeBin,
+    upstream: str,
+    started: list[Process],
+) -> None:
+    public_port, control_port = free_port(), free_port()
+    vm_root, pi_root, config_dir = tmp_path / "vm", tmp_path / "pi", tmp_path / "config"
+    vm_root.mkdir()
+    pi_root.mkdir()
+
+    async def boot(instance: dict[str, Any]) -> None:
+        """The VM's first boot: run the script Civo was given, then start the unit."""
+        script = tmp_path / "civo-script.sh"
+        script.write_text(instance["script"])
+        result = await asyncio.to_thread(run_script, script, vm_root, fakebin)
+        assert result.returncode == 0, result.stderr
+        started.append(
+            start_unit(vm_root, "homeport-exit.service", tmp_path, HOMEPORT_BIND="127.0.0.1")
+        )
+
+    fake_civo.on_instance_created = boot
+    fake_civo.public_ip = "127.0.0.1"
+
+    code, out, err = await homeport(
+        "exit-node",
+        "create",
+        *("--name", NAME, "--port", str(public_port), "--control-port", str(control_port)),
+        *("--allow-ssh-from", "198.51.100.7", "--timeout", "60", *FAST),
+        env=cli_env(fake_civo, config_dir),
+    )
+
+    assert code == 0, err
+    assert f"exit node {NAME} is ready: visitors on http://127.0.0.1:{public_port}/" in out
+    folder = config_dir / "exit-nodes" / NAME
+    token = (folder / "token").read_text().strip()
+    assert stat.S_IMODE((folder / "token").stat().st_mode) == 0o600
+    assert token not in out + err
+    assert fake_civo.api_key not in out + err
+    # The firewall opens the two ports to all, SSH to one address, nothing else in.
+    (firewall,) = fake_civo.firewalls.values()
+    ingress = {
+        (r["start_port"], tuple(r["cidr"]))
+        for r in firewall["rules"]
+        if r["direction"] == "ingress"
+    }
+    assert ingress == {
+        (str(public_port), ("0.0.0.0/0",)),
+        (str(control_port), ("0.0.0.0/0",)),
+        ("22", ("198.51.100.7/32",)),
+    }
+
+    # On the Pi: the printed command, with the token and installer copied next to it.
+    (pi_line,) = [line for line in out.splitlines() if "sudo bash install-client.sh" in line]
+    pi_args = shlex.split(pi_line.split("&&")[0])[3:]
+    pi_args[pi_args.index("--token-file") + 1] = str(folder / "token")
+    pi_args[pi_args.index("--upstream") + 1] = upstream
+    installed = await asyncio.to_thread(
+        run_script, folder / "install-client.sh", pi_root, fakebin, *pi_args
+    )
+    assert installed.returncode == 0, installed.stderr
+    client = start_unit(pi_root, "homeport-client.service", tmp_path)
+    started.append(client)
+    await client.wait_for_async(r"connected to wss://127\.0\.0\.1", within=30)
+
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{public_port}/") as response,
+    ):
+        assert response.status == 200
+        assert await response.text() == "hello from the pi"
+
+    code, out, err = await homeport("exit-node", "list", env=cli_env(fake_civo, config_dir))
+    assert code == 0, err
+    (row,) = [line for line in out.splitlines() if line.startswith(NAME)]
+    assert row.split()[2:4] == ["ACTIVE", "127.0.0.1"]
+    assert f"homeport-{NAME}" in row
+
+    code, out, err = await homeport(
+        "exit-node", "delete", NAME, *FAST, env=cli_env(fake_civo, config_dir)
+    )
+    assert code == 0, err
+    assert fake_civo.instances == {}
+    assert fake_civo.firewalls == {}
+    assert not folder.exists()
+
+
+async def test_a_bad_api_key_is_reported_plainly(tmp_path: Path, fake_civo: FakeCivo) -> None:
+    wrong = "not-the-key-0123456789"
+    code, out, err = await homeport(
+        "exit-node", "create", env=cli_env(fake_civo, tmp_path, key=wrong)
+    )
+
+    assert code == 1
+    assert "the Civo API refused the API key (HTTP 401" in err
+    assert "Traceback" not in err
+    assert wrong not in out + err
+    assert not (tmp_path / "exit-nodes").exists()
+    assert fake_civo.firewalls == {}
+    assert fake_civo.instances == {}
+
+
+async def test_no_api_key_at_all_says_where_to_give_it(tmp_path: Path) -> None:
+    code, _, err = await homeport("exit-node", "list", env={"HOMEPORT_CONFIG_DIR": str(tmp_path)})
+    assert code == 1
+    assert "give --api-key-file FILE or set CIVO_TOKEN" in err
+
+
+async def test_a_missing_disk_image_lists_the_available_ones(
+    tmp_path: Path, fake_civo: FakeCivo
+) -> None:
+    code, _, err = await homeport(
+        "exit-node", "create", "--image", "ubuntu-warty", env=cli_env(fake_civo, tmp_path)
+    )
+
+    assert code == 1
+    assert "no disk image 'ubuntu-warty'" in err
+    assert "debian-12, ubuntu-noble" in err
+    assert fake_civo.firewalls == {}
+
+
+async def test_an_instance_that_never_gets_an_ip_times_out_and_says_how_to_delete_it(
+    tmp_path: Path, fake_civo: FakeCivo
+) -> None:
+    fake_civo.public_ip = None
+
+    code, _, err = await homeport(
+        "exit-node",
+        "create",
+        *("--name", NAME, "--timeout", "1", *FAST),
+        env=cli_env(fake_civo, tmp_path),
+    )
+
+    assert code == 1
+    assert "the instance is ACTIVE but has no public IP" in err
+    (instance_id,) = fake_civo.instances
+    (firewall_id,) = fake_civo.firewalls
+    assert f"instance {NAME} (id {instance_id})" in err
+    assert f"firewall homeport-{NAME} (id {firewall_id})" in err
+    assert f"Delete them with: homeport exit-node delete {NAME} --region lon1" in err
+
+    code, _, err = await homeport(
+        "exit-node", "delete", NAME, *FAST, env=cli_env(fake_civo, tmp_path)
+    )
+
+    assert code == 0, err
+    assert fake_civo.instances == {}
+    assert fake_civo.firewalls == {}
+
+
+@pytest.mark.parametrize(
+    ("failure", "message"),
+    [
+        ((403, "quota_limit_reached", "instance quota reached"), "Civo quota exceeded (HTTP 403"),
+        ((503, "server_error", "maintenance"), "failed on POST /v2/instances (HTTP 503"),
+    ],
+)
+async def test_a_refused_instance_takes_its_firewall_away_again(
+    tmp_path: Path, fake_civo: FakeCivo, failure: tuple[int, str, str], message: str
+) -> None:
+    fake_civo.fail_next[("POST", "/v2/instances")] = failure
+
+    code, _, err = await homeport("exit-node", "create", env=cli_env(fake_civo, tmp_path))
+
+    assert code == 1
+    assert message in err
+    assert "Nothing was left in Civo." in err
+    assert fake_civo.firewalls == {}
+    assert not (tmp_path / "exit-nodes" / "exit").exists()
+
+
+async def test_a_failing_firewall_call_is_reported_plainly(
+    tmp_path: Path, fake_civo: FakeCivo
+) -> None:
+    fake_civo.fail_next[("POST", "/v2/firewalls")] = (500, "internal", "boom")
+
+    code, _, err = await homeport("exit-node", "create", env=cli_env(fake_civo, tmp_path))
+
+    assert code == 1
+    assert "the Civo API failed on POST /v2/firewalls (HTTP 500: boom); try again" in err
+    assert "Traceback" not in err
+
+
+async def test_a_taken_name_is_refused(tmp_path: Path, fake_civo: FakeCivo) -> None:
+    fake_civo.public_ip = None
+    await homeport(
+        "exit-node", "create", "--timeout", "1", *FAST, env=cli_env(fake_civo, tmp_path / "a")
+    )
+
+    code, _, err = await homeport("exit-node", "create", env=cli_env(fake_civo, tmp_path / "b"))
+
+    assert code == 1
+    assert "already has an instance named exit" in err
+    assert len(fake_civo.firewalls) == 1
+
+
+async def test_list_pages_through_instances_and_shows_only_homeports(
+    tmp_path: Path, fake_civo: FakeCivo
+) -> None:
+    fake_civo.page_size = 1
+    fake_civo.public_ip = None
+    fake_civo.instances["other-1"] = {
+        "id": "other-1",
+        "hostname": "db",
+        "status": "ACTIVE",
+        "public_ip": "203.0.113.99",
+        "firewall_id": "",
+        "tags": [],
+        "_polls": 0,
+        "_deleting": False,
+    }
+    env = cli_env(fake_civo, tmp_path)
+    for name in ("one", "two"):
+        code, _, err = await homeport(
+            "exit-node", "create", "--name", name, "--timeout", "1", *FAST, env=env
+        )
+        assert "no public IP" in err
+
+    code, out, err = await homeport("exit-node", "list", env=env)
+
+    assert code == 0, err
+    names = [line.split()[0] for line in out.splitlines()[1:]]
+    assert names == ["one", "two"]
+    pages = [c.query.get("page") for c in fake_civo.calls if c.path == "/v2/instances"]
+    assert pages[-3:] == ["1", "2", "3"]
+
+
+async def test_dry_run_prints_the_golden_calls_and_makes_none(
+    tmp_path: Path, fake_civo: FakeCivo
+) -> None:
+    code, out, err = await homeport(
+        "exit-node",
+        "create",
+        *("--dry-run", "--name", NAME, "--allow-ssh-from", "198.51.100.0/24"),
+        *("--api-url", "https://api.civo.com", "--package", "homeport==0.1.0"),
+        env={"HOMEPORT_CONFIG_DIR": str(tmp_path)},
+    )
+
+    assert code == 0, err
+    if os.environ.get("HOMEPORT_UPDATE_GOLDEN"):
+        GOLDEN.write_text(out)
+    assert out == GOLDEN.read_text(), f"dry run output changed; see {GOLDEN}"
+    assert "BEGIN" not in out
+    assert fake_civo.calls == []
+    assert not any(tmp_path.iterdir())  # noqa: ASYNC240 - one tiny listing
+
+
+async def test_userdata_writes_a_valid_cloud_config_and_keeps_the_token_local(
+    tmp_path: Path,
+) -> None:
+    output = tmp_path / "user-data.yaml"
+    config_dir = tmp_path / "config"
+
+    code, out, err = await homeport(
+        "exit-node",
+        "userdata",
+        *("--name", "lab", "--format", "cloud-config", "-o", str(output)),
+        env={"HOMEPORT_CONFIG_DIR": str(config_dir)},
+    )
+
+    assert code == 0, err
+    token = (config_dir / "exit-nodes" / "lab" / "token").read_text().strip()
+    assert stat.S_IMODE(output.stat().st_mode) == 0o600
+    text = output.read_text()
+    assert text.startswith("#cloud-config\n")
+    assert token not in text + out + err
+    assert "--url wss://PUBLIC_IP:8123" in out
+    schema = await asyncio.to_thread(
+        subprocess.run,
+        [require("cloud-init"), "schema", "--config-file", str(output)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert schema.returncode == 0, schema.stdout + schema.stderr
+
+
+async def test_the_fake_api_rejects_malformed_requests(fake_civo: FakeCivo) -> None:
+    auth = {"Authorization": f"bearer {fake_civo.api_key}"}
+    base = fake_civo.url
+    good_rule = {
+        "protocol": "tcp",
+        "start_port": "80",
+        "end_port": "80",
+        "cidr": ["0.0.0.0/0"],
+        "direction": "ingress",
+        "action": "allow",
+        "label": "web",
+    }
+    firewall = {
+        "name": "x",
+        "region": "lon1",
+        "network_id": "net-default",
+        "create_rules": False,
+        "rules": [good_rule],
+    }
+    cases: list[tuple[str, str, dict[str, str], Any, int]] = [
+        ("GET", "/v2/networks?region=lon1", {}, None, 401),
+        ("GET", "/v2/networks", auth, None, 400),
+        ("POST", "/v2/firewalls?region=lon1", auth, {**firewall, "extra": 1}, 400),
+        ("POST", "/v2/firewalls?region=lon1", auth, {**firewall, "create_rules": "no"}, 400),
+        (
+            "POST",
+            "/v2/firewalls?region=lon1",
+            auth,
+            {**firewall, "rules": [{**good_rule, "cidr": ["0.0.0.0"], "end_port": "70"}]},
+            400,
+        ),
+        ("POST", "/v2/instances?region=lon1", auth, {"hostname": "a", "region": "lon1"}, 400),
+        ("DELETE", "/v2/instances/nope?region=lon1", auth, None, 404),
+        ("POST", "/v2/firewalls?region=lon1", auth, firewall, 200),
+    ]
+    async with aiohttp.ClientSession() as session:
+        for method, path, headers, body, status in cases:
+            async with session.request(method, base + path, headers=headers, json=body) as answer:
+                assert answer.status == status, (method, path, body, await answer.text())
