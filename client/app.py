@@ -14,7 +14,7 @@ from client.upstreams import Upstream
 from tunnel.backoff import AUTH_FAILURE_DELAY_S, DEFAULT_STABLE_AFTER_S, Backoff
 from tunnel.errors import AuthRejected, ErrorCode, ProtocolError, SessionClosed, VersionMismatch
 from tunnel.mux import Multiplexer, Role, Settings
-from tunnel.session import Session, Stream, StreamHandler, WebSocketChannel
+from tunnel.session import Session, Stream, StreamHandler
 from tunnel.tls import PinMismatch, client_context
 from tunnel.version import SOFTWARE
 
@@ -101,7 +101,7 @@ class TunnelClient:
     async def _connect_and_serve(self) -> None:
         config = self.config
         loop = asyncio.get_running_loop()
-        websocket = await dial(
+        connection = await dial(
             self.url, config.token, ssl_context=self.ssl_context, pin=config.fingerprint
         )
         mux = Multiplexer(
@@ -111,9 +111,7 @@ class TunnelClient:
             heartbeat_timeout_s=config.heartbeat_timeout_s,
             now=loop.time(),
         )
-        session = Session(
-            WebSocketChannel(websocket), mux, name=config.name, accept_stream=self._accept
-        )
+        session = Session(connection, mux, name=config.name, accept_stream=self._accept)
         self.session = session
         routes = [
             {

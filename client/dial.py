@@ -8,18 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from typing import Any, Final, cast
+import urllib.parse
+from typing import Final
 
-import websockets
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import InvalidHandshake
 
 from tunnel.errors import AuthRejected, TunnelError, VersionMismatch
-from tunnel.session import MAX_RECEIVE_MESSAGE_BYTES
-from tunnel.tls import PinMismatch, check_pin
+from tunnel.tls import PinMismatch
 from tunnel.version import SOFTWARE
-
-SUBPROTOCOL: Final = "homeport.v1"
-OPEN_TIMEOUT_S: Final = 10.0
+from tunnel.websocket import HANDSHAKE_TIMEOUT_S, ClientConnection, refused_status
 
 
 class DialFailed(TunnelError):
@@ -30,26 +27,7 @@ class RateLimited(DialFailed):
     """The exit server asked us to slow down (HTTP 429)."""
 
 
-def _pinned_connection(expected: bytes, failures: list[PinMismatch]) -> type[ClientConnection]:
-    """A websocket connection that checks the certificate pin as soon as TLS is up.
-
-    asyncio calls ``connection_made`` once the TLS handshake is done and
-    before websockets writes its HTTP request, so a wrong certificate never
-    sees the token.
-    """
-
-    class PinnedConnection(ClientConnection):
-        def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            ssl_object = transport.get_extra_info("ssl_object")
-            der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
-            super().connection_made(transport)
-            try:
-                check_pin(der, expected)
-            except PinMismatch as exc:
-                failures.append(exc)
-                cast(asyncio.Transport, transport).abort()  # not a byte more on this one
-
-    return PinnedConnection
+OPEN_TIMEOUT_S: Final = HANDSHAKE_TIMEOUT_S
 
 
 async def dial(
@@ -71,34 +49,23 @@ async def dial(
         RateLimited: the server answered 429.
         DialFailed: anything else: refused, unreachable, timed out, TLS failure.
     """
-    pin_failures: list[PinMismatch] = []
-    options: dict[str, Any] = {}
-    if pin is not None:
-        options["create_connection"] = _pinned_connection(pin, pin_failures)
+    parsed = urllib.parse.urlsplit(url)
+    secure = parsed.scheme == "wss"
+    host = parsed.hostname or ""
+    port = parsed.port or (443 if secure else 80)
+    loop = asyncio.get_running_loop()
+    handshake: asyncio.Future[None] = loop.create_future()
+    headers = {"Authorization": f"Bearer {token}", "User-Agent": SOFTWARE}
+    connection = ClientConnection(url, headers, pin, handshake)
     try:
         try:
-            return await connect(
-                url,
-                additional_headers={"Authorization": f"Bearer {token}"},
-                subprotocols=[websockets.Subprotocol(SUBPROTOCOL)],
-                compression=None,
-                user_agent_header=SOFTWARE,
-                proxy=None,
-                open_timeout=OPEN_TIMEOUT_S,
-                ping_interval=None,  # the session's own heartbeat covers liveness
-                close_timeout=2,
-                max_size=MAX_RECEIVE_MESSAGE_BYTES,
-                max_queue=64,
-                write_limit=256 * 1024,
-                ssl=ssl_context,
-                **options,
-            )
-        except Exception:
-            if pin_failures:  # the connection was dropped because of the pin: say so
-                raise pin_failures[0] from None
+            await _open(loop, connection, host, port, ssl_context if secure else None, handshake)
+        except BaseException:
+            connection.abort()
+            handshake.cancel()
             raise
-    except websockets.InvalidStatus as exc:
-        raise _refusal(exc.response.status_code, _body_text(exc.response.body)) from None
+    except PinMismatch:
+        raise
     except ssl.SSLCertVerificationError as exc:
         hint = ""
         if "not yet valid" in str(exc.verify_message):
@@ -110,13 +77,38 @@ async def dial(
         raise DialFailed(f"TLS failed with {url}: {exc.reason or exc}") from None
     except TimeoutError:
         raise DialFailed(f"no answer from {url} within {OPEN_TIMEOUT_S:.0f} s") from None
+    except InvalidHandshake as exc:
+        refused = refused_status(exc)
+        if refused is None:
+            raise DialFailed(f"bad handshake from {url}: {exc}") from None
+        raise _refusal(*refused) from None
     except OSError as exc:
         raise DialFailed(f"cannot reach {url}: {exc.strerror or exc}") from None
-    except (websockets.InvalidHandshake, EOFError) as exc:
-        raise DialFailed(f"bad handshake from {url}: {exc}") from None
+    return connection
 
 
-def _refusal(status: int, text: str) -> TunnelError:
+async def _open(
+    loop: asyncio.AbstractEventLoop,
+    connection: ClientConnection,
+    host: str,
+    port: int,
+    tls: ssl.SSLContext | None,
+    handshake: asyncio.Future[None],
+) -> None:
+    async with asyncio.timeout(OPEN_TIMEOUT_S):
+        await loop.create_connection(
+            lambda: connection,
+            host,
+            port,
+            ssl=tls,
+            server_hostname=host if tls else None,
+            ssl_handshake_timeout=OPEN_TIMEOUT_S if tls else None,
+        )
+        await handshake
+
+
+def _refusal(status: int, body: bytes) -> TunnelError:
+    text = _body_text(body)
     if status == 401:
         return AuthRejected("token rejected by server (HTTP 401)")
     if status == 426:
@@ -126,9 +118,7 @@ def _refusal(status: int, text: str) -> TunnelError:
     return DialFailed(f"server refused the connection: HTTP {status} {text}".rstrip())
 
 
-def _body_text(body: bytes | bytearray | None) -> str:
+def _body_text(body: bytes) -> str:
     """A server's short error text, made safe to print."""
-    if not body:
-        return ""
     text = body[:300].decode("utf-8", "replace").strip()
     return "".join(c if c.isprintable() else "?" for c in text)

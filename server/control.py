@@ -2,9 +2,10 @@
 
 Everything is decided before the websocket upgrade, in the HTTP handshake
 (docs/security.md): a token in the URL is refused, a browser's ``Origin`` is
-refused, a missing or wrong bearer token gets 401, and a client speaking
-another protocol version gets 426 with a message saying which. Only then is
-the connection upgraded and the HELLO exchanged.
+refused, an address with too many failures gets 429, a missing or wrong
+bearer token gets 401, and a client speaking another protocol version gets
+426 with a message saying which. Only then is the connection upgraded and
+the HELLO exchanged.
 """
 
 from __future__ import annotations
@@ -14,12 +15,8 @@ import json
 import logging
 import secrets
 from collections.abc import Callable
-from http import HTTPStatus
 from typing import Any, Final
 
-import websockets
-from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from server.config import ServerConfig
@@ -29,28 +26,17 @@ from server.registry import ConnectedClient, Registry, Route, normalize_host, va
 from tunnel.auth import TokenVerifier, bearer_token
 from tunnel.errors import ErrorCode, ProtocolError, SessionClosed
 from tunnel.mux import Multiplexer, Role, Settings
-from tunnel.session import MAX_RECEIVE_MESSAGE_BYTES, Session, WebSocketChannel
+from tunnel.session import Session
 from tunnel.tls import server_context
 from tunnel.version import SOFTWARE
+from tunnel.websocket import HANDSHAKE_TIMEOUT_S, SUBPROTOCOL, ServerConnection, rejection
 
 logger = logging.getLogger("homeport.server")
 
 CONNECT_PATH: Final = "/connect"
 HEALTH_PATH: Final = "/healthz"
 STATUS_PATH: Final = "/status"
-SUBPROTOCOL: Final = "homeport.v1"
 MAX_ROUTES: Final = 64
-HANDSHAKE_TIMEOUT_S: Final = 10.0
-
-
-def _plain(status: int, text: str, extra: dict[str, str] | None = None) -> Response:
-    body = (text + "\n").encode()
-    headers = Headers(
-        {"Content-Type": "text/plain; charset=utf-8", "Content-Length": str(len(body))}
-    )
-    for name, value in (extra or {}).items():
-        headers[name] = value
-    return Response(status, HTTPStatus(status).phrase, headers, body)
 
 
 class ControlServer:
@@ -70,7 +56,8 @@ class ControlServer:
         self.sessions: set[Session] = set()
         self.auth_failures = 0
         self.limiter = AuthLimiter(max_failures=config.max_auth_failures)
-        self._server: Server | None = None
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def listen(self) -> list[tuple[str, int]]:
         """Start listening; return the bound addresses.
@@ -83,80 +70,72 @@ class ControlServer:
         tls = None
         if config.tls_cert is not None and config.tls_key is not None:
             tls = server_context(config.tls_cert, config.tls_key)
-        self._server = await serve(
-            self._handle,
-            self.config.bind,
-            self.config.control_port,
-            process_request=self._process_request,
-            subprotocols=[websockets.Subprotocol(SUBPROTOCOL)],
-            compression=None,
-            server_header=None,
-            open_timeout=HANDSHAKE_TIMEOUT_S,
-            ping_interval=None,  # the session's own heartbeat covers liveness
-            close_timeout=2,
-            max_size=MAX_RECEIVE_MESSAGE_BYTES,
-            max_queue=64,
-            write_limit=256 * 1024,
-            reuse_address=True,
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: ServerConnection(self._decide, self._opened),
+            config.bind,
+            config.control_port,
             ssl=tls,
+            ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S if tls else None,
+            backlog=config.backlog,
+            reuse_address=True,
         )
         return [sock.getsockname()[:2] for sock in self._server.sockets]
 
     def stop_accepting(self) -> None:
         if self._server is not None:
-            self._server.close(close_connections=False)
+            self._server.close()
 
     async def close_sessions(self, code: ErrorCode, reason: str) -> None:
+        """Close every session with ``code`` and wait for them to end."""
         for session in list(self.sessions):
             session.close(code, reason)
-        for session in list(self.sessions):
-            await session.wait_closed()
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks))
 
     # -- the HTTP handshake ------------------------------------------------------------
 
-    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+    def _decide(self, connection: ServerConnection, request: Request) -> Response | None:
+        """Answer a request on the control port, or return None to upgrade it."""
         path, _, query = request.path.partition("?")
         upgrade = "Upgrade" in request.headers
         if path == HEALTH_PATH and not upgrade:
-            return _plain(200, "ok")
+            return rejection(200, "ok")
         if path not in (CONNECT_PATH, STATUS_PATH) or (path == STATUS_PATH and upgrade):
-            return _plain(404, "not found")
+            return rejection(404, "not found")
         if query:
             # A token must never travel in a URL (it ends up in logs and
             # histories); refuse any query without ever logging it.
-            return _plain(400, "query strings are not accepted; send the token in a header")
+            return rejection(400, "query strings are not accepted; send the token in a header")
         if "Origin" in request.headers:
-            return _plain(403, "browsers may not open tunnels")
-        source = _host(connection)
+            return rejection(403, "browsers may not open tunnels")
+        source = connection.remote_address.rpartition(":")[0].strip("[]")
         now = asyncio.get_running_loop().time()
         if self.limiter.blocked(source, now):
-            return _plain(429, "too many failed attempts; try again later", {"Retry-After": "60"})
+            return rejection(
+                429, "too many failed attempts; try again later", {"Retry-After": "60"}
+            )
         token = bearer_token(request.headers.get("Authorization"))
         if not self.verifier.verify(token):
             self.auth_failures += 1
             self.limiter.failed(source, now)
             logger.warning(
                 "rejected a client from %s: %s token",
-                _address(connection),
+                connection.remote_address,
                 "missing" if token is None else "wrong",
             )
-            return _plain(401, "unauthorized", {"WWW-Authenticate": 'Bearer realm="homeport"'})
+            return rejection(401, "unauthorized", {"WWW-Authenticate": 'Bearer realm="homeport"'})
         self.limiter.succeeded(source)
         if path == STATUS_PATH:
-            body = json.dumps(self.status() if self.status else {}, indent=2) + "\n"
-            headers = Headers({"Content-Type": "application/json", "Cache-Control": "no-store"})
-            headers["Content-Length"] = str(len(body.encode()))
-            return Response(200, "OK", headers, body.encode())
+            body = json.dumps(self.status() if self.status else {}, indent=2)
+            return rejection(200, body, {"Cache-Control": "no-store"}, "application/json")
         offered = [
             p.strip()
             for value in request.headers.get_all("Sec-WebSocket-Protocol")
             for p in value.split(",")
         ]
         if SUBPROTOCOL not in offered:
-            return _plain(
+            return rejection(
                 426,
                 f"protocol version mismatch: this exit server speaks {SUBPROTOCOL}, "
                 f"the client offered {', '.join(offered) or 'none'}; "
@@ -165,13 +144,19 @@ class ControlServer:
             )
         return None
 
+    def _opened(self, connection: ServerConnection, request: Request) -> None:
+        task = asyncio.get_running_loop().create_task(
+            self._serve(connection), name=f"session-{connection.remote_address}"
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     # -- the session -------------------------------------------------------------------
 
-    async def _handle(self, websocket: ServerConnection) -> None:
+    async def _serve(self, connection: ServerConnection) -> None:
         loop = asyncio.get_running_loop()
         config = self.config
-        address = _address(websocket)
-        channel = WebSocketChannel(websocket)
+        address = connection.remote_address
         mux = Multiplexer(
             Role.SERVER,
             Settings(max_concurrent_streams=0),
@@ -179,14 +164,15 @@ class ControlServer:
             heartbeat_timeout_s=config.heartbeat_timeout_s,
             now=loop.time(),
         )
-        session = Session(channel, mux, name=address)
+        session = Session(connection, mux, name=address)
         try:
             hello = await session.wait_hello()
             name, routes = _read_client_hello(hello)
         except (ProtocolError, SessionClosed) as exc:
             reason = exc.message if isinstance(exc, ProtocolError) else exc.reason
             logger.warning("client from %s failed its HELLO: %s", address, reason)
-            await channel.close(exc.code, f"HELLO rejected: {reason}")
+            connection.close(exc.code, f"HELLO rejected: {reason}")
+            await connection.wait_closed()
             return
         session_id = secrets.token_hex(8)
         session.name = name
@@ -272,16 +258,3 @@ def _read_client_hello(hello: dict[str, Any]) -> tuple[str, dict[str, Route]]:
 def _describe(route: Route) -> str:
     name = route.host or "the default route"
     return f"{name} (paths {', '.join(route.allow_paths)})" if route.allow_paths else name
-
-
-def _host(connection: ServerConnection) -> str:
-    peer = connection.remote_address
-    return str(peer[0]) if peer else "-"
-
-
-def _address(connection: ServerConnection) -> str:
-    peer = connection.remote_address
-    if not peer:
-        return "-"
-    host, port = peer[0], peer[1]
-    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"

@@ -54,12 +54,15 @@ from tunnel.session import Stream, StreamHandler
 if TYPE_CHECKING:
     from server.config import ServerConfig
 
+_kind_of = h.kind_of
 logger = logging.getLogger("homeport.server")
 access_logger = logging.getLogger("homeport.server.access")
 
 #: Requests parsed ahead of the one being answered (HTTP/1.1 pipelining).
 #: More than this and the connection is closed after the queued ones.
 MAX_PIPELINED_REQUESTS: Final = 32
+#: How often late upstreams are looked for: response timeouts fire within this.
+SWEEP_INTERVAL_S: Final = 0.5
 #: Bytes a visitor may send after a WebSocket upgrade request before the
 #: upstream has answered; beyond it we stop reading.
 MAX_EARLY_UPGRADE_BYTES: Final = 64 * 1024
@@ -109,8 +112,7 @@ class _Request:
 
     started_at: float
     target: bytes = b""
-    headers: list[h.Header] = field(default_factory=list)
-    head_size: int = 0
+    block: h.HeaderBlock = field(default_factory=h.HeaderBlock)
     method: bytes = b""
     version: str = "1.1"
     host: str | None = None
@@ -143,8 +145,11 @@ class PublicServer:
         self.in_flight = 0
         self.closing = False
         self._servers: list[asyncio.Server] = []
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._drained: asyncio.Event | None = None
+        #: exchanges waiting for a response head, with their deadlines, in
+        #: deadline order (one timeout for all, so insertion order)
+        self.awaiting_response: dict[Exchange, float] = {}
+        self._sweeper: asyncio.TimerHandle | None = None
 
     async def listen(self, host: str | None, port: int) -> list[tuple[str, int]]:
         """Start listening; return the bound addresses."""
@@ -157,22 +162,43 @@ class PublicServer:
             reuse_address=True,
         )
         self._servers.append(server)
+        if self._sweeper is None:
+            self._sweeper = loop.call_later(SWEEP_INTERVAL_S, self._sweep)
         return [sock.getsockname()[:2] for sock in server.sockets]
 
     def exchange_started(self) -> None:
         self.in_flight += 1
-        self._idle.clear()
 
     def exchange_ended(self) -> None:
         self.in_flight -= 1
-        if self.in_flight == 0:
-            self._idle.set()
+        if self.in_flight == 0 and self._drained is not None:
+            self._drained.set()
+
+    def _sweep(self) -> None:
+        """Time out exchanges whose upstream is late; runs every second.
+
+        One timer for all, rather than one per request (a timer costs more
+        than the rest of an exchange's bookkeeping, docs/performance.md).
+        """
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        late = []
+        for exchange, deadline in self.awaiting_response.items():
+            if deadline > now:
+                break
+            late.append(exchange)
+        for exchange in late:
+            self.awaiting_response.pop(exchange, None)
+            exchange.timed_out()
+        self._sweeper = loop.call_later(SWEEP_INTERVAL_S, self._sweep)
 
     def begin_shutdown(self) -> None:
         """Stop accepting; close idle connections; busy ones close after their response."""
         self.closing = True
         for server in self._servers:
             server.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         for connection in list(self.connections):
             connection.shut_down()
 
@@ -186,7 +212,9 @@ class PublicServer:
 
     async def wait_drained(self) -> None:
         """Wait until no request is in flight."""
-        await self._idle.wait()
+        if self.in_flight:
+            self._drained = asyncio.Event()
+            await self._drained.wait()
 
     def abort_all(self) -> None:
         for connection in list(self.connections):
@@ -357,15 +385,18 @@ class VisitorConnection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         request = self._request
         assert request is not None
+        block = request.block
         size = len(name) + len(value)
-        request.head_size += size + 4
-        if (
-            size > h.MAX_FIELD_BYTES
-            or len(request.headers) >= h.MAX_HEADERS
-            or request.head_size > h.MAX_HEAD_BYTES
-        ):
+        items = block.items
+        if size > h.MAX_FIELD_BYTES or len(items) >= h.MAX_HEADERS or block.size > h.MAX_HEAD_BYTES:
             raise _Reject(431)
-        request.headers.append((name, value))
+        # HeaderBlock.add, inline: this runs once per header of every request.
+        items.append((name, value))
+        block.size += size + 4
+        kind = _kind_of(name.lower(), 0)
+        block.kinds.append(kind)
+        if kind:
+            block.noted(kind, value)
 
     def on_headers_complete(self) -> None:
         request = self._request
@@ -376,6 +407,9 @@ class VisitorConnection(asyncio.Protocol):
         request.version = parser.get_http_version()
         request.keep_alive = parser.should_keep_alive()
         self._validate(request, upgrade=parser.should_upgrade())
+        # A request without a body is whole once its head is: an answer given
+        # now (a 503, a 403) may keep the connection alive.
+        request.complete = not request.has_body and not request.upgrade
         if request.has_body:
             self._arm(_Timer.BODY, self.config.body_timeout_s)
         else:
@@ -422,15 +456,18 @@ class VisitorConnection(asyncio.Protocol):
         target = request.target
         if not (target.startswith(b"/") or (target == b"*" and request.method == b"OPTIONS")):
             raise _Reject(400)  # absolute-form: we are not a forward proxy
-        hosts = h.values(request.headers, b"host")
+        block = request.block
+        if block.size > h.MAX_HEAD_BYTES:
+            raise _Reject(431)
+        hosts = block.values(h.HOST)
         if len(hosts) > 1 or (not hosts and request.version == "1.1"):
             raise _Reject(400)
         if hosts:
-            request.host = normalize_host(hosts[0].decode("latin-1"))
+            request.host = normalize_host(hosts[0])
             if request.host is None:
                 raise _Reject(400)
-        codings = h.values(request.headers, b"transfer-encoding")
-        lengths = h.values(request.headers, b"content-length")
+        codings = block.values(h.TRANSFER_ENCODING)
+        lengths = block.values(h.CONTENT_LENGTH)
         if codings:
             if request.version != "1.1" or len(codings) != 1 or codings[0].lower() != b"chunked":
                 raise _Reject(400)
@@ -441,11 +478,11 @@ class VisitorConnection(asyncio.Protocol):
             max_body = self.config.max_body_bytes
             if max_body is not None and length > max_body:
                 raise _Reject(413)
-        expect = h.values(request.headers, b"expect")
+        expect = block.values(h.EXPECT)
         if expect and (len(expect) > 1 or expect[0].lower() != b"100-continue"):
             raise _Reject(417)
         if upgrade:
-            if not h.is_websocket_upgrade(request.headers):
+            if not block.is_websocket_upgrade():
                 # Only WebSocket may switch protocols through us (no h2c smuggling).
                 raise _Reject(400)
             if not self.config.websocket_passthrough or request.has_body:
@@ -672,8 +709,7 @@ class Exchange(StreamHandler):
         self.bytes_out = 0
         self._parser = httptools.HttpResponseParser(self)
         self._reason = b""
-        self._headers: list[h.Header] = []
-        self._head_size = 0
+        self._block = h.HeaderBlock()
         self._got_response_bytes = False
         self._chunked_out = False
         self._close_delimited = False
@@ -682,7 +718,6 @@ class Exchange(StreamHandler):
         self._message_complete = False
         self._head_only = False
         self._out: list[bytes] = []
-        self._timer: asyncio.TimerHandle | None = None
 
     # -- request side ------------------------------------------------------------------
 
@@ -690,7 +725,6 @@ class Exchange(StreamHandler):
         request = self.request
         config = self.connection.config
         self.attempts += 1
-        self._cancel_timer()
         try:
             if fresh:
                 self.stream = self.client.session.open_stream(self.route, self)
@@ -705,7 +739,7 @@ class Exchange(StreamHandler):
             h.upstream_request_head(
                 request.method,
                 request.target,
-                request.headers,
+                request.block,
                 visitor_ip=self.connection.visitor_ip,
                 proto="http",
                 host_rewrite=route.host_rewrite if route else None,
@@ -719,9 +753,9 @@ class Exchange(StreamHandler):
         request.buffered.clear()
         if request.complete:
             self.request_complete()
-        self._timer = asyncio.get_running_loop().call_later(
-            config.response_timeout_s, self._timed_out
-        )
+        server = self.connection.server
+        server.awaiting_response.pop(self, None)  # a retry goes to the back
+        server.awaiting_response[self] = self.connection._loop.time() + config.response_timeout_s
 
     def send_body(self, body: bytes) -> None:
         stream = self.stream
@@ -820,13 +854,17 @@ class Exchange(StreamHandler):
             raise _BadResponse
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._head_size += len(name) + len(value) + 4
-        if (
-            len(self._headers) >= h.MAX_RESPONSE_HEADERS
-            or self._head_size > h.MAX_RESPONSE_HEAD_BYTES
-        ):
+        block = self._block
+        items = block.items
+        if len(items) >= h.MAX_RESPONSE_HEADERS or block.size > h.MAX_RESPONSE_HEAD_BYTES:
             raise _BadResponse
-        self._headers.append((name, value))
+        # HeaderBlock.add, inline: this runs once per header of every response.
+        items.append((name, value))
+        block.size += len(name) + len(value) + 4
+        kind = _kind_of(name.lower(), 0)
+        block.kinds.append(kind)
+        if kind:
+            block.noted(kind, value)
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
@@ -836,8 +874,8 @@ class Exchange(StreamHandler):
             raise _BadResponse
         if status < 200 and status != 101:
             if request.version == "1.1":
-                self._out.append(h.informational_head(status, self._reason, self._headers))
-            self._reason, self._headers, self._head_size = b"", [], 0
+                self._out.append(h.informational_head(status, self._reason, self._block))
+            self._reason, self._block = b"", h.HeaderBlock()
             return
         if status == 101 and not request.upgrade:
             raise _BadResponse
@@ -846,7 +884,7 @@ class Exchange(StreamHandler):
         # Only meaningful while this message is current: llhttp resets after it.
         self._upstream_keep_alive = self._parser.should_keep_alive()
         http10 = request.version == "1.0"
-        headers = self._headers
+        block = self._block
         head_only = request.method == b"HEAD" or status in (204, 304)
         if status == 101:
             framing, keep_alive = h.Framing.NONE, False
@@ -854,12 +892,12 @@ class Exchange(StreamHandler):
             framing = h.Framing.NONE if status == 204 else h.Framing.HEAD
             keep_alive = request.keep_alive
         else:
-            codings = h.values(headers, b"transfer-encoding")
+            codings = block.values(h.TRANSFER_ENCODING)
             if codings:
                 if len(codings) != 1 or codings[0].strip().lower() != b"chunked":
                     raise _BadResponse  # a transfer coding we would pass on undecoded
                 self._chunked_out = not http10
-            elif h.values(headers, b"content-length"):
+            elif block.values(h.CONTENT_LENGTH):
                 framing = h.Framing.LENGTH
             else:
                 self._close_delimited = True
@@ -877,7 +915,7 @@ class Exchange(StreamHandler):
             h.visitor_response_head(
                 status,
                 self._reason,
-                headers,
+                block,
                 framing=framing,
                 keep_alive=keep_alive,
                 http10_visitor=http10,
@@ -937,8 +975,8 @@ class Exchange(StreamHandler):
             self.bytes_out += len(upstream_tail)
             self.connection.write(upstream_tail)
 
-    def _timed_out(self) -> None:
-        self._timer = None
+    def timed_out(self) -> None:
+        """The upstream has not answered within the response timeout."""
         if not self.head_sent and not self.done:
             if self.stream is not None:
                 self.stream.reset()
@@ -1016,9 +1054,7 @@ class Exchange(StreamHandler):
         self.abort()
 
     def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self.connection.server.awaiting_response.pop(self, None)
 
     def _log(self) -> None:
         log_access(

@@ -41,11 +41,28 @@ _LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
 _CLIENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 
 
-def normalize_host(value: str) -> str | None:
+def normalize_host(value: bytes | str) -> str | None:
     """A Host header value as a route key: lower case, no port, no trailing dot.
 
-    Returns None for a value that is not a host name or IP literal.
+    Returns None for a value that is not a host name or IP literal. Results
+    are cached: a server sees the same few Host values over and over.
     """
+    cached = _HOST_CACHE.get(value)
+    if cached is not None or value in _HOST_CACHE:
+        return cached
+    text = value.decode("latin-1") if isinstance(value, bytes) else value
+    result = _normalize_host(text)
+    if len(_HOST_CACHE) >= _HOST_CACHE_SIZE:
+        _HOST_CACHE.clear()
+    _HOST_CACHE[value] = result
+    return result
+
+
+_HOST_CACHE: dict[bytes | str, str | None] = {}
+_HOST_CACHE_SIZE: Final = 4096
+
+
+def _normalize_host(value: str) -> str | None:
     host = value.strip().lower()
     if host.startswith("["):  # IPv6 literal, maybe with a port
         end = host.find("]")
@@ -129,7 +146,9 @@ class ConnectedClient:
     session_id: str
     max_streams: int
     connected_at: float = field(default_factory=time.time)
-    _idle: dict[str, dict[Stream, asyncio.TimerHandle]] = field(default_factory=dict)
+    #: per route, idle streams and since when (loop time), oldest first
+    _idle: dict[str, dict[Stream, float]] = field(default_factory=dict)
+    _sweeper: asyncio.TimerHandle | None = None
 
     def acquire(self, route: str, handler: StreamHandler) -> tuple[Stream, bool]:
         """A stream to ``route``'s upstream for one exchange: a pooled one if any.
@@ -142,8 +161,7 @@ class ConnectedClient:
         """
         idle = self._idle.get(route)
         while idle:
-            stream, timer = idle.popitem()
-            timer.cancel()
+            stream, _ = idle.popitem()  # the most recently used: warmest, least likely stale
             if not (stream.is_closing() or stream.remote_ended):
                 stream.set_handler(handler)
                 return stream, True
@@ -157,8 +175,10 @@ class ConnectedClient:
             self.retire(stream)
             return
         stream.set_handler(_Idle(self, stream))
-        timer = asyncio.get_running_loop().call_later(POOL_IDLE_TIMEOUT_S, self._expire, stream)
-        self._idle.setdefault(stream.route, {})[stream] = timer
+        loop = asyncio.get_running_loop()
+        self._idle.setdefault(stream.route, {})[stream] = loop.time()
+        if self._sweeper is None:
+            self._sweeper = loop.call_later(POOL_IDLE_TIMEOUT_S, self._sweep)
 
     def retire(self, stream: Stream) -> None:
         """End a stream that must not be reused, letting the upstream close gracefully."""
@@ -172,22 +192,33 @@ class ConnectedClient:
         """Take a stream out of the pool, if it is there."""
         idle = self._idle.get(stream.route)
         if idle is not None:
-            timer = idle.pop(stream, None)
-            if timer is not None:
-                timer.cancel()
+            idle.pop(stream, None)
 
-    def _expire(self, stream: Stream) -> None:
-        idle = self._idle.get(stream.route)
-        if idle is not None and idle.pop(stream, None) is not None:
+    def _sweep(self) -> None:
+        """Retire streams idle for POOL_IDLE_TIMEOUT_S; one timer per client, not per stream."""
+        loop = asyncio.get_running_loop()
+        oldest_allowed = loop.time() - POOL_IDLE_TIMEOUT_S
+        stale = []
+        for idle in self._idle.values():
+            for stream, since in idle.items():
+                if since > oldest_allowed:
+                    break
+                stale.append(stream)
+        for stream in stale:
             self.retire(stream)
+        self._sweeper = None
+        if any(self._idle.values()):
+            self._sweeper = loop.call_later(1.0, self._sweep)
 
     def idle_streams(self) -> int:
         return sum(len(idle) for idle in self._idle.values())
 
     def close_pool(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for idle in self._idle.values():
-            for stream, timer in list(idle.items()):
-                timer.cancel()
+            for stream in list(idle):
                 stream.reset(ErrorCode.CANCEL)
             idle.clear()
 
@@ -235,6 +266,10 @@ class Registry:
         for key in (host, DEFAULT_ROUTE) if host else (DEFAULT_ROUTE,):
             serving = self._by_host.get(key)
             if not serving:
+                continue
+            if len(serving) == 1:
+                if not serving[0].session.is_closing:
+                    return serving[0], key
                 continue
             live = [c for c in serving if not c.session.is_closing]
             if live:

@@ -1,5 +1,8 @@
 """Events the multiplexer returns: past-tense facts about what the peer did.
 
+Plain slotted dataclasses, not frozen ones: one is made per frame received,
+and freezing costs three times the construction (docs/performance.md).
+
 :meth:`tunnel.mux.Multiplexer.receive_data` and
 :meth:`~tunnel.mux.Multiplexer.handle_timer` return lists of these; the
 asyncio session turns them into calls on stream handlers.
@@ -13,14 +16,14 @@ from typing import Any
 from tunnel.errors import ErrorCode
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class HelloReceived:
     """The peer's HELLO arrived and its version matched ours."""
 
     fields: dict[str, Any]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StreamOpened:
     """The peer opened a stream to the upstream of ``route``."""
 
@@ -28,7 +31,7 @@ class StreamOpened:
     route: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class DataReceived:
     """Bytes arrived on a stream. Return credit with ``acknowledge`` once consumed."""
 
@@ -36,14 +39,14 @@ class DataReceived:
     data: bytes | memoryview
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StreamEnded:
     """The peer half-closed the stream: it will send no more bytes on it."""
 
     stream_id: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StreamReset:
     """The peer reset the stream (or refused it, after a GO_AWAY)."""
 
@@ -51,7 +54,7 @@ class StreamReset:
     code: ErrorCode
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class WindowUpdated:
     """The peer granted more credit; buffered bytes for the stream may now flow."""
 
@@ -59,14 +62,14 @@ class WindowUpdated:
     increment: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PingAcknowledged:
     """The peer answered our latest heartbeat, sent at ``sent_at`` in the caller's clock."""
 
     sent_at: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class GoAwayReceived:
     """The peer will open no new streams and wants none from us."""
 
@@ -75,7 +78,7 @@ class GoAwayReceived:
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class HeartbeatTimedOut:
     """Nothing came back from the peer within the heartbeat timeout: the link is dead."""
 

@@ -1,29 +1,30 @@
 """The asyncio session: drives a :class:`~tunnel.mux.Multiplexer` over one websocket.
 
-A session has three tasks: a reader that feeds each message to the
-multiplexer and turns the events into calls on stream handlers, a writer
-that drains :meth:`~tunnel.mux.Multiplexer.data_to_send` (coalescing
-whatever was written meanwhile into one message), and a timer for the
-heartbeat. Streams have no task of their own: like asyncio transports they
-call a :class:`StreamHandler` back, and the handler applies backpressure
-with :meth:`Stream.pause_reading` and reacts to
+The session runs no task of its own. The websocket connection
+(:mod:`tunnel.websocket`) calls :meth:`Session.message_received` from its
+``data_received``, and the session feeds the multiplexer and calls stream
+handlers back in that same callback. What the multiplexer has to send is
+flushed by one ``call_soon`` per loop iteration, so everything written in
+the meantime (by every stream) leaves in one message. The heartbeat is a
+``call_at`` timer.
+
+Streams have no task either: like asyncio transports they call a
+:class:`StreamHandler` back, and the handler applies backpressure with
+:meth:`Stream.pause_reading` and reacts to
 :meth:`StreamHandler.pause_writing`. So a forwarder pipes a TCP connection
-into a stream with no task at all, and the reader never waits on any one
-stream's consumer: what a slow consumer has not read stays within its
-window (protocol.md §6).
+into a stream with callbacks only, and a slow consumer never holds up the
+session: what it has not read stays within its window (protocol.md §6).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
-
-import websockets
-from websockets.asyncio.connection import Connection
 
 from tunnel import events as ev
 from tunnel.errors import (
@@ -35,6 +36,7 @@ from tunnel.errors import (
     TunnelError,
 )
 from tunnel.mux import DEFAULT_MAX_MESSAGE_BYTES, Multiplexer
+from tunnel.websocket import CLOSE_TIMEOUT_S, MessageHandler
 
 logger = logging.getLogger("homeport.tunnel")
 
@@ -42,105 +44,30 @@ logger = logging.getLogger("homeport.tunnel")
 #: sent, and resumed below the low mark: memory per stream stays bounded.
 STREAM_WRITE_HIGH_WATER_BYTES: Final = 256 * 1024
 STREAM_WRITE_LOW_WATER_BYTES: Final = 64 * 1024
-#: Websocket messages are at most this big; the peer's limit must exceed it.
+#: Websocket messages we send are at most this big (the peer accepts 2 MiB).
 MAX_MESSAGE_BYTES: Final = DEFAULT_MAX_MESSAGE_BYTES
-#: The limit we accept: one message plus room for queued control frames.
-MAX_RECEIVE_MESSAGE_BYTES: Final = 2 * MAX_MESSAGE_BYTES
 HELLO_TIMEOUT_S: Final = 10.0
-CLOSE_TIMEOUT_S: Final = 2.0
-
-# Websocket close codes (RFC 6455 §7.4) and homeport's own range 4000-4015,
-# one per ErrorCode, for the ends the standard codes do not name.
-_WS_CODE_FOR_ERROR: Final = {
-    ErrorCode.NO_ERROR: 1000,
-    ErrorCode.GOING_AWAY: 1001,
-    ErrorCode.PROTOCOL_ERROR: 1002,
-    ErrorCode.STREAM_CLOSED: 1002,
-    ErrorCode.FLOW_CONTROL_ERROR: 1002,
-    ErrorCode.FRAME_SIZE_ERROR: 1009,
-    ErrorCode.ENHANCE_YOUR_CALM: 1008,
-    ErrorCode.INTERNAL_ERROR: 1011,
-}
-_ERROR_FOR_WS_CODE: Final = {
-    1000: ErrorCode.NO_ERROR,
-    1001: ErrorCode.GOING_AWAY,
-    1002: ErrorCode.PROTOCOL_ERROR,
-    1003: ErrorCode.PROTOCOL_ERROR,
-    1007: ErrorCode.PROTOCOL_ERROR,
-    1008: ErrorCode.ENHANCE_YOUR_CALM,
-    1009: ErrorCode.FRAME_SIZE_ERROR,
-    1011: ErrorCode.INTERNAL_ERROR,
-}
-
-
-def ws_close_code(code: ErrorCode) -> int:
-    """The websocket close code that ends a session for ``code``."""
-    return _WS_CODE_FOR_ERROR.get(code, 4000 + int(code))
-
-
-def error_code_for_close(ws_code: int | None) -> ErrorCode:
-    """The :class:`ErrorCode` a received websocket close code stands for."""
-    if ws_code is None:
-        return ErrorCode.INTERNAL_ERROR
-    if 4000 <= ws_code <= 4000 + max(ErrorCode):
-        return ErrorCode(ws_code - 4000)
-    return _ERROR_FOR_WS_CODE.get(ws_code, ErrorCode.INTERNAL_ERROR)
 
 
 class Channel(Protocol):
-    """An ordered, reliable channel of binary messages (a websocket, or a test pair)."""
+    """An ordered, reliable channel of binary messages: a websocket, or a test pair.
 
-    async def send(self, message: bytes) -> None:
-        """Send one message. Raises SessionClosed when the channel is gone."""
+    It calls its ``handler`` (the session) back with what arrives; sends
+    never block (a paused channel is one whose buffer is above its high mark).
+    """
 
-    async def recv(self) -> bytes:
-        """Receive one message. Raises SessionClosed when the channel is gone."""
+    handler: MessageHandler | None
 
-    async def close(self, code: ErrorCode, reason: str) -> None:
-        """Close politely, waiting briefly for the peer."""
+    @property
+    def paused(self) -> bool: ...
 
-    def abort(self) -> None:
-        """Drop the connection at once (the peer is presumed dead)."""
+    def send_message(self, message: bytes) -> None: ...
 
+    def close(self, code: ErrorCode, reason: str) -> None: ...
 
-class WebSocketChannel:
-    """:class:`Channel` over a websockets connection: foreign errors mapped here, once."""
+    def abort(self) -> None: ...
 
-    def __init__(self, websocket: Connection) -> None:
-        self.websocket = websocket
-
-    async def send(self, message: bytes) -> None:
-        try:
-            await self.websocket.send(message)
-        except websockets.ConnectionClosed as exc:
-            raise _session_closed_from(exc) from None
-
-    async def recv(self) -> bytes:
-        try:
-            message = await self.websocket.recv()
-        except websockets.ConnectionClosed as exc:
-            raise _session_closed_from(exc) from None
-        if isinstance(message, str):
-            await self.websocket.close(1003, "binary messages only")
-            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "text message received")
-        return message
-
-    async def close(self, code: ErrorCode, reason: str) -> None:
-        try:
-            async with asyncio.timeout(CLOSE_TIMEOUT_S):
-                await self.websocket.close(ws_close_code(code), reason[:120])
-        except (TimeoutError, OSError):
-            self.abort()
-
-    def abort(self) -> None:
-        self.websocket.transport.abort()
-
-
-def _session_closed_from(exc: websockets.ConnectionClosed) -> SessionClosed:
-    close = exc.rcvd or exc.sent
-    if close is None:
-        return SessionClosed(ErrorCode.INTERNAL_ERROR, "connection lost")
-    return SessionClosed(error_code_for_close(close.code), close.reason)
+    async def wait_closed(self) -> None: ...
 
 
 class StreamHandler:
@@ -240,7 +167,7 @@ class Stream:
         session = self._session
         session.mux.send_data(self.stream_id, data)
         session.bytes_written += len(data)
-        session.wake_writer()
+        session.flush_soon()
         if (
             not self._write_paused
             and session.mux.buffered_bytes(self.stream_id) > STREAM_WRITE_HIGH_WATER_BYTES
@@ -255,7 +182,7 @@ class Stream:
             return
         self._local_ended = True
         self._session.mux.end_stream(self.stream_id)
-        self._session.wake_writer()
+        self._session.flush_soon()
         if self._remote_ended and not self._inbox:
             self._finish(None)
 
@@ -264,7 +191,7 @@ class Stream:
         if self._closed:
             return
         self._session.mux.reset_stream(self.stream_id, code)
-        self._session.wake_writer()
+        self._session.flush_soon()
         self._finish(StreamReset(self.stream_id, code, remote=False))
 
     def pause_reading(self) -> None:
@@ -277,7 +204,7 @@ class Stream:
             return
         self._reading_paused = False
         self._drain_inbox()
-        self._session.wake_writer()
+        self._session.flush_soon()
 
     def get_write_buffer_size(self) -> int:
         """Bytes queued on this stream and not yet sent."""
@@ -292,9 +219,16 @@ class Stream:
         self._deliver(data)
 
     def _deliver(self, data: bytes | memoryview) -> None:
-        self._session.bytes_read += len(data)
-        self._call(self._handler.data_received, data)
-        self._session.mux.acknowledge(self.stream_id, len(data))
+        # The hot path of every byte received: _call() inlined.
+        session = self._session
+        length = len(data)
+        session.bytes_read += length
+        try:
+            self._handler.data_received(data)
+        except Exception:
+            logger.exception("stream %d handler failed; resetting the stream", self.stream_id)
+            self._reset_after_failure()
+        session.mux.acknowledge(self.stream_id, length)
 
     def _drain_inbox(self) -> None:
         inbox = self._inbox
@@ -335,8 +269,11 @@ class Stream:
             callback(*args)
         except Exception:
             logger.exception("stream %d handler failed; resetting the stream", self.stream_id)
-            if not self._closed:
-                self.reset(ErrorCode.INTERNAL_ERROR)
+            self._reset_after_failure()
+
+    def _reset_after_failure(self) -> None:
+        if not self._closed:
+            self.reset(ErrorCode.INTERNAL_ERROR)
 
 
 @dataclass(frozen=True, slots=True)
@@ -388,22 +325,59 @@ class Session:
         self.messages_received = 0
         self.round_trip_s: float | None = None
         self.end: SessionEnd | None = None
-        self._writer_wakeup = asyncio.Event()
+        self.on_go_away: Callable[[ev.GoAwayReceived], None] | None = None
+        self._loop = asyncio.get_running_loop()
+        self._hello: asyncio.Future[dict[str, Any]] = self._loop.create_future()
         self._done = asyncio.Event()
         self._closed = asyncio.Event()
+        self._running = False
         self._pending_events: list[ev.Event] = []
-        self._close_request: tuple[ErrorCode, str] | None = None
-        self.on_go_away: Callable[[ev.GoAwayReceived], None] | None = None
+        self._flush_handle: asyncio.Handle | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._protocol_error: ProtocolError | None = None
+        channel.handler = self
 
     def __repr__(self) -> str:
         return f"<Session {self.name!r} streams={len(self.streams)}>"
 
-    # -- handshake -------------------------------------------------------------
+    # -- what the channel calls ---------------------------------------------------------
+
+    def message_received(self, message: bytes) -> None:
+        if self.end is not None:
+            return
+        self.messages_received += 1
+        try:
+            events = self.mux.receive_data(message)
+        except ProtocolError as exc:
+            logger.warning("! session %s: protocol error %s", self.name, exc)
+            self._protocol_error = exc
+            self._terminate(SessionEnd(exc.code, exc.message, by_peer=False))
+            return
+        for event in events:
+            if self._running:
+                self._dispatch(event)
+            elif isinstance(event, ev.HelloReceived) and not self._hello.done():
+                self._hello.set_result(event.fields)
+            else:
+                self._pending_events.append(event)
+        if self.mux.has_data_to_send:
+            self.flush_soon()
+
+    def channel_closed(self, code: ErrorCode, reason: str) -> None:
+        self._terminate(SessionEnd(code, reason, by_peer=True))
+
+    def channel_paused(self) -> None:
+        """The socket's buffer is full: stop sending until it drains."""
+
+    def channel_resumed(self) -> None:
+        self.flush_soon()
+
+    # -- handshake -------------------------------------------------------------------
 
     async def send_hello(self, fields: dict[str, Any]) -> None:
-        """Send our HELLO at once (before :meth:`run`)."""
+        """Send our HELLO at once."""
         self.mux.send_hello(fields)
-        await self._flush()
+        self._flush()
 
     async def wait_hello(self, timeout_s: float = HELLO_TIMEOUT_S) -> dict[str, Any]:
         """Wait for the peer's HELLO, which must come first; return its fields.
@@ -412,28 +386,23 @@ class Session:
             ProtocolError: the first frame was not a valid HELLO, or versions differ.
             SessionClosed: the channel closed or the HELLO took longer than ``timeout_s``.
         """
+        ended: asyncio.Future[Any] = asyncio.ensure_future(self._done.wait())
+        waiters: set[asyncio.Future[Any]] = {self._hello, ended}
         try:
             async with asyncio.timeout(timeout_s):
-                while True:
-                    message = await self.channel.recv()
-                    self.messages_received += 1
-                    events = self.mux.receive_data(message)
-                    if events:
-                        break
+                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         except TimeoutError:
             raise SessionClosed(ErrorCode.PROTOCOL_ERROR, "no HELLO within timeout") from None
-        hello = events[0]
-        if not isinstance(hello, ev.HelloReceived):  # the mux makes HELLO come first
-            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "expected HELLO")
-        self._pending_events.extend(events[1:])
-        return hello.fields
+        finally:
+            ended.cancel()
+        if self._hello.done():
+            return self._hello.result()
+        if self._protocol_error is not None:
+            raise self._protocol_error
+        assert self.end is not None
+        raise SessionClosed(self.end.code, self.end.reason)
 
-    async def _flush(self) -> None:
-        while data := self.mux.data_to_send(MAX_MESSAGE_BYTES):
-            await self.channel.send(data)
-            self.messages_sent += 1
-
-    # -- streams ---------------------------------------------------------------
+    # -- streams -----------------------------------------------------------------------
 
     def open_stream(self, route: str, handler: StreamHandler) -> Stream:
         """Open a stream to the peer's upstream for ``route``.
@@ -441,36 +410,53 @@ class Session:
         Raises:
             StreamClosed: the session is closing or the peer's stream limit is reached.
         """
-        if self._done.is_set():
+        if self.end is not None:
             raise StreamClosed(0, ErrorCode.REFUSED_STREAM, "session is closed")
         stream_id = self.mux.open_stream(route)
         stream = Stream(self, stream_id, route, handler)
         self.streams[stream_id] = stream
-        self.wake_writer()
+        self.flush_soon()
         return stream
 
     def forget_stream(self, stream: Stream) -> None:
         self.streams.pop(stream.stream_id, None)
         self.paused_writers.discard(stream)
 
-    def wake_writer(self) -> None:
-        self._writer_wakeup.set()
+    def flush_soon(self) -> None:
+        """Send what the multiplexer has, once, at the end of this loop iteration."""
+        if self._flush_handle is None and self.end is None:
+            self._flush_handle = self._loop.call_soon(self._flush)
 
-    # -- lifecycle ---------------------------------------------------------------
+    def _flush(self) -> None:
+        self._flush_handle = None
+        channel = self.channel
+        mux = self.mux
+        while not channel.paused and (data := mux.data_to_send(MAX_MESSAGE_BYTES)):
+            channel.send_message(data)
+            self.messages_sent += 1
+        if self.paused_writers:
+            self._resume_drained_writers()
+
+    def _resume_drained_writers(self) -> None:
+        buffered = self.mux.buffered_bytes
+        for stream in list(self.paused_writers):
+            if buffered(stream.stream_id) <= STREAM_WRITE_LOW_WATER_BYTES:
+                self.paused_writers.discard(stream)
+                stream._resume_writing()
+
+    # -- lifecycle ---------------------------------------------------------------------------
 
     def go_away(self, code: ErrorCode = ErrorCode.NO_ERROR, reason: str = "") -> None:
         """Announce that no new streams will be opened; open ones go on."""
         self.mux.go_away(code, reason)
-        self.wake_writer()
+        self.flush_soon()
 
     @property
     def is_closing(self) -> bool:
-        return self._done.is_set() or self.mux.local_going_away or self.mux.remote_going_away
+        return self.end is not None or self.mux.local_going_away or self.mux.remote_going_away
 
     def close(self, code: ErrorCode = ErrorCode.NO_ERROR, reason: str = "") -> None:
         """End the session: GO_AWAY, then close the websocket. :meth:`run` returns."""
-        if self._close_request is None:
-            self._close_request = (code, reason)
         self._terminate(SessionEnd(code, reason, by_peer=False))
 
     async def wait_closed(self) -> None:
@@ -482,19 +468,14 @@ class Session:
 
         Every stream still open is closed with :class:`SessionClosed`.
         """
+        self._running = True
         try:
-            for event in self._pending_events:
+            pending, self._pending_events = self._pending_events, []
+            for event in pending:
                 self._dispatch(event)
-            self._pending_events.clear()
-            async with asyncio.TaskGroup() as tasks:
-                children = [
-                    tasks.create_task(self._read_loop(), name=f"session-{self.name}-reader"),
-                    tasks.create_task(self._write_loop(), name=f"session-{self.name}-writer"),
-                    tasks.create_task(self._timer_loop(), name=f"session-{self.name}-timer"),
-                ]
-                await self._done.wait()
-                for child in children:
-                    child.cancel()
+            self._on_timer()
+            self.flush_soon()
+            await self._done.wait()
             assert self.end is not None
             await self._shut_channel(self.end)
             return self.end
@@ -502,30 +483,36 @@ class Session:
             if self.end is None:  # cancelled from outside
                 self.end = SessionEnd(ErrorCode.GOING_AWAY, "cancelled", by_peer=False)
                 self.channel.abort()
+            self._stop_timers()
             self._fail_streams(self.end)
             self._closed.set()
 
     def _terminate(self, end: SessionEnd) -> None:
         if self.end is None:
             self.end = end
-        self._done.set()
+            self._done.set()
 
     async def _shut_channel(self, end: SessionEnd) -> None:
+        channel = self.channel
         if end.by_peer:
             if end.code is ErrorCode.HEARTBEAT_TIMEOUT:
-                self.channel.abort()
+                channel.abort()
             else:
-                await self.channel.close(end.code, end.reason)
-            return
-        # Our decision: say why in a GO_AWAY, then close with the matching code.
-        self.mux.go_away(end.code, end.reason)
-        try:
-            async with asyncio.timeout(CLOSE_TIMEOUT_S):
-                await self._flush()
-        except (TimeoutError, SessionClosed):
-            self.channel.abort()
-            return
-        await self.channel.close(end.code, end.reason)
+                channel.close(end.code, end.reason)
+        else:
+            # Our decision: say why in a GO_AWAY, then close with the matching code.
+            self.mux.go_away(end.code, end.reason)
+            self._flush()
+            channel.close(end.code, end.reason)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CLOSE_TIMEOUT_S + 1):
+                await channel.wait_closed()
+
+    def _stop_timers(self) -> None:
+        for handle in (self._timer, self._flush_handle):
+            if handle is not None:
+                handle.cancel()
+        self._timer = self._flush_handle = None
 
     def _fail_streams(self, end: SessionEnd) -> None:
         error = SessionClosed(end.code, end.reason)
@@ -533,71 +520,26 @@ class Session:
             stream._finish(error)
         self.paused_writers.clear()
 
-    # -- the three tasks -----------------------------------------------------------
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self.end is not None:
+            return
+        for event in self.mux.handle_timer(self._loop.time()):
+            if isinstance(event, ev.HeartbeatTimedOut):
+                logger.warning(
+                    "! session %s: nothing heard for %.1f s, the link is dead",
+                    self.name,
+                    event.silent_s,
+                )
+                self._terminate(
+                    SessionEnd(ErrorCode.HEARTBEAT_TIMEOUT, "heartbeat timeout", by_peer=True)
+                )
+                return
+        if self.mux.has_data_to_send:
+            self.flush_soon()
+        self._timer = self._loop.call_at(self.mux.next_deadline(), self._on_timer)
 
-    async def _read_loop(self) -> None:
-        channel = self.channel
-        mux = self.mux
-        dispatch = self._dispatch
-        try:
-            while True:
-                message = await channel.recv()
-                self.messages_received += 1
-                for event in mux.receive_data(message):
-                    dispatch(event)
-                if mux.has_data_to_send:
-                    self._writer_wakeup.set()
-        except ProtocolError as exc:
-            logger.warning("! session %s: protocol error %s", self.name, exc)
-            self._terminate(SessionEnd(exc.code, exc.message, by_peer=False))
-        except SessionClosed as exc:
-            self._terminate(SessionEnd(exc.code, exc.reason, by_peer=True))
-
-    async def _write_loop(self) -> None:
-        channel = self.channel
-        mux = self.mux
-        wakeup = self._writer_wakeup
-        try:
-            while True:
-                await wakeup.wait()
-                wakeup.clear()
-                while data := mux.data_to_send(MAX_MESSAGE_BYTES):
-                    await channel.send(data)
-                    self.messages_sent += 1
-                    if self.paused_writers:
-                        self._resume_drained_writers()
-        except SessionClosed as exc:
-            self._terminate(SessionEnd(exc.code, exc.reason, by_peer=True))
-
-    def _resume_drained_writers(self) -> None:
-        buffered = self.mux.buffered_bytes
-        for stream in list(self.paused_writers):
-            if buffered(stream.stream_id) <= STREAM_WRITE_LOW_WATER_BYTES:
-                self.paused_writers.discard(stream)
-                stream._resume_writing()
-
-    async def _timer_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        mux = self.mux
-        while True:
-            delay = mux.next_deadline() - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            for event in mux.handle_timer(loop.time()):
-                if isinstance(event, ev.HeartbeatTimedOut):
-                    logger.warning(
-                        "! session %s: nothing heard for %.1f s, the link is dead",
-                        self.name,
-                        event.silent_s,
-                    )
-                    self._terminate(
-                        SessionEnd(ErrorCode.HEARTBEAT_TIMEOUT, "heartbeat timeout", by_peer=True)
-                    )
-                    return
-            if mux.has_data_to_send:
-                self._writer_wakeup.set()
-
-    # -- events -----------------------------------------------------------------------
+    # -- events -----------------------------------------------------------------------------
 
     def _dispatch(self, event: ev.Event) -> None:
         if type(event) is ev.DataReceived:
@@ -620,15 +562,13 @@ class Session:
             if stream is not None:
                 stream._finish(StreamReset(event.stream_id, event.code, remote=True))
         elif isinstance(event, ev.PingAcknowledged):
-            self.round_trip_s = asyncio.get_running_loop().time() - event.sent_at
+            self.round_trip_s = self._loop.time() - event.sent_at
         elif isinstance(event, ev.GoAwayReceived):
             logger.info(
                 "< GO_AWAY session %s: %s %s", self.name, event.code.name, event.reason or ""
             )
             if self.on_go_away is not None:
                 self.on_go_away(event)
-        elif isinstance(event, ev.HelloReceived):  # pragma: no cover - the mux forbids it
-            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "HELLO received twice")
 
     def _stream_opened(self, event: ev.StreamOpened) -> None:
         stream = Stream(self, event.stream_id, event.route, StreamHandler())

@@ -247,7 +247,9 @@ async def test_a_full_session_at_debug_level_never_logs_the_token(
         assert token_digest(token).hex() not in output
 
 
-def test_config_keys_are_the_long_option_names_even_for_repeated_options(tmp_path: Path, token_file: Path) -> None:
+def test_config_keys_are_the_long_option_names_even_for_repeated_options(
+    tmp_path: Path, token_file: Path
+) -> None:
     config = tmp_path / "client.toml"
     config.write_text(
         'url = "ws://203.0.113.10:8123"\n'

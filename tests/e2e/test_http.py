@@ -18,9 +18,10 @@ import websockets
 from websockets.asyncio.client import connect as ws_connect
 
 from tests.e2e.conftest import ClientProcess, ExitServerProcess, Upstream
-from tests.support.rawhttp import read_response, request
+from tests.support.rawhttp import ResponseReader, request
 from tests.support.rawupstream import RawUpstream
 from tests.support.upstream import pattern_body
+from tunnel.mux import DEFAULT_WINDOW_BYTES
 
 MIB = 1024 * 1024
 Tunnel = tuple[ExitServerProcess, ClientProcess]
@@ -424,7 +425,7 @@ async def test_a_slow_visitor_holds_one_window_and_does_not_slow_the_others(
                 (client,) = status["clients"]
                 # What the server holds for the slow visitor: its stream's window
                 # plus the socket's write buffer, never the body.
-                assert client["held_bytes"] <= 256 * 1024
+                assert client["held_bytes"] <= DEFAULT_WINDOW_BYTES
                 assert status["visitor_write_buffer_bytes"] <= 1 * MIB
         assert read < 20 * MIB
         assert statistics.median(latencies) < max(0.1, 5 * statistics.median(baseline))
@@ -434,14 +435,22 @@ async def test_a_slow_visitor_holds_one_window_and_does_not_slow_the_others(
 
 
 async def test_a_request_pipelined_after_a_large_body_is_served(tunnel: Tunnel) -> None:
-    server, _ = tunnel
+    server, client = tunnel
     body = pattern_body(300 * 1024)
     upload = b"POST /sha256 HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % len(body) + body
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     writer.write(upload + raw_get("/") + raw_get("/inspect/third"))
-    first = await read_response(reader)
-    second = await read_response(reader)
-    third = await read_response(reader)
+    answers = []
+    responses = ResponseReader(reader)
+    try:
+        for _ in range(3):
+            answers.append(await responses.next())
+    except ConnectionError:
+        logs = "\n".join([*server.process.lines[-40:], "--- client", *client.process.lines[-20:]])
+        raise AssertionError(
+            f"answered {[(a.status, a.headers) for a in answers]}\n{logs}"
+        ) from None
+    first, second, third = answers
     writer.close()
     assert json.loads(first.body) == {"sha256": hashlib.sha256(body).hexdigest(), "size": len(body)}
     assert (second.status, second.body) == (200, b"hello from upstream\n")

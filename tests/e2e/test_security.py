@@ -23,7 +23,7 @@ from websockets.asyncio.client import connect as ws_connect
 
 from tests.e2e.conftest import ClientProcess, ExitServerProcess, Upstream
 from tests.e2e.test_edge_corpus import BAD_HEADS, deliver
-from tests.support.rawhttp import read_response, request
+from tests.support.rawhttp import ResponseReader, request
 from tunnel.auth import token_digest
 from tunnel.frames import Data, Hello, Open, encode
 from tunnel.tls import ensure_self_signed
@@ -61,7 +61,8 @@ async def test_pipelined_requests_are_answered_in_order_with_a_bounded_queue(
     few = b"".join(b"GET /inspect/%d HTTP/1.1\r\nHost: a\r\n\r\n" % n for n in range(10))
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     writer.write(few)
-    paths = [json.loads((await read_response(reader)).body)["raw_path"] for _ in range(10)]
+    responses = ResponseReader(reader)
+    paths = [json.loads((await responses.next()).body)["raw_path"] for _ in range(10)]
     assert paths == [f"/inspect/{n}" for n in range(10)]
     writer.close()
     flood = b"".join(b"GET /inspect/%d HTTP/1.1\r\nHost: a\r\n\r\n" % n for n in range(1000))
@@ -143,7 +144,7 @@ async def test_an_idle_keep_alive_connection_is_closed(
     start_client(server, upstream.url)
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     writer.write(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
-    assert (await read_response(reader)).status == 200
+    assert (await ResponseReader(reader).next()).status == 200
     started = time.monotonic()
     async with asyncio.timeout(5):
         assert await reader.read() == b""
@@ -164,7 +165,7 @@ async def test_connections_beyond_the_cap_get_503_and_the_rest_keep_working(
     extra_writer.close()
     reader, writer = held[0]
     writer.write(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
-    assert (await read_response(reader)).status == 200
+    assert (await ResponseReader(reader).next()).status == 200
     for _, writer in held:
         writer.close()
     deadline = time.monotonic() + 5

@@ -6,74 +6,101 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
-from websockets.asyncio.client import connect
-from websockets.asyncio.server import ServerConnection, serve
-
-from tunnel.errors import ErrorCode, SessionClosed
-from tunnel.session import MAX_RECEIVE_MESSAGE_BYTES, WebSocketChannel, ws_close_code
+from tunnel.errors import ErrorCode
+from tunnel.session import Channel
+from tunnel.websocket import ClientConnection, MessageHandler, ServerConnection
 
 
 class MemoryChannel:
-    """One end of an in-memory channel pair; bounded, so backpressure is real."""
+    """One end of an in-memory channel pair. Messages arrive on the next loop iteration.
 
-    def __init__(self, inbox: asyncio.Queue[bytes | None], outbox: asyncio.Queue[bytes | None]):
-        self._inbox = inbox
-        self._outbox = outbox
-        self.closed = False
-        self.close_code: int | None = None
+    ``freeze()`` makes the link silent both ways without closing it, as a
+    peer that lost power would be.
+    """
+
+    def __init__(self) -> None:
+        self.handler: MessageHandler | None = None
         self.peer: MemoryChannel | None = None
+        self.closed = False
+        self.frozen = False
+        self.close_code: ErrorCode | None = None
+        self._loop = asyncio.get_running_loop()
+        self._closed = asyncio.Event()
 
     @classmethod
-    def pair(cls, depth: int = 16) -> tuple[MemoryChannel, MemoryChannel]:
-        a_to_b: asyncio.Queue[bytes | None] = asyncio.Queue(depth)
-        b_to_a: asyncio.Queue[bytes | None] = asyncio.Queue(depth)
-        a, b = cls(b_to_a, a_to_b), cls(a_to_b, b_to_a)
+    def pair(cls) -> tuple[MemoryChannel, MemoryChannel]:
+        a, b = cls(), cls()
         a.peer, b.peer = b, a
         return a, b
 
-    async def send(self, message: bytes) -> None:
+    @property
+    def paused(self) -> bool:
+        return False
+
+    def send_message(self, message: bytes) -> None:
+        peer = self.peer
+        if self.closed or self.frozen or peer is None or peer.closed:
+            return
+        self._loop.call_soon(peer._deliver, message)
+
+    def _deliver(self, message: bytes) -> None:
+        if not self.closed and not self.frozen and self.handler is not None:
+            self.handler.message_received(message)
+
+    def close(self, code: ErrorCode, reason: str) -> None:
+        self._end(code, reason)
+
+    def abort(self) -> None:
+        self._end(ErrorCode.INTERNAL_ERROR, "connection lost")
+
+    def _end(self, code: ErrorCode, reason: str) -> None:
         if self.closed:
-            raise SessionClosed(ErrorCode.INTERNAL_ERROR, "closed")
-        await self._outbox.put(message)
+            return
+        self.closed = True
+        self.close_code = code
+        self._closed.set()
+        if self.handler is not None:
+            self._loop.call_soon(self.handler.channel_closed, code, reason)
+        peer = self.peer
+        if peer is not None and not peer.closed:
+            peer.closed = True
+            peer.close_code = code
+            peer._closed.set()
+            if peer.handler is not None:
+                self._loop.call_soon(peer.handler.channel_closed, code, reason)
 
-    async def recv(self) -> bytes:
-        message = await self._inbox.get()
-        if message is None:
-            self.closed = True
-            code = self.peer.close_code if self.peer else None
-            raise SessionClosed(
-                ErrorCode.NO_ERROR if code == 1000 else ErrorCode.GOING_AWAY, "closed"
-            )
-        return message
+    def freeze(self) -> None:
+        self.frozen = True
+        if self.peer is not None:
+            self.peer.frozen = True
 
-    async def close(self, code: ErrorCode, reason: str) -> None:
-        self.abort(ws_close_code(code))
-
-    def abort(self, close_code: int = 1006) -> None:
-        if not self.closed:
-            self.closed = True
-            self.close_code = close_code
-            for queue in (self._outbox, self._inbox):
-                with contextlib.suppress(asyncio.QueueFull):
-                    queue.put_nowait(None)
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
 
 
 @contextlib.asynccontextmanager
-async def websocket_pair() -> AsyncIterator[tuple[WebSocketChannel, WebSocketChannel]]:
-    """A client and a server channel over a real websocket on 127.0.0.1."""
-    accepted: asyncio.Queue[ServerConnection] = asyncio.Queue()
-    done = asyncio.Event()
+async def websocket_pair() -> AsyncIterator[tuple[ClientConnection, ServerConnection]]:
+    """A client and a server connection over a real websocket on 127.0.0.1."""
+    loop = asyncio.get_running_loop()
+    opened: asyncio.Future[ServerConnection] = loop.create_future()
+    server = await loop.create_server(
+        lambda: ServerConnection(lambda c, r: None, lambda c, r: opened.set_result(c)),
+        "127.0.0.1",
+        0,
+    )
+    port = server.sockets[0].getsockname()[1]
+    handshake: asyncio.Future[None] = loop.create_future()
+    client = ClientConnection(f"ws://127.0.0.1:{port}/connect", {}, None, handshake)
+    await loop.create_connection(lambda: client, "127.0.0.1", port)
+    await handshake
+    server_side = await opened
+    try:
+        yield client, server_side
+    finally:
+        client.abort()
+        server_side.abort()
+        server.close()
+        await server.wait_closed()
 
-    async def handler(connection: ServerConnection) -> None:
-        await accepted.put(connection)
-        await done.wait()
 
-    options = {"compression": None, "ping_interval": None, "max_size": MAX_RECEIVE_MESSAGE_BYTES}
-    async with serve(handler, "127.0.0.1", 0, **options) as server:  # type: ignore[arg-type]
-        port = server.sockets[0].getsockname()[1]
-        async with connect(f"ws://127.0.0.1:{port}", **options) as client:  # type: ignore[arg-type]
-            server_side = await accepted.get()
-            try:
-                yield WebSocketChannel(client), WebSocketChannel(server_side)
-            finally:
-                done.set()
+_: type[Channel] = MemoryChannel  # MemoryChannel satisfies the Channel protocol

@@ -8,6 +8,7 @@ the tests write bytes to a socket and read the answer with llhttp.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 from dataclasses import dataclass, field
 
@@ -35,14 +36,14 @@ class RawResponse:
 
 
 class _Reader:
-    """llhttp callbacks collecting one final response, noting 1xx on the way."""
+    """llhttp callbacks: every complete response, queued in order, 1xx noted on the way."""
 
     def __init__(self, head_only: bool) -> None:
         self.head_only = head_only
         self.parser = httptools.HttpResponseParser(self)
         self.informational: list[int] = []
         self.send_body_now = False
-        self.final: RawResponse | None = None
+        self.done: collections.deque[RawResponse] = collections.deque()
         self._fresh()
 
     def _fresh(self) -> None:
@@ -51,6 +52,10 @@ class _Reader:
         self.body = bytearray()
         self.chunked = False
         self.status = 0
+        self.head_done = False
+
+    def on_message_begin(self) -> None:
+        self._fresh()
 
     def on_status(self, reason: bytes) -> None:
         self.reason += reason
@@ -63,9 +68,9 @@ class _Reader:
         if 100 <= self.status < 200 and self.status != 101:
             self.informational.append(self.status)
             self.send_body_now = self.status == 100
-            self._fresh()
         elif self.head_only or self.status in (101, 204, 304):
-            self.final = self._response(complete=True)
+            self.head_done = True
+            self.done.append(self._response(complete=True))
 
     def on_chunk_header(self) -> None:
         self.chunked = True
@@ -74,24 +79,58 @@ class _Reader:
         self.body += body
 
     def on_message_complete(self) -> None:
-        if self.status >= 200 and self.final is None:
-            self.final = self._response(complete=True)
+        if self.status >= 200 and not self.head_done:
+            self.done.append(self._response(complete=True))
 
     def _response(self, *, complete: bool) -> RawResponse:
-        return RawResponse(
+        response = RawResponse(
             self.status, self.reason, self.headers, bytes(self.body),
             list(self.informational), self.chunked, complete,
         )  # fmt: skip
+        self.informational = []
+        return response
 
     def at_eof(self) -> RawResponse:
-        if self.final is not None:
-            return self.final
-        if self.status < 200:
+        if self.status < 200 or self.head_done:
             raise ConnectionError("connection closed before a response")
         framed = any(
             k.lower() in (b"content-length", b"transfer-encoding") for k, _ in self.headers
         )
+        self.head_done = True
         return self._response(complete=not framed)  # close-delimited bodies end here
+
+
+class ResponseReader:
+    """Reads responses from one connection, one at a time, however they arrive.
+
+    Several responses may come in one read (pipelining); they are queued, so
+    each :meth:`next` returns exactly one.
+    """
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter | None = None,
+        *,
+        head_only: bool = False,
+    ) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._state = _Reader(head_only)
+
+    async def next(self, *, body_after_continue: bytes | None = None) -> RawResponse:
+        state = self._state
+        while not state.done:
+            data = await self._reader.read(65536)
+            if not data:
+                return state.at_eof()
+            with contextlib.suppress(httptools.HttpParserUpgrade):  # a 101: the caller takes over
+                state.parser.feed_data(data)
+            if state.send_body_now and body_after_continue is not None and self._writer is not None:
+                self._writer.write(body_after_continue)
+                body_after_continue = None
+            state.send_body_now = False
+        return state.done.popleft()
 
 
 async def request(
@@ -109,32 +148,9 @@ async def request(
         async with asyncio.timeout(within):
             writer.write(raw)
             await writer.drain()
-            return await read_response(
-                reader, writer, head_only=head_only, body_after_continue=body_after_continue
-            )
+            responses = ResponseReader(reader, writer, head_only=head_only)
+            return await responses.next(body_after_continue=body_after_continue)
     finally:
         writer.close()
         with contextlib.suppress(OSError):
             await writer.wait_closed()
-
-
-async def read_response(
-    reader: asyncio.StreamReader,
-    writer: asyncio.StreamWriter | None = None,
-    *,
-    head_only: bool = False,
-    body_after_continue: bytes | None = None,
-) -> RawResponse:
-    """Read one final response from an open connection."""
-    state = _Reader(head_only)
-    while state.final is None:
-        data = await reader.read(65536)
-        if not data:
-            return state.at_eof()
-        with contextlib.suppress(httptools.HttpParserUpgrade):  # a 101: the caller takes over
-            state.parser.feed_data(data)
-        if state.send_body_now and body_after_continue is not None and writer is not None:
-            writer.write(body_after_continue)
-            body_after_continue = None
-        state.send_body_now = False
-    return state.final

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import pytest
+from websockets.frames import Frame, Opcode
 
 from tests.support.channels import MemoryChannel, websocket_pair
 from tests.support.waiting import wait_until
@@ -259,7 +260,7 @@ async def test_a_protocol_violation_ends_the_session_for_every_stream() -> None:
         handler = Collector()
         s.server.open_stream("", handler).write(b"x")
         # A rogue client sends DATA for a stream that was never opened.
-        await client_channel.send(encode(Data(99, b"forged")))
+        client_channel.send_message(encode(Data(99, b"forged")))
         end = await asyncio.wait_for(s.tasks[1], timeout=5)
         assert end.code is ErrorCode.PROTOCOL_ERROR
         assert not end.by_peer
@@ -270,7 +271,7 @@ async def test_a_protocol_violation_ends_the_session_for_every_stream() -> None:
 async def test_a_silent_peer_is_detected_by_the_heartbeat() -> None:
     client_channel, server_channel = MemoryChannel.pair()
     async with running((client_channel, server_channel), Echo, heartbeat=(0.1, 0.3)) as s:
-        s.tasks[0].cancel()  # the client process froze: nothing more comes from it
+        client_channel.freeze()  # the link went silent: no FIN, nothing more either way
         end = await asyncio.wait_for(s.tasks[1], timeout=5)
         assert end.code is ErrorCode.HEARTBEAT_TIMEOUT
 
@@ -289,8 +290,12 @@ async def test_a_text_message_on_the_websocket_closes_with_1003() -> None:
         websocket_pair() as (client_channel, server_channel),
         running((client_channel, server_channel), Echo) as s,
     ):
-        await client_channel.websocket.send("text is not allowed")
+        assert client_channel.transport is not None
+        client_channel.transport.write(
+            Frame(Opcode.TEXT, b"text is not allowed").serialize(mask=True)
+        )
         end = await asyncio.wait_for(s.tasks[1], timeout=5)
         assert end.code is ErrorCode.PROTOCOL_ERROR
-        await wait_until(lambda: client_channel.websocket.close_code is not None)
-        assert client_channel.websocket.close_code == 1003
+        await client_channel.wait_closed()
+        assert client_channel.protocol.close_rcvd is not None
+        assert client_channel.protocol.close_rcvd.code == 1003

@@ -1,0 +1,361 @@
+"""One websocket as an asyncio protocol, around websockets' sans-I/O layer.
+
+websockets implements the protocol itself (the opening handshake, framing,
+masking, ping/pong, the closing handshake); this module only moves bytes
+between it and a transport, as the library's sans-I/O design intends. We
+drive it ourselves rather than through websockets' asyncio connection so
+that a message goes from ``data_received`` to the session in the same
+callback, with no reader task, no per-message future and no send lock: on
+the tunnel's hot path those cost more than the framing (see
+docs/performance.md).
+
+:class:`ServerConnection` accepts a client on the control port and asks a
+``decide`` callback about the HTTP request before upgrading.
+:class:`ClientConnection` dials out, checks a pinned certificate as soon as
+TLS is up (before a byte of HTTP is written), and resolves a future with the
+handshake's outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from http import HTTPStatus
+from typing import Any, Final, Protocol, cast
+
+from websockets.client import ClientProtocol
+from websockets.datastructures import Headers
+from websockets.exceptions import InvalidStatus
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Request, Response
+from websockets.protocol import OPEN
+from websockets.protocol import Protocol as WebSocketProtocol
+from websockets.server import ServerProtocol
+from websockets.typing import Subprotocol
+from websockets.uri import parse_uri
+
+from tunnel.errors import ErrorCode
+from tunnel.tls import PinMismatch, check_pin
+
+logger = logging.getLogger("homeport.tunnel")
+
+SUBPROTOCOL: Final = "homeport.v1"
+#: Messages are at most 1 MiB when sent; received ones may reach this.
+MAX_MESSAGE_BYTES: Final = 2 * 1024 * 1024
+HANDSHAKE_TIMEOUT_S: Final = 10.0
+CLOSE_TIMEOUT_S: Final = 2.0
+#: Above this many bytes waiting in the socket's buffer, the session pauses.
+WRITE_HIGH_WATER_BYTES: Final = 1024 * 1024
+WRITE_LOW_WATER_BYTES: Final = 256 * 1024
+
+# Websocket close codes (RFC 6455 §7.4) and homeport's own range 4000-4015,
+# one per ErrorCode, for the ends the standard codes do not name.
+_WS_CODE_FOR_ERROR: Final = {
+    ErrorCode.NO_ERROR: 1000,
+    ErrorCode.GOING_AWAY: 1001,
+    ErrorCode.PROTOCOL_ERROR: 1002,
+    ErrorCode.STREAM_CLOSED: 1002,
+    ErrorCode.FLOW_CONTROL_ERROR: 1002,
+    ErrorCode.FRAME_SIZE_ERROR: 1009,
+    ErrorCode.ENHANCE_YOUR_CALM: 1008,
+    ErrorCode.INTERNAL_ERROR: 1011,
+}
+_ERROR_FOR_WS_CODE: Final = {
+    1000: ErrorCode.NO_ERROR,
+    1001: ErrorCode.GOING_AWAY,
+    1002: ErrorCode.PROTOCOL_ERROR,
+    1003: ErrorCode.PROTOCOL_ERROR,
+    1007: ErrorCode.PROTOCOL_ERROR,
+    1008: ErrorCode.ENHANCE_YOUR_CALM,
+    1009: ErrorCode.FRAME_SIZE_ERROR,
+    1011: ErrorCode.INTERNAL_ERROR,
+}
+
+
+def ws_close_code(code: ErrorCode) -> int:
+    """The websocket close code that ends a session for ``code``."""
+    return _WS_CODE_FOR_ERROR.get(code, 4000 + int(code))
+
+
+def error_code_for_close(ws_code: int | None) -> ErrorCode:
+    """The :class:`ErrorCode` a received websocket close code stands for."""
+    if ws_code is None:
+        return ErrorCode.INTERNAL_ERROR
+    if 4000 <= ws_code <= 4000 + max(ErrorCode):
+        return ErrorCode(ws_code - 4000)
+    return _ERROR_FOR_WS_CODE.get(ws_code, ErrorCode.INTERNAL_ERROR)
+
+
+class MessageHandler(Protocol):
+    """What a connection calls back once open (the session implements it)."""
+
+    def message_received(self, message: bytes) -> None: ...
+
+    def channel_closed(self, code: ErrorCode, reason: str) -> None: ...
+
+    def channel_paused(self) -> None: ...
+
+    def channel_resumed(self) -> None: ...
+
+
+class WebSocketConnection(asyncio.Protocol):
+    """The part both sides share: binary messages once the handshake is done."""
+
+    protocol: WebSocketProtocol
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.handler: MessageHandler | None = None
+        self.remote_address = "-"
+        self._loop = asyncio.get_running_loop()
+        self._fragments: list[bytes] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._closed = self._loop.create_future()
+        self._paused = False
+        self._told_closed = False
+
+    # -- what the session calls ------------------------------------------------------
+
+    def send_message(self, message: bytes) -> None:
+        """Send one binary message (the write never blocks; the transport buffers)."""
+        if self.protocol.state is OPEN:
+            self.protocol.send_binary(message)
+            self._write_out()
+
+    def close(self, code: ErrorCode, reason: str) -> None:
+        """Start the closing handshake; the TCP connection ends within CLOSE_TIMEOUT_S."""
+        if self.protocol.state is OPEN:
+            self.protocol.send_close(ws_close_code(code), reason[:120])
+            self._write_out()
+        self._arm(CLOSE_TIMEOUT_S, self.abort)
+
+    def abort(self) -> None:
+        """Drop the connection now (the peer is presumed dead)."""
+        if self.transport is not None:
+            self.transport.abort()
+
+    async def wait_closed(self) -> None:
+        """Wait until the TCP connection is closed."""
+        await asyncio.shield(self._closed)
+
+    # -- asyncio protocol -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
+        self.transport.set_write_buffer_limits(WRITE_HIGH_WATER_BYTES, WRITE_LOW_WATER_BYTES)
+        peer = transport.get_extra_info("peername")
+        if peer:
+            host, port = peer[0], peer[1]
+            self.remote_address = f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+    def data_received(self, data: bytes) -> None:
+        protocol = self.protocol
+        protocol.receive_data(data)
+        for event in protocol.events_received():
+            if type(event) is Frame:
+                self._frame_received(event)
+            else:
+                self._handshake_event(event)
+        self._write_out()
+        if protocol.close_expected():
+            self._arm(CLOSE_TIMEOUT_S, self.abort)
+
+    def eof_received(self) -> bool:
+        self.protocol.receive_eof()
+        self._write_out()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if not self._closed.done():
+            self._closed.set_result(None)
+        self._tell_closed()
+
+    def pause_writing(self) -> None:
+        self._paused = True
+        if self.handler is not None:
+            self.handler.channel_paused()
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        if self.handler is not None:
+            self.handler.channel_resumed()
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _frame_received(self, frame: Frame) -> None:
+        opcode = frame.opcode
+        if opcode is Opcode.BINARY and frame.fin and self._fragments is None:
+            if self.handler is not None:
+                self.handler.message_received(bytes(frame.data))
+        elif opcode is Opcode.BINARY:
+            self._fragments = [bytes(frame.data)]
+        elif opcode is Opcode.CONT and self._fragments is not None:
+            # websockets bounds the size of a fragmented message (max_size).
+            self._fragments.append(bytes(frame.data))
+            if frame.fin:
+                message, self._fragments = b"".join(self._fragments), None
+                if self.handler is not None:
+                    self.handler.message_received(message)
+        elif opcode is Opcode.TEXT:
+            self.protocol.fail(1003, "binary messages only")
+        elif opcode is Opcode.CLOSE:
+            self._tell_closed()
+
+    def _handshake_event(self, event: Any) -> None:
+        """A Request (server side) or Response (client side)."""
+
+    def _tell_closed(self) -> None:
+        if self._told_closed or self.handler is None:
+            return
+        self._told_closed = True
+        close = self.protocol.close_rcvd or self.protocol.close_sent
+        if close is None:
+            self.handler.channel_closed(ErrorCode.INTERNAL_ERROR, "connection lost")
+        else:
+            self.handler.channel_closed(error_code_for_close(close.code), close.reason)
+
+    def _write_out(self) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        for data in self.protocol.data_to_send():
+            if data:
+                transport.write(data)
+            elif transport.can_write_eof():
+                transport.write_eof()
+            else:
+                transport.close()
+
+    def _arm(self, delay_s: float, callback: Callable[[], None]) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._loop.call_later(delay_s, callback)
+
+
+class ServerConnection(WebSocketConnection):
+    """The control port's side: decides on the HTTP request, then carries a session.
+
+    ``decide(connection, request)`` returns a response to refuse the upgrade
+    (or to answer a plain request such as ``/healthz``), or None to accept.
+    ``opened(connection, request)`` is called once the connection is a
+    websocket.
+    """
+
+    protocol: ServerProtocol
+
+    def __init__(
+        self,
+        decide: Callable[[ServerConnection, Request], Response | None],
+        opened: Callable[[ServerConnection, Request], None],
+    ) -> None:
+        super().__init__()
+        self._decide = decide
+        self._opened = opened
+        self.protocol = ServerProtocol(
+            subprotocols=[Subprotocol(SUBPROTOCOL)], max_size=MAX_MESSAGE_BYTES
+        )
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._arm(HANDSHAKE_TIMEOUT_S, self.abort)
+
+    def _handshake_event(self, event: Any) -> None:
+        if not isinstance(event, Request):
+            return
+        response = self._decide(self, event)
+        if response is None:
+            response = self.protocol.accept(event)
+        if "Server" in response.headers:
+            del response.headers["Server"]
+        self.protocol.send_response(response)
+        self._write_out()
+        if response.status_code == 101:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._opened(self, event)
+
+
+class ClientConnection(WebSocketConnection):
+    """The client's side: sends the handshake, checking a pinned certificate first."""
+
+    protocol: ClientProtocol
+
+    def __init__(
+        self, url: str, headers: dict[str, str], pin: bytes | None, handshake: asyncio.Future[None]
+    ) -> None:
+        super().__init__()
+        self.protocol = ClientProtocol(
+            parse_uri(url), subprotocols=[Subprotocol(SUBPROTOCOL)], max_size=MAX_MESSAGE_BYTES
+        )
+        self._headers = headers
+        self._pin = pin
+        self._handshake = handshake
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if self._pin is not None:
+            ssl_object = transport.get_extra_info("ssl_object")
+            der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+            try:
+                check_pin(der, self._pin)
+            except PinMismatch as exc:
+                self._fail_handshake(exc)
+                self.abort()  # not a byte of HTTP, so never the token
+                return
+        request = self.protocol.connect()
+        for name, value in self._headers.items():
+            request.headers[name] = value
+        self.protocol.send_request(request)
+        self._write_out()
+
+    def _handshake_event(self, event: Any) -> None:
+        if not isinstance(event, Response):
+            return
+        failure = self.protocol.handshake_exc
+        if failure is None:
+            if not self._handshake.done():
+                self._handshake.set_result(None)
+        else:
+            self._fail_handshake(failure)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self._fail_handshake(exc or ConnectionResetError("connection closed during the handshake"))
+
+    def _fail_handshake(self, exc: BaseException) -> None:
+        if not self._handshake.done():
+            self._handshake.set_exception(exc)
+
+
+def rejection(
+    status: int,
+    text: str,
+    headers: dict[str, str] | None = None,
+    content_type: str = "text/plain; charset=utf-8",
+) -> Response:
+    """A short HTTP response that refuses (or answers) a request on the control port."""
+    body = (text + "\n").encode()
+    all_headers = Headers(
+        {
+            "Content-Type": content_type,
+            "Content-Length": str(len(body)),
+            "Connection": "close",
+        }
+    )
+    for name, value in (headers or {}).items():
+        all_headers[name] = value
+    return Response(status, HTTPStatus(status).phrase, all_headers, body)
+
+
+def refused_status(exc: BaseException) -> tuple[int, bytes] | None:
+    """The status and body of a handshake the server refused, if that is what ``exc`` is."""
+    if isinstance(exc, InvalidStatus):
+        return exc.response.status_code, bytes(exc.response.body or b"")
+    return None
