@@ -48,6 +48,8 @@ CLOSE_TIMEOUT_S: Final = 2.0
 #: Above this many bytes waiting in the socket's buffer, the session pauses.
 WRITE_HIGH_WATER_BYTES: Final = 1024 * 1024
 WRITE_LOW_WATER_BYTES: Final = 256 * 1024
+#: Messages held while no session is attached yet (a HELLO, perhaps a PING).
+MAX_EARLY_MESSAGES: Final = 16
 
 # Websocket close codes (RFC 6455 §7.4) and homeport's own range 4000-4015,
 # one per ErrorCode, for the ends the standard codes do not name.
@@ -106,7 +108,11 @@ class WebSocketConnection(asyncio.Protocol):
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
-        self.handler: MessageHandler | None = None
+        self._handler: MessageHandler | None = None
+        #: what arrived before a handler was attached (the client's HELLO can
+        #: come right behind its upgrade request, before the session exists)
+        self._early: list[bytes] = []
+        self._closed_early = False
         self.remote_address = "-"
         self._loop = asyncio.get_running_loop()
         self._fragments: list[bytes] | None = None
@@ -114,6 +120,22 @@ class WebSocketConnection(asyncio.Protocol):
         self._closed = self._loop.create_future()
         self._paused = False
         self._told_closed = False
+
+    @property
+    def handler(self) -> MessageHandler | None:
+        return self._handler
+
+    @handler.setter
+    def handler(self, handler: MessageHandler | None) -> None:
+        """Attach the session; it first gets what arrived before it existed."""
+        self._handler = handler
+        if handler is None:
+            return
+        early, self._early = self._early, []
+        for message in early:
+            handler.message_received(message)
+        if self._closed_early:
+            self._tell_closed()
 
     # -- what the session calls ------------------------------------------------------
 
@@ -175,13 +197,13 @@ class WebSocketConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._paused = True
-        if self.handler is not None:
-            self.handler.channel_paused()
+        if self._handler is not None:
+            self._handler.channel_paused()
 
     def resume_writing(self) -> None:
         self._paused = False
-        if self.handler is not None:
-            self.handler.channel_resumed()
+        if self._handler is not None:
+            self._handler.channel_resumed()
 
     @property
     def paused(self) -> bool:
@@ -192,8 +214,7 @@ class WebSocketConnection(asyncio.Protocol):
     def _frame_received(self, frame: Frame) -> None:
         opcode = frame.opcode
         if opcode is Opcode.BINARY and frame.fin and self._fragments is None:
-            if self.handler is not None:
-                self.handler.message_received(bytes(frame.data))
+            self._deliver(bytes(frame.data))
         elif opcode is Opcode.BINARY:
             self._fragments = [bytes(frame.data)]
         elif opcode is Opcode.CONT and self._fragments is not None:
@@ -201,25 +222,36 @@ class WebSocketConnection(asyncio.Protocol):
             self._fragments.append(bytes(frame.data))
             if frame.fin:
                 message, self._fragments = b"".join(self._fragments), None
-                if self.handler is not None:
-                    self.handler.message_received(message)
+                self._deliver(message)
         elif opcode is Opcode.TEXT:
             self.protocol.fail(1003, "binary messages only")
         elif opcode is Opcode.CLOSE:
             self._tell_closed()
 
+    def _deliver(self, message: bytes) -> None:
+        handler = self._handler
+        if handler is not None:
+            handler.message_received(message)
+        elif len(self._early) < MAX_EARLY_MESSAGES:
+            self._early.append(message)
+        else:
+            self.protocol.fail(1008, "too many messages before the session started")
+
     def _handshake_event(self, event: Any) -> None:
         """A Request (server side) or Response (client side)."""
 
     def _tell_closed(self) -> None:
-        if self._told_closed or self.handler is None:
+        if self._handler is None:
+            self._closed_early = True
+            return
+        if self._told_closed:
             return
         self._told_closed = True
         close = self.protocol.close_rcvd or self.protocol.close_sent
         if close is None:
-            self.handler.channel_closed(ErrorCode.INTERNAL_ERROR, "connection lost")
+            self._handler.channel_closed(ErrorCode.INTERNAL_ERROR, "connection lost")
         else:
-            self.handler.channel_closed(error_code_for_close(close.code), close.reason)
+            self._handler.channel_closed(error_code_for_close(close.code), close.reason)
 
     def _write_out(self) -> None:
         transport = self.transport

@@ -20,6 +20,9 @@ import pytest
 import websockets
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
+from websockets.client import ClientProtocol
+from websockets.protocol import OPEN
+from websockets.uri import parse_uri
 
 from tests.e2e.conftest import ClientProcess, ExitServerProcess, Upstream
 from tests.e2e.test_edge_corpus import BAD_HEADS, deliver
@@ -577,3 +580,28 @@ async def test_a_new_session_with_the_same_name_replaces_the_ghost(
     await asyncio.to_thread(
         client.wait_connected, 15.0, mark
     )  # and it comes back when the other leaves
+
+
+async def test_a_hello_arriving_with_the_upgrade_request_is_not_lost(
+    start_server: Server, token: str
+) -> None:
+    """The HELLO may reach the server before its session exists; it must wait, not vanish."""
+    server = start_server()
+    protocol = ClientProtocol(
+        parse_uri(f"ws://127.0.0.1:{server.control_port}/connect"),
+        subprotocols=[websockets.Subprotocol("homeport.v1")],
+    )
+    request = protocol.connect()
+    request.headers["Authorization"] = f"Bearer {token}"
+    protocol.send_request(request)
+    protocol.state = OPEN  # only so that websockets frames (and masks) the HELLO for us
+    protocol.send_binary(client_hello("early"))
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.control_port)
+    writer.write(b"".join(protocol.data_to_send()))  # the request and the HELLO in one write
+    received = b""
+    async with asyncio.timeout(5):
+        while b"session_id" not in received:
+            chunk = await reader.read(65536)
+            assert chunk, "the server closed without answering the HELLO"
+            received += chunk
+    writer.close()
