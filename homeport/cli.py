@@ -239,7 +239,28 @@ def bind_failure(exc: OSError, what: str) -> RunFailure:
     return RunFailure(f"cannot listen on {what}: {exc.strerror or exc}")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Commands(click.Group):
+    """The command group, with ``exit-node`` loaded only when it is used.
+
+    It needs aiohttp, which would otherwise add ~15 MiB to every server and
+    client process (docs/performance.md).
+    """
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), "exit-node"])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name == "exit-node":
+            from homeport.exitnode.cli import exit_node
+
+            return exit_node
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(
+    cls=_Commands,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
 @click.version_option(__version__, prog_name="homeport")
 def main() -> None:
     """homeport: a public URL for a machine behind NAT, through a VM you own.
@@ -763,8 +784,3 @@ def demo(port: int, control_port: int, log_level: str) -> None:
         raise bind_failure(exc, f"port {port}") from None
     except KeyboardInterrupt:  # pragma: no cover - the demo handles SIGINT itself
         sys.exit(130)
-
-
-from homeport.exitnode.cli import exit_node  # noqa: E402
-
-main.add_command(exit_node)

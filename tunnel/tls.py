@@ -19,14 +19,17 @@ import re
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
-
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from typing import TYPE_CHECKING, Final
 
 from tunnel.errors import ConfigError, TunnelError
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509 import Certificate as X509Certificate
+
+# cryptography is imported where a certificate is made or read, not here:
+# every homeport process imports this module, and cryptography alone would
+# add ~15 MiB to a client's resident memory (docs/performance.md).
 
 CERT_FILE: Final = "tls.crt"
 KEY_FILE: Final = "tls.key"
@@ -87,6 +90,10 @@ def ensure_self_signed(data_dir: Path, sans: list[str]) -> Certificate:
     Raises:
         ConfigError: the directory or files cannot be written or read.
     """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
     cert_path, key_path = data_dir / CERT_FILE, data_dir / KEY_FILE
     try:
         if cert_path.exists() and key_path.exists():
@@ -113,7 +120,11 @@ def ensure_self_signed(data_dir: Path, sans: list[str]) -> Certificate:
     return Certificate(cert_path, key_path, fingerprint(der), tuple(sans), created=True)
 
 
-def _self_signed(key: ec.EllipticCurvePrivateKey, sans: list[str]) -> x509.Certificate:
+def _self_signed(key: ec.EllipticCurvePrivateKey, sans: list[str]) -> X509Certificate:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+
     names: list[x509.GeneralName] = []
     for san in sans:
         try:
@@ -139,6 +150,8 @@ def _self_signed(key: ec.EllipticCurvePrivateKey, sans: list[str]) -> x509.Certi
 
 
 def _sans_of(der: bytes) -> tuple[str, ...]:
+    from cryptography import x509
+
     cert = x509.load_der_x509_certificate(der)
     try:
         extension = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)

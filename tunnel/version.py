@@ -1,12 +1,10 @@
-"""The installed homeport version, as both sides announce it in HELLO."""
+"""homeport's version, as both sides announce it in HELLO; pyproject.toml reads it from here.
+
+A literal, not importlib.metadata: that import alone pulls in a dozen
+modules and a few MiB into every process (docs/performance.md).
+"""
 
 from __future__ import annotations
 
-from importlib import metadata
-
-try:
-    __version__ = metadata.version("homeport")
-except metadata.PackageNotFoundError:  # running from a source tree
-    __version__ = "0+unknown"
-
+__version__ = "0.1.0"
 SOFTWARE = f"homeport/{__version__}"

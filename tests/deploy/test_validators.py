@@ -27,6 +27,7 @@ from tests.deploy.helpers import (
     require,
     run_script,
 )
+from tunnel.version import __version__
 
 SCRIPTS = ["bootstrap.sh", "install-client.sh"]
 UNITS = ["homeport-exit.service", "homeport-client.service"]
@@ -180,8 +181,11 @@ def test_install_client_embeds_the_client_unit_as_shipped() -> None:
 
 
 def test_install_client_pins_this_release() -> None:
-    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
-    assert f"PACKAGE='homeport=={version}'" in template("install-client.sh")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {
+        "attr": "tunnel.version.__version__"
+    }
+    assert f"PACKAGE='homeport=={__version__}'" in template("install-client.sh")
 
 
 def test_the_scripts_are_executable() -> None:
