@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Final, cast
 import httptools
 
 from server import headers as h
+from server.accesslog import AccessLog
 from server.paths import path_allowed
 from server.registry import ConnectedClient, Registry, normalize_host
 from tunnel.errors import (
@@ -48,7 +49,6 @@ from tunnel.errors import (
     StreamError,
     TunnelError,
 )
-from tunnel.log import escape
 from tunnel.session import Stream, StreamHandler
 
 if TYPE_CHECKING:
@@ -56,7 +56,6 @@ if TYPE_CHECKING:
 
 _kind_of = h.kind_of
 logger = logging.getLogger("homeport.server")
-access_logger = logging.getLogger("homeport.server.access")
 
 #: Requests parsed ahead of the one being answered (HTTP/1.1 pipelining).
 #: More than this and the connection is closed after the queued ones.
@@ -126,11 +125,6 @@ class _Request:
     exchange: Exchange | None = None
 
     @property
-    def path(self) -> str:
-        """The target without its query string, escaped for a log line."""
-        return escape(self.target.partition(b"?")[0])
-
-    @property
     def retryable(self) -> bool:
         return self.method in _IDEMPOTENT and not self.has_body
 
@@ -141,6 +135,7 @@ class PublicServer:
     def __init__(self, config: ServerConfig, registry: Registry) -> None:
         self.config = config
         self.registry = registry
+        self.access_log = AccessLog()
         self.connections: set[VisitorConnection] = set()
         self.in_flight = 0
         self.closing = False
@@ -511,7 +506,7 @@ class VisitorConnection(asyncio.Protocol):
         self.write(
             h.error_response(status, keep_alive=keep_alive, head_only=request.method == b"HEAD")
         )
-        log_access(request, "-", status, 0, 0)
+        self.log(request, "-", status, 0, 0)
         self._request_done(keep_alive=keep_alive)
 
     def exchange_done(self, exchange: Exchange, *, keep_alive: bool) -> None:
@@ -572,7 +567,7 @@ class VisitorConnection(asyncio.Protocol):
         else:
             self.write(h.error_response(status))
             if request is not None:
-                log_access(request, "-", status, request.body_bytes, 0)
+                self.log(request, "-", status, request.body_bytes, 0)
         self.close()
 
     def _stop_parsing(self) -> None:
@@ -638,10 +633,25 @@ class VisitorConnection(asyncio.Protocol):
             request = self._request
             if request is not None and not (self._exchange and self._exchange.head_sent):
                 self.write(h.error_response(408))
-                log_access(request, "-", 408, request.body_bytes, 0)
+                self.log(request, "-", 408, request.body_bytes, 0)
             self.close()
         else:
             self.close()
+
+    def log(
+        self, request: _Request, client: str, status: int, bytes_in: int, bytes_out: int
+    ) -> None:
+        """One access-log line for ``request`` (path without its query)."""
+        self.server.access_log.record(
+            client,
+            request.method,
+            request.target.partition(b"?")[0],
+            request.host,
+            status,
+            bytes_in,
+            bytes_out,
+            request.started_at,
+        )
 
     def write(self, data: bytes | memoryview) -> None:
         transport = self.transport
@@ -1057,24 +1067,7 @@ class Exchange(StreamHandler):
         self.connection.server.awaiting_response.pop(self, None)
 
     def _log(self) -> None:
-        log_access(
-            self.request, self.client.name, self.status, self.request.body_bytes, self.bytes_out
+        request = self.request
+        self.connection.log(
+            request, self.client.name, self.status, request.body_bytes, self.bytes_out
         )
-
-
-def log_access(request: _Request, client: str, status: int, bytes_in: int, bytes_out: int) -> None:
-    """One line per request: who served it, what it was, how it went."""
-    if not access_logger.isEnabledFor(logging.INFO):
-        return
-    duration_ms = (time.monotonic() - request.started_at) * 1000
-    access_logger.info(
-        '%s "%s %s" host=%s status=%d in=%d out=%d ms=%.1f',
-        client,
-        escape(request.method),
-        request.path,
-        escape(request.host or "-"),
-        status,
-        bytes_in,
-        bytes_out,
-        duration_ms,
-    )

@@ -80,6 +80,11 @@ def add_secrets(*secrets: str) -> None:
     _redactor.add(*secrets)
 
 
+def redact(text: str) -> str:
+    """``text`` with every registered secret replaced (for lines written without logging)."""
+    return _redactor._redact(text)
+
+
 def setup_logging(level: str = "info") -> None:
     """Configure the root logger for a homeport process (stderr, one line a record)."""
     handler = logging.StreamHandler(sys.stderr)
