@@ -23,6 +23,8 @@ logger = logging.getLogger("homeport.client")
 class _UpstreamProtocol(asyncio.Protocol):
     """The TCP side of a :class:`Forwarder`."""
 
+    __slots__ = ("forwarder",)
+
     def __init__(self, forwarder: Forwarder) -> None:
         self.forwarder = forwarder
 
@@ -45,6 +47,8 @@ class _UpstreamProtocol(asyncio.Protocol):
 
 class Forwarder(StreamHandler):
     """Copies bytes between a stream and a TCP connection to its upstream."""
+
+    __slots__ = ("_closed", "_connecting", "_upstream_gone", "stream", "transport", "upstream")
 
     def __init__(self, stream: Stream, upstream: Upstream, *, connect_timeout_s: float) -> None:
         self.stream = stream

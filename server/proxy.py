@@ -219,6 +219,34 @@ class PublicServer:
 class VisitorConnection(asyncio.Protocol):
     """One visitor's TCP connection: parses requests, runs exchanges one at a time."""
 
+    # Slots: one of each per open visitor connection and request (docs/performance.md).
+    __slots__ = (
+        "_closing",
+        "_deadline",
+        "_early_upgrade_bytes",
+        "_exchange",
+        "_in_head",
+        "_lingered_bytes",
+        "_lingering",
+        "_loop",
+        "_parser",
+        "_parser_stopped",
+        "_paused",
+        "_queue",
+        "_raw_head_bytes",
+        "_request",
+        "_timer",
+        "_timer_kind",
+        "_tunnel",
+        "_visitor_ended",
+        "_write_paused",
+        "config",
+        "local_authority",
+        "server",
+        "transport",
+        "visitor_ip",
+    )
+
     def __init__(self, server: PublicServer) -> None:
         self.server = server
         self.config = server.config
@@ -702,6 +730,32 @@ class VisitorConnection(asyncio.Protocol):
 
 class Exchange(StreamHandler):
     """One request and its response, carried on one stream to the upstream."""
+
+    # Slots: one of each per open visitor connection and request (docs/performance.md).
+    __slots__ = (
+        "_block",
+        "_chunked_out",
+        "_close_delimited",
+        "_got_response_bytes",
+        "_head_only",
+        "_keep_alive",
+        "_message_complete",
+        "_out",
+        "_parser",
+        "_reason",
+        "_upstream_keep_alive",
+        "attempts",
+        "bytes_out",
+        "client",
+        "connection",
+        "done",
+        "head_sent",
+        "request",
+        "reused",
+        "route",
+        "status",
+        "stream",
+    )
 
     def __init__(
         self, connection: VisitorConnection, request: _Request, client: ConnectedClient, route: str

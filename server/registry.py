@@ -104,6 +104,8 @@ class Route:
 class _Idle(StreamHandler):
     """Handler of a pooled stream between two exchanges."""
 
+    __slots__ = ("client", "stream")
+
     def __init__(self, client: ConnectedClient, stream: Stream) -> None:
         self.client = client
         self.stream = stream
@@ -124,6 +126,8 @@ class _Idle(StreamHandler):
 
 class _Retiring(StreamHandler):
     """Handler of a stream we ended: waits for the upstream to close, bounded."""
+
+    __slots__ = ("stream", "timer")
 
     def __init__(self, stream: Stream) -> None:
         self.stream = stream

@@ -78,6 +78,8 @@ class StreamHandler:
     the stream), and no other callback follows it.
     """
 
+    __slots__ = ()
+
     def data_received(self, data: bytes | memoryview) -> None:
         """Bytes arrived. Credit returns to the sender when this returns."""
 
