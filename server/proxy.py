@@ -62,6 +62,8 @@ logger = logging.getLogger("homeport.server")
 MAX_PIPELINED_REQUESTS: Final = 32
 #: How often late upstreams are looked for: response timeouts fire within this.
 SWEEP_INTERVAL_S: Final = 0.5
+#: Logged for a visitor who left before the response began (nginx's code).
+CLIENT_CLOSED_REQUEST: Final = 499
 #: Bytes a visitor may send after a WebSocket upgrade request before the
 #: upstream has answered; beyond it we stop reading.
 MAX_EARLY_UPGRADE_BYTES: Final = 64 * 1024
@@ -356,11 +358,12 @@ class VisitorConnection(asyncio.Protocol):
                 stream.write_eof()
             return True
         exchange = self._exchange
-        if exchange is not None and exchange.request.complete:
-            self._closing = True  # answer, then close
-            return True
         if exchange is not None:
-            exchange.abort()
+            # As nginx (499): a visitor who stops sending while being answered
+            # has gone. A FIN cannot tell a half-close from a close, and an
+            # abandoned SSE or long-poll visitor would otherwise hold its stream
+            # and the upstream request until the upstream next writes.
+            exchange.visitor_gone()
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -1114,7 +1117,13 @@ class Exchange(StreamHandler):
         self.connection.exchange_done(self, keep_alive=False)
 
     def visitor_gone(self) -> None:
-        """The visitor disconnected: reset the stream so the upstream request is aborted."""
+        """The visitor disconnected: reset the stream so the upstream request is aborted.
+
+        Logged as 499 (nginx's "client closed request") when no response had
+        begun.
+        """
+        if not self.done and not self.head_sent:
+            self.status = CLIENT_CLOSED_REQUEST
         self.abort()
 
     def _cancel_timer(self) -> None:

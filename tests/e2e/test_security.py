@@ -289,6 +289,54 @@ async def test_abandoned_connections_leave_nothing_behind(
         await asyncio.sleep(0.2)
 
 
+async def test_a_visitor_who_leaves_while_waiting_frees_the_stream_at_once(
+    start_server: Server, start_client: Client, upstream: Upstream, token: str
+) -> None:
+    """A long poll and an SSE stream whose visitors close: nothing waits for the upstream.
+
+    The upstream would answer the first in a minute and write the second's
+    next event in a minute; the exit server must not hold either until then.
+    """
+    server = start_server()
+    start_client(server, upstream.url)
+    mark = server.process.mark()
+    long_poll = socket.create_connection(("127.0.0.1", server.port))
+    long_poll.sendall(b"GET /slow?seconds=60 HTTP/1.1\r\nHost: a\r\n\r\n")
+    sse = socket.create_connection(("127.0.0.1", server.port))
+    sse.sendall(b"GET /sse?n=2&interval=60 HTTP/1.1\r\nHost: a\r\n\r\n")
+    sse.settimeout(10)
+    received = b""
+    while b"data: event 0" not in received:
+        piece = sse.recv(65536)
+        assert piece, received
+        received += piece
+
+    async def status() -> dict[str, object]:
+        headers = {"Authorization": f"Bearer {token}"}
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{server.control_port}/status", headers=headers) as response,
+        ):
+            snapshot: dict[str, object] = await response.json()
+            return snapshot
+
+    deadline = time.monotonic() + 15
+    while (await status())["requests_in_flight"] != 2:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    long_poll.close()
+    sse.close()
+    deadline = time.monotonic() + 5
+    while True:
+        snapshot = await status()
+        (client,) = snapshot["clients"]  # type: ignore[misc]
+        if snapshot["requests_in_flight"] == 0 and client["streams"] == client["idle_streams"]:
+            break
+        assert time.monotonic() < deadline, snapshot
+        await asyncio.sleep(0.05)
+    await server.process.wait_for_async(r"\"GET /slow\" .*status=499", since=mark)
+
+
 # -- the control channel: authentication ----------------------------------------------------------------
 
 
