@@ -37,6 +37,7 @@ lint: venv
 	$(BIN)/mypy
 
 bench: venv
+	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
 	$(BIN)/python -m bench
 
 clean:

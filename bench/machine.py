@@ -15,10 +15,13 @@ from pathlib import Path
 from typing import Any, Final
 
 from bench.processes import run_bounded
+from bench.ssh_tunnel import default_cipher, ssh_version
 from bench.tools import ToolPaths
 from bench.upstream import nginx_version
 
 PYTHON_PACKAGES: Final = ("homeport", "websockets", "aiohttp", "httptools", "uvloop")
+# Tools of the benchmark itself, recorded in the JSON only.
+BENCH_PACKAGES: Final = ("matplotlib", "py-spy")
 VERSION_TIMEOUT_S: Final = 10.0
 IDLE_CHECK_S: Final = 1.0
 CLOCK_TICKS_PER_S: Final = os.sysconf("SC_CLK_TCK")
@@ -101,11 +104,14 @@ def cpu_busy_percent(window_s: float) -> float | None:
 
 
 def software_versions(tools: ToolPaths, nginx_build: str, repo_root: Path) -> dict[str, Any]:
-    """Python, its packages, nginx, wrk and curl, and the git revision being measured."""
+    """Python, its packages, nginx, wrk, curl and OpenSSH, and the git revision being measured."""
     return {
         "python": f"{platform.python_implementation()} {platform.python_version()}",
         "packages": {name: _package_version(name) for name in PYTHON_PACKAGES},
+        "bench_packages": {name: _package_version(name) for name in BENCH_PACKAGES},
         "nginx": nginx_version(nginx_build),
+        "openssh": ssh_version(tools, repo_root),
+        "ssh_cipher": default_cipher(tools, repo_root),
         "wrk": _first_line([str(tools.wrk), "--version"], repo_root),
         "curl": _first_line([str(tools.curl), "--version"], repo_root),
         "git": _git_revision(repo_root),

@@ -1,10 +1,12 @@
-"""The measurements: wrk at each concurrency and curl downloads, directly and through the tunnel.
+"""The measurements: wrk at each concurrency, new connections, and curl transfers, for each target.
 
 Every wrk measurement follows a warm-up run at the same concurrency whose
 figures are dropped: the first requests through a fresh tunnel open streams
 and fill caches, which is not what a steady visitor load sees. Before each
-tunnel measurement the exit server must report no request in flight, so one
-run's leftovers never slow the next.
+tunnel measurement the tunnel must have no request in flight, so one run's
+leftovers never slow the next. The targets take turns at each step (direct,
+then homeport, then ssh -R), so a change in the machine's load between steps
+touches every column alike.
 """
 
 from __future__ import annotations
@@ -13,15 +15,33 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
 
-from bench.download import DownloadResult, download
+from bench.errors import BenchError
 from bench.machine import CpuTimes, MachineCpu
 from bench.processes import LOOPBACK, Child
+from bench.targets import Target
 from bench.tools import ToolPaths
-from bench.tunnel import REPO_ROOT, Tunnel
-from bench.upstream import LARGE_BYTES, LARGE_PATH, SMALL_PATH, Upstream
+from bench.transfer import GIB, TransferResult, download, upload
+from bench.tunnel import REPO_ROOT
+from bench.upstream import (
+    LARGE_BYTES,
+    LARGE_PATH,
+    SMALL_PATH,
+    UPLOAD_PATH,
+    Upstream,
+    upload_records,
+)
 from bench.wrk import WrkResult, run_wrk, wrk_threads
+
+KEEP_ALIVE: Final = "keep-alive"
+NEW_CONNECTION: Final = "new connection"
+CLOSE_HEADER: Final = "Connection: close"
+DOWNLOAD: Final = "download"
+UPLOAD: Final = "upload"
 
 
 @dataclass(frozen=True)
@@ -32,30 +52,50 @@ class Plan:
     warmup_s: int
     concurrencies: tuple[int, ...]
     max_wrk_threads: int
-    downloads: int
+    new_connection_connections: int
+    transfers: int
     access_log_connections: int | None
+    stream_counts: tuple[int, ...]
+    ssh: bool
     quick: bool
 
 
 @dataclass(frozen=True)
 class Measured:
-    """One measured wrk run and the CPU it took."""
+    """One measured wrk run, the CPU it took and the tunnel's peak memory during it."""
 
     result: WrkResult
-    # nginx (with its worker), and through the tunnel the exit server and the
-    # client: 100 % is one core.
+    # nginx (with its worker), and through a tunnel its server and client sides:
+    # 100 % is one core.
     process_cpu_percent: dict[str, float]
     machine_cpu: MachineCpu | None
+    # The tunnel's server and client during the run (peak RSS reset just before
+    # it); when the reset failed, the peak since the process started.
+    peak_rss_bytes: dict[str, int | None]
+    peak_rss_reset: bool
+    process_cpu_s: dict[str, float]  # CPU seconds of each watched process over the run
+
+    def cpu_us_per_request(self, process: str) -> float | None:
+        """CPU microseconds ``process`` spent per completed request (steadier than req/s)."""
+        if not self.result.requests or process not in self.process_cpu_s:
+            return None
+        return 1e6 * self.process_cpu_s[process] / self.result.requests
 
 
 @dataclass(frozen=True)
 class HttpPoint:
-    """GET /1k at one concurrency, directly and through the tunnel."""
+    """GET /1k at one concurrency, kept alive or on a new connection each, for every target."""
 
+    kind: str  # KEEP_ALIVE or NEW_CONNECTION
     connections: int
     threads: int
-    direct: Measured
-    tunnel: Measured
+    by_target: dict[str, Measured]
+
+    @property
+    def test(self) -> str:
+        """``GET /1k c=10`` or ``GET /1k c=10, new connection per request``."""
+        suffix = ", new connection per request" if self.kind == NEW_CONNECTION else ""
+        return f"GET {SMALL_PATH} c={self.connections}{suffix}"
 
 
 @dataclass(frozen=True)
@@ -68,16 +108,33 @@ class AccessLogPoint:
 
 
 @dataclass(frozen=True)
-class Downloads:
-    """Single downloads of /100m, directly and through the tunnel, in the order they ran."""
+class TransferRun:
+    """One transfer, the CPU each watched process spent on it and how busy the machine was."""
 
-    direct: list[DownloadResult]
-    tunnel: list[DownloadResult]
+    result: TransferResult
+    cpu_s: dict[str, float]
+    machine_cpu: MachineCpu | None
 
 
-def median_mib_per_s(results: list[DownloadResult]) -> float:
-    """The median throughput of ``results``, in MiB/s."""
-    return statistics.median(result.mib_per_s for result in results)
+@dataclass(frozen=True)
+class Transfers:
+    """100 MiB downloads or uploads, one at a time, for every target, in the order they ran."""
+
+    kind: str  # DOWNLOAD or UPLOAD
+    by_target: dict[str, list[TransferRun]]
+
+    def median_mib_per_s(self, target: str) -> float | None:
+        """The median throughput through ``target``, in MiB/s."""
+        runs = self.by_target.get(target)
+        return statistics.median(run.result.mib_per_s for run in runs) if runs else None
+
+    def cpu_s_per_gib(self, target: str, process: str) -> float | None:
+        """CPU seconds ``process`` spent per GiB carried through ``target``, over all runs."""
+        runs = self.by_target.get(target) or []
+        carried = sum(run.result.bytes for run in runs)
+        if not carried or any(process not in run.cpu_s for run in runs):
+            return None
+        return sum(run.cpu_s[process] for run in runs) / (carried / GIB)
 
 
 def progress(message: str) -> None:
@@ -86,24 +143,32 @@ def progress(message: str) -> None:
 
 
 def measure_http(
-    plan: Plan, tools: ToolPaths, upstream: Upstream, tunnel: Tunnel, connections: int
+    plan: Plan,
+    tools: ToolPaths,
+    targets: Sequence[Target],
+    connections: int,
+    kind: str = KEEP_ALIVE,
 ) -> HttpPoint:
-    """GET /1k at ``connections``, directly and then through the tunnel.
+    """GET /1k at ``connections`` through each target in turn, each after a warm-up.
+
+    With ``kind`` NEW_CONNECTION every request says ``Connection: close``, so
+    each one comes on a new connection.
 
     Raises:
-        BenchError: wrk failed, a process exited, or the tunnel did not go idle.
+        BenchError: wrk failed, a process exited, or a tunnel did not go idle.
     """
     threads = wrk_threads(connections, plan.max_wrk_threads)
-    progress(f"GET {SMALL_PATH} c={connections} direct")
-    _wrk(tools, upstream.port, connections, threads, plan.warmup_s)
-    direct = _measure(plan, tools, upstream.port, connections, threads, _watched(upstream))
-    progress(f"GET {SMALL_PATH} c={connections} tunnel")
-    through_tunnel = _measure_tunnel(plan, tools, upstream, tunnel, connections, threads)
-    return HttpPoint(connections, threads, direct, through_tunnel)
+    headers = [CLOSE_HEADER] if kind == NEW_CONNECTION else []
+    by_target = {}
+    for target in targets:
+        what = "new connection per request" if kind == NEW_CONNECTION else "keep-alive"
+        progress(f"GET {SMALL_PATH} c={connections} {what}, {target.label}")
+        by_target[target.key] = _measure_target(plan, tools, target, connections, threads, headers)
+    return HttpPoint(kind, connections, threads, by_target)
 
 
 def measure_access_log(
-    plan: Plan, tools: ToolPaths, upstream: Upstream, tunnel: Tunnel, connections: int
+    plan: Plan, tools: ToolPaths, target: Target, connections: int
 ) -> AccessLogPoint:
     """GET /1k at ``connections`` through a tunnel whose exit server logs every request.
 
@@ -111,60 +176,98 @@ def measure_access_log(
         BenchError: wrk failed, a process exited, or the tunnel did not go idle.
     """
     threads = wrk_threads(connections, plan.max_wrk_threads)
-    progress(f"GET {SMALL_PATH} c={connections} tunnel, access log on")
-    through_tunnel = _measure_tunnel(plan, tools, upstream, tunnel, connections, threads)
-    return AccessLogPoint(connections, threads, through_tunnel)
+    progress(f"GET {SMALL_PATH} c={connections} {target.label}, access log on")
+    measured = _measure_target(plan, tools, target, connections, threads, [])
+    return AccessLogPoint(connections, threads, measured)
 
 
-def measure_downloads(plan: Plan, tools: ToolPaths, direct_port: int, tunnel: Tunnel) -> Downloads:
-    """Download /100m ``plan.downloads`` times each way, alternating direct and tunnel.
+def measure_transfers(
+    plan: Plan, tools: ToolPaths, targets: Sequence[Target], upstream: Upstream, kind: str
+) -> Transfers:
+    """Download or upload 100 MiB ``plan.transfers`` times through each target, taking turns.
 
-    One unmeasured download each way comes first: the first one runs measurably
-    slower (about 0.6x) both ways, before nginx, the page cache and the
-    tunnel's buffers are warm.
+    One unmeasured transfer through each target comes first: the first one runs
+    measurably slower (about 0.6x), before nginx, the page cache and the
+    tunnel's buffers are warm. Every upload is checked in nginx's upload log:
+    it must have answered 200 after reading the whole body.
 
     Raises:
-        BenchError: a download failed or came back short.
+        BenchError: a transfer failed, came back short, or nginx did not read
+            an upload whole.
     """
-    progress(f"download {LARGE_PATH} warm-up, direct and tunnel")
-    download(tools.curl, direct_port, LARGE_PATH, LARGE_BYTES, REPO_ROOT)
-    tunnel.wait_idle()
-    download(tools.curl, tunnel.visitor_port, LARGE_PATH, LARGE_BYTES, REPO_ROOT)
-    direct: list[DownloadResult] = []
-    through_tunnel: list[DownloadResult] = []
-    for number in range(1, plan.downloads + 1):
-        progress(f"download {LARGE_PATH} {number}/{plan.downloads}, direct and tunnel")
-        direct.append(download(tools.curl, direct_port, LARGE_PATH, LARGE_BYTES, REPO_ROOT))
-        tunnel.wait_idle()
-        through_tunnel.append(
-            download(tools.curl, tunnel.visitor_port, LARGE_PATH, LARGE_BYTES, REPO_ROOT)
+    progress(f"{kind} {LARGE_PATH} warm-up through each target")
+    for target in targets:
+        target.wait_idle()
+        _transfer(tools, target, upstream, kind)
+    by_target: dict[str, list[TransferRun]] = {target.key: [] for target in targets}
+    for number in range(1, plan.transfers + 1):
+        progress(f"{kind} {LARGE_PATH} {number}/{plan.transfers} through each target")
+        for target in targets:
+            target.wait_idle()
+            watched = target.watched()
+            before = _CpuReading.take(watched)
+            result = _transfer(tools, target, upstream, kind)
+            after = _CpuReading.take(watched)
+            cpu_s = {name: after.processes_s[name] - before.processes_s[name] for name in watched}
+            machine = MachineCpu.between(
+                before.machine, after.machine, after.ours_s - before.ours_s
+            )
+            by_target[target.key].append(TransferRun(result, cpu_s, machine))
+    return Transfers(kind, by_target)
+
+
+def _transfer(tools: ToolPaths, target: Target, upstream: Upstream, kind: str) -> TransferResult:
+    """One download of /100m, or one upload of it to /upload checked in nginx's log."""
+    if kind == DOWNLOAD:
+        return download(tools.curl, target.port, LARGE_PATH, LARGE_BYTES, REPO_ROOT)
+    logged = len(upload_records(upstream.upload_log))
+    body = upload_body(upstream)
+    result = upload(tools.curl, target.port, UPLOAD_PATH, body, REPO_ROOT)
+    records = upload_records(upstream.upload_log)
+    if len(records) != logged + 1:
+        raise BenchError(
+            f"upload through {target.label}: nginx logged {len(records) - logged} uploads, "
+            "expected 1"
         )
-    return Downloads(direct, through_tunnel)
+    record = records[-1]
+    if record.status != 200 or record.request_length < LARGE_BYTES:
+        raise BenchError(
+            f"upload through {target.label}: nginx answered {record.status} after reading "
+            f"{record.request_length} bytes of request, expected 200 after more than {LARGE_BYTES}"
+        )
+    return result
 
 
-def _watched(upstream: Upstream, tunnel: Tunnel | None = None) -> dict[str, Child]:
-    """The long-running processes whose CPU a measurement records, by name."""
-    if tunnel is None:
-        return {"nginx": upstream.process}
-    return {"server": tunnel.server, "client": tunnel.client, "nginx": upstream.process}
+def upload_body(upstream: Upstream) -> Path:
+    """The file uploads send: the same random 100 MiB that nginx serves as /100m."""
+    return upstream.root / "www" / LARGE_PATH.lstrip("/")
 
 
-def _measure_tunnel(
+def _measure_target(
     plan: Plan,
     tools: ToolPaths,
-    upstream: Upstream,
-    tunnel: Tunnel,
+    target: Target,
     connections: int,
     threads: int,
+    headers: Sequence[str],
 ) -> Measured:
-    """A warm-up and a measured wrk run through the tunnel, each starting with it idle."""
-    tunnel.wait_idle()
-    _wrk(tools, tunnel.visitor_port, connections, threads, plan.warmup_s)
-    tunnel.wait_idle()
-    watched = _watched(upstream, tunnel)
-    measured = _measure(plan, tools, tunnel.visitor_port, connections, threads, watched)
-    tunnel.wait_idle()
-    return measured
+    """A warm-up and a measured wrk run through ``target``, each starting with it idle."""
+    target.wait_idle()
+    _wrk(tools, target.port, connections, threads, plan.warmup_s, headers)
+    target.wait_idle()
+    resets = [side.reset_tree_peak_rss() for side in target.sides.values()]
+    watched = target.watched()
+    before = _CpuReading.take(watched)
+    started = time.monotonic()
+    result = _wrk(tools, target.port, connections, threads, plan.duration_s, headers)
+    wall_s = time.monotonic() - started
+    after = _CpuReading.take(watched)
+    peak_rss = {name: side.tree_peak_rss_bytes() for name, side in target.sides.items()}
+    target.wait_idle()
+    process_cpu_s = {name: after.processes_s[name] - before.processes_s[name] for name in watched}
+    process_cpu_percent = {name: 100 * cpu_s / wall_s for name, cpu_s in process_cpu_s.items()}
+    machine = MachineCpu.between(before.machine, after.machine, after.ours_s - before.ours_s)
+    return Measured(result, process_cpu_percent, machine, peak_rss, all(resets), process_cpu_s)
 
 
 @dataclass(frozen=True)
@@ -179,8 +282,9 @@ class _CpuReading:
     def take(watched: dict[str, Child]) -> _CpuReading:
         """Read the counters now.
 
-        Ours are this process, its reaped children (each finished wrk run) and
-        the watched processes with their children (nginx's worker).
+        Ours are this process, its reaped children (each finished wrk or curl
+        run) and the watched processes with their descendants (nginx's worker,
+        sshd's connection process).
         """
         own = os.times()
         processes_s = {name: child.tree_cpu_seconds() for name, child in watched.items()}
@@ -188,29 +292,14 @@ class _CpuReading:
         return _CpuReading(CpuTimes.read(), ours_s + sum(processes_s.values()), processes_s)
 
 
-def _measure(
-    plan: Plan,
+def _wrk(
     tools: ToolPaths,
     port: int,
     connections: int,
     threads: int,
-    watched: dict[str, Child],
-) -> Measured:
-    """The measured wrk run, with the CPU each watched process and the machine used."""
-    before = _CpuReading.take(watched)
-    started = time.monotonic()
-    result = _wrk(tools, port, connections, threads, plan.duration_s)
-    wall_s = time.monotonic() - started
-    after = _CpuReading.take(watched)
-    process_cpu_percent = {
-        name: 100 * (after.processes_s[name] - before.processes_s[name]) / wall_s
-        for name in watched
-    }
-    machine = MachineCpu.between(before.machine, after.machine, after.ours_s - before.ours_s)
-    return Measured(result, process_cpu_percent, machine)
-
-
-def _wrk(tools: ToolPaths, port: int, connections: int, threads: int, duration_s: int) -> WrkResult:
+    duration_s: int,
+    headers: Sequence[str],
+) -> WrkResult:
     """wrk against ``http://127.0.0.1:PORT/1k``."""
     url = f"http://{LOOPBACK}:{port}{SMALL_PATH}"
-    return run_wrk(tools.wrk, url, connections, threads, duration_s, REPO_ROOT)
+    return run_wrk(tools.wrk, url, connections, threads, duration_s, REPO_ROOT, headers)

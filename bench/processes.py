@@ -6,8 +6,10 @@ reaches only the benchmark, which then ends each child itself: SIGTERM to the
 group, SIGKILL after a timeout. Ending the group rather than the one process
 also ends nginx's worker, which outlives a killed master otherwise. A child is
 reaped only at the very end of ``stop()``: until then its PID (the group id)
-cannot be reused, so no signal can reach a stranger. Nothing is ever ended by
-name.
+cannot be reused, so no signal can reach a stranger. sshd puts each connection
+in a session of its own, outside the group: those descendants are ended one
+by one, by PID, while the leader is still alive to hold them as its children.
+Nothing is ever ended by name.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -31,6 +34,8 @@ KILL_TIMEOUT_S: Final = 5.0
 POLL_INTERVAL_S: Final = 0.05
 LOG_TAIL_BYTES: Final = 4000
 _KILLED_CODES: Final = (os.CLD_KILLED, os.CLD_DUMPED)
+_MAX_DESCENDANTS: Final = 10_000
+_TCP_ESTABLISHED: Final = "01"  # the st column of /proc/net/tcp
 
 
 class Child:
@@ -112,24 +117,49 @@ class Child:
         return _cpu_seconds(self.pid)
 
     def tree_cpu_seconds(self) -> float:
-        """CPU time of the process and of its children (nginx's worker) so far.
+        """CPU time of the process and of all its descendants so far.
+
+        Descendants are nginx's worker, and sshd's per-connection processes
+        (which run in sessions of their own, outside the group we signal).
 
         Raises:
             BenchError: the process has exited.
         """
         total = self.cpu_seconds()
-        for pid in _child_pids(self.pid):
+        for pid in descendant_pids(self.pid):
             with contextlib.suppress(OSError, ValueError, IndexError):  # it just exited
                 total += _cpu_seconds(pid)
         return total
 
-    def peak_rss_bytes(self) -> int | None:
-        """The process's peak resident memory (VmHWM), or None when /proc does not say."""
-        with contextlib.suppress(OSError):
-            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-        return None
+    def tree_rss_bytes(self) -> int | None:
+        """Resident memory (VmRSS) of the process and its descendants now, or None if unknown."""
+        return self._tree_status_bytes("VmRSS")
+
+    def tree_peak_rss_bytes(self) -> int | None:
+        """Peak resident memory (VmHWM) of the process and its descendants, summed.
+
+        The peak is since the process started, or since ``reset_tree_peak_rss``.
+        """
+        return self._tree_status_bytes("VmHWM")
+
+    def reset_tree_peak_rss(self) -> bool:
+        """Reset the peak RSS of the process and its descendants (Linux 4.0+); whether it worked."""
+        done = True
+        for pid in [self.pid, *descendant_pids(self.pid)]:
+            try:
+                Path(f"/proc/{pid}/clear_refs").write_text("5")
+            except OSError:
+                done = False
+        return done
+
+    def _tree_status_bytes(self, field: str) -> int | None:
+        """A ``kB`` field of /proc/PID/status summed over the process and its descendants."""
+        if not self.running():
+            return None
+        own = status_bytes(self.pid, field)
+        if own is None:
+            return None
+        return own + sum(status_bytes(pid, field) or 0 for pid in descendant_pids(self.pid))
 
     def wait_exited(self, timeout_s: float) -> bool:
         """Wait up to ``timeout_s`` for the child to exit (without reaping it)."""
@@ -145,6 +175,7 @@ class Child:
         if self._popen is None or self._popen.returncode is not None:
             return
         if self.running():
+            self._stop_other_sessions(timeout_s)
             _signal_group(self.pid, signal.SIGTERM)
             if not self.wait_exited(timeout_s):
                 _signal_group(self.pid, signal.SIGKILL)
@@ -154,11 +185,43 @@ class Child:
         _signal_group(self.pid, signal.SIGKILL)
         self._popen.wait(KILL_TIMEOUT_S)
 
+    def _stop_other_sessions(self, timeout_s: float) -> None:
+        """End descendants outside the child's process group (sshd's connections) by PID.
+
+        The child is alive, so each of them is still its descendant (or a
+        zombie it has not reaped): their PIDs cannot belong to a stranger.
+        """
+        strays = [
+            pid for pid in descendant_pids(self.pid) if _group_of(pid) not in (None, self.pid)
+        ]
+        for signum in (signal.SIGTERM, signal.SIGKILL):
+            for pid in strays:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signum)
+            deadline = time.monotonic() + (
+                timeout_s if signum == signal.SIGTERM else KILL_TIMEOUT_S
+            )
+            while True:
+                strays = [pid for pid in strays if pid in descendant_pids(self.pid)]
+                if not strays or time.monotonic() >= deadline:
+                    break
+                time.sleep(POLL_INTERVAL_S)
+            if not strays:
+                return
+
 
 def _cpu_seconds(pid: int) -> float:
     """User plus system CPU time of process ``pid``, from /proc/PID/stat."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _group_of(pid: int) -> int | None:
+    """The process group of ``pid``, or None when it has gone."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[2])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _child_pids(pid: int) -> list[int]:
@@ -169,6 +232,26 @@ def _child_pids(pid: int) -> list[int]:
             with contextlib.suppress(OSError):
                 children += (int(child) for child in (task / "children").read_text().split())
     return children
+
+
+def descendant_pids(pid: int) -> list[int]:
+    """The PIDs of ``pid``'s children, their children, and so on (at most 10,000)."""
+    found: list[int] = []
+    pending = _child_pids(pid)
+    while pending and len(found) < _MAX_DESCENDANTS:
+        child = pending.pop()
+        found.append(child)
+        pending += _child_pids(child)
+    return found
+
+
+def status_bytes(pid: int, field: str) -> int | None:
+    """A ``kB`` field of /proc/PID/status (``VmRSS``, ``VmHWM``) in bytes, or None."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) * 1024
+    return None
 
 
 def _signal_group(pgid: int, signum: signal.Signals) -> None:
@@ -259,3 +342,45 @@ def wait_until(
         if time.monotonic() >= deadline:
             raise BenchError(f"{what} did not happen within {within_s:.0f} s")
         time.sleep(interval_s)
+
+
+def raise_open_files_limit(wanted: int) -> int:
+    """Raise RLIMIT_NOFILE to at least ``wanted``; return the soft limit now in force.
+
+    Children inherit it: the exit server, the client, sshd, ssh and the idle
+    upstream each hold one socket per open stream. Raising the hard limit
+    needs root; otherwise the soft limit goes as high as the hard one allows.
+
+    Raises:
+        BenchError: the limit stays below ``wanted``.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= wanted:
+        return soft
+    unlimited = resource.RLIM_INFINITY
+    new_hard = hard if hard == unlimited or hard >= wanted else wanted
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, new_hard))
+    except (ValueError, OSError):
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft < wanted:
+        raise BenchError(
+            f"cannot raise the open files limit to {wanted} (it is {soft}); "
+            f"run as root or raise it first (ulimit -n {wanted})"
+        )
+    return soft
+
+
+def established_connections(port: int) -> int:
+    """How many TCP connections to 127.0.0.1:``port`` are established now, from /proc/net/tcp."""
+    local = f"0100007F:{port:04X}"
+    count = 0
+    with contextlib.suppress(OSError), Path("/proc/net/tcp").open() as table:
+        next(table, None)  # the header
+        for line in table:
+            fields = line.split(None, 4)
+            if len(fields) > 3 and fields[1] == local and fields[3] == _TCP_ESTABLISHED:
+                count += 1
+    return count

@@ -1,8 +1,10 @@
 """The results: a table on stdout and the same figures as JSON under bench/results/.
 
-Ratios are tunnel / direct. For requests/s and MiB/s they are the share of
+Ratios are tunnel / direct, for each tunnel (homeport and ssh -R) against the
+direct figure of the same run. For requests/s and MiB/s they are the share of
 direct speed the tunnel keeps (1.0 is no loss); for latencies they are how
 many times longer a request takes through the tunnel (1.0 is no added delay).
+The target column holds issue 5's targets, checked for homeport.
 """
 
 from __future__ import annotations
@@ -15,13 +17,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from bench.download import DownloadResult
+from bench.goals import Figures, Goal, check_goals, per_stream_spec, ratio
 from bench.machine import MachineCpu
-from bench.measure import AccessLogPoint, Downloads, HttpPoint, Measured, Plan, median_mib_per_s
-from bench.upstream import LARGE_BYTES, LARGE_PATH, SMALL_BYTES, SMALL_PATH
+from bench.measure import (
+    AccessLogPoint,
+    HttpPoint,
+    Measured,
+    Plan,
+    TransferRun,
+    Transfers,
+)
+from bench.streams import StreamsResult
+from bench.targets import DIRECT, HOMEPORT, LABELS, SIDES, SSH_R
+from bench.transfer import MIB
+from bench.upstream import LARGE_BYTES, LARGE_PATH, SMALL_BYTES, SMALL_PATH, UPLOAD_PATH
 from bench.wrk import REQUEST_TIMEOUT_S, WrkResult
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 LATEST_NAME: Final = "latest.json"
 # Busier than this just before or after the run (all CPUs, 100 = all busy): the
 # machine was not idle.
@@ -30,7 +42,10 @@ BUSY_CPU_PERCENT: Final = 10.0
 # hypervisor, during a measurement: its figures are low by an unknown amount.
 OTHERS_CPU_PERCENT: Final = 5.0
 STEAL_CPU_PERCENT: Final = 5.0
-_COLUMNS: Final = "{:<30} {:<12} {:>12} {:>26} {:>8}"
+TUNNELS: Final = (HOMEPORT, SSH_R)
+# label, figure, direct, homeport, ratio, ssh -R, ratio, target, verdict
+_COLUMNS: Final = "{:<27} {:<14} {:>11} {:>21} {:>6} {:>21} {:>6}  {:<14} {}"
+_SHORT: Final = {"nginx": "ngx", "server": "srv", "client": "cli"}
 
 
 @dataclass(frozen=True)
@@ -41,22 +56,52 @@ class Report:
     plan: Plan
     machine: dict[str, Any]
     software: dict[str, Any]
+    targets: tuple[str, ...]  # the columns measured: direct, homeport and (unless off) ssh_r
     http: list[HttpPoint]
+    new_connection: HttpPoint | None
     access_log: AccessLogPoint | None
-    downloads: Downloads
+    downloads: Transfers
+    uploads: Transfers
+    idle_rss_bytes: dict[str, dict[str, int | None]]  # tunnel -> server/client -> bytes
+    streams: dict[str, StreamsResult]
     tunnel_status_after: dict[str, Any]
-    peak_rss_bytes: dict[str, int | None]
+
+    @property
+    def figures(self) -> Figures:
+        """The figures the targets are checked against."""
+        return Figures(
+            http=self.http,
+            new_connection=self.new_connection,
+            downloads=self.downloads,
+            uploads=self.uploads,
+            idle_rss_bytes=self.idle_rss_bytes,
+            streams=self.streams,
+            stream_counts=self.plan.stream_counts,
+        )
+
+    def goals(self, target: str = HOMEPORT) -> list[Goal]:
+        """Issue 5's targets checked for ``target``."""
+        return check_goals(self.figures, target)
 
     def measurements(self) -> Iterator[tuple[str, Measured]]:
-        """Every wrk measurement, labelled ``c=10 tunnel``."""
-        for point in self.http:
-            yield f"c={point.connections} direct", point.direct
-            yield f"c={point.connections} tunnel", point.tunnel
+        """Every wrk measurement, labelled ``c=10 homeport``."""
+        points = [*self.http, *([self.new_connection] if self.new_connection else [])]
+        for point in points:
+            for target, measured in point.by_target.items():
+                yield f"{point.test}, {LABELS[target]}", measured
         if self.access_log is not None:
-            yield f"c={self.access_log.connections} tunnel, access log on", self.access_log.tunnel
+            label = f"GET {SMALL_PATH} c={self.access_log.connections}, homeport, access log on"
+            yield label, self.access_log.tunnel
+
+    def transfer_runs(self) -> Iterator[tuple[str, TransferRun]]:
+        """Every measured download and upload, labelled ``download 2, ssh -R``."""
+        for transfers in (self.downloads, self.uploads):
+            for target, runs in transfers.by_target.items():
+                for number, run in enumerate(runs, 1):
+                    yield f"{transfers.kind} {number}, {LABELS[target]}", run
 
     def warnings(self) -> list[str]:
-        """What a reader should not miss: errors, and CPU taken from what was measured."""
+        """What a reader must not miss: errors, and CPU taken from what was measured."""
         found = []
         for when in ("before", "after"):
             busy = self.machine.get(f"cpu_busy_percent_{when}")
@@ -65,27 +110,56 @@ class Report:
         for label, measured in self.measurements():
             if measured.result.errors:
                 found.append(f"{label}: errors: {errors_text(measured.result)}")
-            machine = measured.machine_cpu
-            if machine is None:
-                continue
-            if machine.others_percent is not None and machine.others_percent > OTHERS_CPU_PERCENT:
+            found += _interference(label, measured.machine_cpu)
+        for label, run in self.transfer_runs():
+            found += _interference(label, run.machine_cpu)
+        for target, streams in self.streams.items():
+            for point in streams.points:
+                if point.opened < point.count or not point.confirmed:
+                    server = point.server_status
+                    on_server = (
+                        f", the exit server {server['visitor_connections']:,} visitor "
+                        f"connections and {server['streams']:,} streams"
+                        if server is not None
+                        else ""
+                    )
+                    found.append(
+                        f"idle streams through {LABELS[target]}: {point.opened:,} of "
+                        f"{point.count:,} opened; counted open: the idle upstream "
+                        f"{point.upstream_open:,}{on_server}"
+                    )
+            if streams.errors:
+                samples = "; ".join(streams.error_samples)
                 found.append(
-                    f"{label}: other processes used {machine.others_percent:.0f}% of the CPUs; "
-                    "its figures are low"
-                )
-            if machine.steal_percent > STEAL_CPU_PERCENT:
-                found.append(
-                    f"{label}: the hypervisor took {machine.steal_percent:.0f}% of the CPUs "
-                    "(steal); its figures are low"
+                    f"idle streams through {LABELS[target]}: failures {streams.errors} "
+                    f"(e.g. {samples})"
                 )
         return found
 
+    def interfered(self) -> bool:
+        """Whether other load took CPU from some measurement (so figures are low)."""
+        return any(
+            "other processes" in warning or "steal" in warning or "busy" in warning
+            for warning in self.warnings()
+        )
 
-def ratio(tunnel: float | None, direct: float | None) -> float | None:
-    """tunnel / direct, or None when either is missing or direct is zero."""
-    if tunnel is None or direct is None or direct == 0:
-        return None
-    return tunnel / direct
+
+def _interference(label: str, machine: MachineCpu | None) -> list[str]:
+    """Warnings for a measurement during which others used the CPUs."""
+    if machine is None:
+        return []
+    found = []
+    if machine.others_percent is not None and machine.others_percent > OTHERS_CPU_PERCENT:
+        found.append(
+            f"{label}: other processes used {machine.others_percent:.0f}% of the CPUs; "
+            "its figures are low"
+        )
+    if machine.steal_percent > STEAL_CPU_PERCENT:
+        found.append(
+            f"{label}: the hypervisor took {machine.steal_percent:.0f}% of the CPUs "
+            "(steal); its figures are low"
+        )
+    return found
 
 
 def errors_text(result: WrkResult) -> str:
@@ -101,6 +175,18 @@ def errors_text(result: WrkResult) -> str:
     return text or "0"
 
 
+def client_cpu_line(report: Report) -> str:
+    """The client's (the Pi side's) CPU per GiB carried: the figure the issue asks for."""
+    parts = []
+    for target in report.targets:
+        if target == DIRECT:
+            continue
+        down = report.downloads.cpu_s_per_gib(target, "client")
+        up = report.uploads.cpu_s_per_gib(target, "client")
+        parts.append(f"{LABELS[target]} {_seconds(down)} down, {_seconds(up)} up")
+    return "client (Pi side) CPU seconds per GiB carried, lower is better: " + "; ".join(parts)
+
+
 # -- JSON ----------------------------------------------------------------------------------
 
 
@@ -108,15 +194,23 @@ def to_json(report: Report) -> dict[str, Any]:
     """The whole report as JSON-ready data."""
     return {
         "schema": SCHEMA_VERSION,
-        "date": _iso_utc(report.started_at),
+        "date": iso_utc(report.started_at),
         "machine": report.machine,
         "software": report.software,
-        "parameters": _parameters(report.plan),
+        "parameters": _parameters(report.plan, report.targets),
+        "targets": {
+            target: [_goal(goal) for goal in report.goals(target)]
+            for target in TUNNELS
+            if target in report.targets
+        },
         "http": [_http_point(point) for point in report.http],
+        "new_connection": _http_point(report.new_connection) if report.new_connection else None,
         "access_log": _access_log(report.access_log, report.http),
-        "download": _downloads(report.downloads),
+        "download": _transfers(report.downloads),
+        "upload": _transfers(report.uploads),
+        "memory": _memory(report),
+        "cpu_s_per_gib": _cpu_per_gib(report),
         "tunnel_status_after": report.tunnel_status_after,
-        "peak_rss_bytes": report.peak_rss_bytes,
         "warnings": report.warnings(),
     }
 
@@ -125,9 +219,8 @@ def write_results(data: dict[str, Any], results_dir: Path) -> list[Path]:
     """Write ``data`` as ``latest.json`` and a timestamped copy; return both paths."""
     results_dir.mkdir(parents=True, exist_ok=True)
     text = json.dumps(data, indent=2) + "\n"
-    stamp = str(data["date"]).replace(":", "-")
     written = []
-    for name in (f"{stamp}.json", LATEST_NAME):
+    for name in (f"{stamp(data['date'])}.json", LATEST_NAME):
         path = results_dir / name
         temporary = path.with_name(path.name + ".tmp")
         temporary.write_text(text)
@@ -136,66 +229,100 @@ def write_results(data: dict[str, Any], results_dir: Path) -> list[Path]:
     return written
 
 
-def _iso_utc(timestamp: float) -> str:
+def iso_utc(timestamp: float) -> str:
     """``2025-11-26T01:23:45Z``."""
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
 
 
-def _parameters(plan: Plan) -> dict[str, Any]:
+def stamp(date: str) -> str:
+    """A file name part from an ISO date: ``2025-11-26T01-23-45Z``."""
+    return date.replace(":", "-")
+
+
+def _goal(goal: Goal) -> dict[str, Any]:
+    return {
+        "figure": goal.spec.key,
+        "value": goal.value,
+        "target": f"{goal.spec.comparison} {goal.spec.limit:g}",
+        "verdict": goal.verdict,
+    }
+
+
+def _parameters(plan: Plan, targets: tuple[str, ...]) -> dict[str, Any]:
     """The run's parameters, including the fixed ones."""
     return {
+        "targets": [LABELS[target] for target in targets],
         "duration_s": plan.duration_s,
         "warmup_s": plan.warmup_s,
         "concurrencies": list(plan.concurrencies),
+        "new_connection_connections": plan.new_connection_connections,
         "max_wrk_threads": plan.max_wrk_threads,
         "wrk_request_timeout_s": REQUEST_TIMEOUT_S,
-        "downloads_each_way": plan.downloads,
+        "transfers_each_way": plan.transfers,
         "access_log_connections": plan.access_log_connections,
+        "stream_counts": list(plan.stream_counts),
         "quick": plan.quick,
         "small_path": SMALL_PATH,
         "small_bytes": SMALL_BYTES,
         "large_path": LARGE_PATH,
+        "upload_path": UPLOAD_PATH,
         "large_bytes": LARGE_BYTES,
-        "upstream": "own nginx on 127.0.0.1: 1 worker, sendfile, keep-alive, access log off",
+        "upstream": "own nginx on 127.0.0.1: 1 worker, sendfile, keep-alive, access log off; "
+        "POST /upload read whole (mirror_request_body) then 200, logged with $request_length",
         "exit_server_log_level": "warning (access log off); info for the access-log run",
         "client_log_level": "info (no per-request lines)",
+        "ssh": "own sshd -D on 127.0.0.1 and ssh -N -R, OpenSSH's default cipher, no compression",
+        "rss": "VmRSS from /proc, summed over a process and its descendants (sshd: its "
+        "listener and its connection process)",
+        "peak_rss": "VmHWM after resetting it (/proc/PID/clear_refs 5) before the run",
     }
 
 
 def _measured(measured: Measured) -> dict[str, Any]:
-    """A wrk run's figures with its error total, and the CPU it took."""
+    """A wrk run's figures with its error total, the CPU it took and the peak RSS."""
     machine = measured.machine_cpu
     return {
         **vars(measured.result),
         "errors": measured.result.errors,
         "process_cpu_percent": measured.process_cpu_percent,
+        "process_cpu_s": measured.process_cpu_s,
+        "cpu_us_per_request": {
+            name: measured.cpu_us_per_request(name) for name in measured.process_cpu_s
+        },
         "machine_cpu_percent": vars(machine) if machine is not None else None,
+        "peak_rss_bytes": measured.peak_rss_bytes,
+        "peak_rss_since": "run start" if measured.peak_rss_reset else "process start",
     }
 
 
-def _ratios(tunnel: WrkResult, direct: WrkResult | None) -> dict[str, float | None]:
-    """tunnel/direct for requests/s, p50 and p99."""
+def _ratios(result: WrkResult, direct: WrkResult | None) -> dict[str, float | None]:
+    """result/direct for requests/s, p50 and p99."""
     return {
-        "requests_per_s": ratio(tunnel.requests_per_s, direct.requests_per_s if direct else None),
-        "latency_p50": ratio(tunnel.latency_p50_s, direct.latency_p50_s if direct else None),
-        "latency_p99": ratio(tunnel.latency_p99_s, direct.latency_p99_s if direct else None),
+        "requests_per_s": ratio(result.requests_per_s, direct.requests_per_s if direct else None),
+        "latency_p50": ratio(result.latency_p50_s, direct.latency_p50_s if direct else None),
+        "latency_p99": ratio(result.latency_p99_s, direct.latency_p99_s if direct else None),
     }
 
 
 def _http_point(point: HttpPoint) -> dict[str, Any]:
-    """One concurrency, both ways, with tunnel/direct ratios."""
+    """One concurrency, every target, with each tunnel's ratios to direct."""
+    direct = point.by_target[DIRECT].result
     return {
-        "test": f"GET {SMALL_PATH} c={point.connections}",
+        "test": point.test,
+        "kind": point.kind,
         "connections": point.connections,
         "wrk_threads": point.threads,
-        "direct": _measured(point.direct),
-        "tunnel": _measured(point.tunnel),
-        "ratio": _ratios(point.tunnel.result, point.direct.result),
+        **{target: _measured(measured) for target, measured in point.by_target.items()},
+        "ratio": {
+            target: _ratios(measured.result, direct)
+            for target, measured in point.by_target.items()
+            if target != DIRECT
+        },
     }
 
 
 def _same_concurrency(http: list[HttpPoint], connections: int) -> HttpPoint | None:
-    """The point measured with the access log off at ``connections``, if there was one."""
+    """The keep-alive point at ``connections``, if there was one."""
     return next((point for point in http if point.connections == connections), None)
 
 
@@ -205,36 +332,97 @@ def _access_log(point: AccessLogPoint | None, http: list[HttpPoint]) -> dict[str
         return None
     same = _same_concurrency(http, point.connections)
     logged = point.tunnel.result
+    direct = same.by_target[DIRECT].result if same else None
+    unlogged = same.by_target[HOMEPORT].result if same else None
     return {
         "test": f"GET {SMALL_PATH} c={point.connections}, exit server access log on",
         "connections": point.connections,
         "wrk_threads": point.threads,
-        "tunnel": _measured(point.tunnel),
-        "ratio": _ratios(logged, same.direct.result if same else None),
-        "ratio_to_tunnel_without_access_log": _ratios(logged, same.tunnel.result if same else None),
+        HOMEPORT: _measured(point.tunnel),
+        "ratio": _ratios(logged, direct),
+        "ratio_to_homeport_without_access_log": _ratios(logged, unlogged),
     }
 
 
-def _download_runs(results: list[DownloadResult]) -> dict[str, Any]:
-    """Each download and their median throughput."""
+def _transfers(transfers: Transfers) -> dict[str, Any]:
+    """The 100 MiB transfers through every target, with each tunnel's ratio of medians."""
+    direct = transfers.median_mib_per_s(DIRECT)
+    verb = "download" if transfers.kind == "download" else "upload"
+    path = LARGE_PATH if verb == "download" else UPLOAD_PATH
     return {
-        "median_mib_per_s": median_mib_per_s(results),
-        "runs": [{**vars(result), "mib_per_s": result.mib_per_s} for result in results],
-    }
-
-
-def _downloads(downloads: Downloads) -> dict[str, Any]:
-    """The /100m downloads both ways, with the ratio of their medians."""
-    return {
-        "test": f"download {LARGE_PATH}, one at a time (curl)",
+        "test": f"{verb} 100 MiB ({path}), one at a time (curl)",
         "bytes": LARGE_BYTES,
-        "direct": _download_runs(downloads.direct),
-        "tunnel": _download_runs(downloads.tunnel),
-        "ratio": {
-            "mib_per_s": ratio(
-                median_mib_per_s(downloads.tunnel), median_mib_per_s(downloads.direct)
-            )
+        **{
+            target: {
+                "median_mib_per_s": transfers.median_mib_per_s(target),
+                "cpu_s_per_gib": {
+                    name: transfers.cpu_s_per_gib(target, name) for name in runs[0].cpu_s
+                }
+                if runs
+                else {},
+                "runs": [
+                    {
+                        **vars(run.result),
+                        "mib_per_s": run.result.mib_per_s,
+                        "cpu_s": run.cpu_s,
+                        "machine_cpu_percent": vars(run.machine_cpu) if run.machine_cpu else None,
+                    }
+                    for run in runs
+                ],
+            }
+            for target, runs in transfers.by_target.items()
         },
+        "ratio": {
+            target: {"mib_per_s": ratio(transfers.median_mib_per_s(target), direct)}
+            for target in transfers.by_target
+            if target != DIRECT
+        },
+    }
+
+
+def _peak_rss_at(report: Report, connections: int) -> dict[str, dict[str, int | None]]:
+    point = _same_concurrency(report.http, connections)
+    if point is None:
+        return {}
+    return {
+        target: measured.peak_rss_bytes
+        for target, measured in point.by_target.items()
+        if target != DIRECT
+    }
+
+
+def _memory(report: Report) -> dict[str, Any]:
+    """RSS idle, under load, and per idle stream, for each tunnel."""
+    return {
+        "idle_rss_bytes": report.idle_rss_bytes,
+        "peak_rss_bytes_c100": _peak_rss_at(report, 100),
+        "streams": {target: _streams(result) for target, result in report.streams.items()},
+    }
+
+
+def _streams(result: StreamsResult) -> dict[str, Any]:
+    return {
+        "baseline_rss_bytes": result.baseline_rss_bytes,
+        "points": [vars(point) for point in result.points],
+        "closed_s": result.closed_s,
+        "heartbeats_until_released": result.heartbeats,
+        "after_close_rss_bytes": result.after_close_rss_bytes,
+        "errors": result.errors,
+        "error_samples": result.error_samples,
+    }
+
+
+def _cpu_per_gib(report: Report) -> dict[str, Any]:
+    """CPU seconds per GiB carried, per tunnel side, for downloads and uploads."""
+    return {
+        target: {
+            transfers.kind: {
+                side: transfers.cpu_s_per_gib(target, side) for side in (*SIDES, "nginx")
+            }
+            for transfers in (report.downloads, report.uploads)
+        }
+        for target in report.targets
+        if target != DIRECT
     }
 
 
@@ -243,108 +431,321 @@ def _downloads(downloads: Downloads) -> dict[str, Any]:
 
 def format_table(report: Report) -> str:
     """The figures as a text table, with a header saying when, how and on what."""
-    lines = [*_header(report), "", _COLUMNS.format("test", "figure", "direct", "tunnel", "ratio")]
-    lines.append("-" * len(lines[-1]))
+    tunnels = [target for target in TUNNELS if target in report.targets]
+    goals = {goal.spec.key: goal for goal in report.goals(HOMEPORT)}
+    table = _Table(tunnels, goals)
     for point in report.http:
-        lines += _measured_rows(
-            f"GET {SMALL_PATH} c={point.connections}", point.direct, point.tunnel
-        )
+        table.wrk_rows(point, peak_rss=point.connections == 100)
     if report.access_log is not None:
-        log = report.access_log
-        same = _same_concurrency(report.http, log.connections)
-        label = f"GET {SMALL_PATH} c={log.connections} access log ON"
-        lines += _measured_rows(label, same.direct if same else None, log.tunnel)
-        if same is not None:
-            slowdown = ratio(log.tunnel.result.requests_per_s, same.tunnel.result.requests_per_s)
-            lines.append(_row("", "req/s vs off", "", "", _ratio_text(slowdown)))
-    direct_mib = median_mib_per_s(report.downloads.direct)
-    tunnel_mib = median_mib_per_s(report.downloads.tunnel)
-    lines.append(
-        _row(
-            f"download {LARGE_PATH} (median of {len(report.downloads.direct)})",
-            "MiB/s",
-            f"{direct_mib:,.1f}",
-            f"{tunnel_mib:,.1f}",
-            _ratio_text(ratio(tunnel_mib, direct_mib)),
-        )
-    )
+        table.access_log_rows(report.access_log, _same_concurrency(report.http, 100))
+    if report.new_connection is not None:
+        table.wrk_rows(report.new_connection, peak_rss=False)
+    table.transfer_rows(report.downloads)
+    table.transfer_rows(report.uploads)
+    table.memory_rows(report)
+    verdicts = [goal.verdict for goal in goals.values()]
+    lines = [*_header(report)]
+    if report.interfered():
+        lines += [
+            "",
+            "!! OTHER LOAD ON THE MACHINE DURING THIS RUN: some figures are low by an unknown",
+            "!! amount (see WARNINGS at the end); re-run when `uptime` shows a quiet machine.",
+        ]
+    lines += ["", *table.lines]
+    lines += [
+        "",
+        client_cpu_line(report),
+        f"targets (homeport): {verdicts.count('PASS')} PASS, {verdicts.count('MISS')} MISS"
+        + (f", {verdicts.count('n/a')} not measured" if "n/a" in verdicts else ""),
+    ]
     warnings = report.warnings()
     if warnings:
         lines += ["", "WARNINGS:", *(f"  {warning}" for warning in warnings)]
     return "\n".join(lines)
 
 
+class _Table:
+    """The table's lines, built section by section."""
+
+    def __init__(self, tunnels: list[str], goals: dict[str, Goal]) -> None:
+        self.tunnels = tunnels
+        self.goals = goals
+        header = self._format(
+            "test", "figure", "direct", "homeport", "ratio", "ssh -R", "ratio", "target", ""
+        )
+        self.lines = [header, "-" * len(header)]
+
+    def row(
+        self,
+        label: str,
+        figure: str,
+        direct: str,
+        cells: dict[str, str],
+        ratios: dict[str, float | None] | None = None,
+        goal_key: str | None = None,
+    ) -> None:
+        """One line: a figure for direct and each tunnel, their ratios and homeport's verdict."""
+        ratios = ratios or {}
+        goal = self.goals.get(goal_key) if goal_key else None
+        self.lines.append(
+            self._format(
+                label,
+                figure,
+                direct,
+                cells.get(HOMEPORT, ""),
+                _ratio_text(ratios.get(HOMEPORT)) if HOMEPORT in ratios else "",
+                cells.get(SSH_R, "") if SSH_R in self.tunnels else "",
+                _ratio_text(ratios.get(SSH_R)) if SSH_R in ratios else "",
+                goal.spec.text if goal else "",
+                goal.verdict if goal else "",
+            )
+        )
+
+    def wrk_rows(self, point: HttpPoint, *, peak_rss: bool) -> None:
+        """req/s, p50, p99, errors and CPU for one wrk test through every target."""
+        direct = point.by_target[DIRECT].result
+        tunnels = {t: m for t, m in point.by_target.items() if t != DIRECT}
+        results = {t: m.result for t, m in tunnels.items()}
+        new = point.kind != "keep-alive"
+        label = (
+            f"GET {SMALL_PATH} c={point.connections} new conn"
+            if new
+            else f"GET {SMALL_PATH} c={point.connections}"
+        )
+        goal_prefix = "new_connection" if new else f"c{point.connections}"
+
+        def ratios(field: str) -> dict[str, float | None]:
+            return {t: ratio(getattr(r, field), getattr(direct, field)) for t, r in results.items()}
+
+        self.row(
+            label,
+            "conn/s" if new else "req/s",
+            f"{direct.requests_per_s:,.0f}",
+            {t: f"{r.requests_per_s:,.0f}" for t, r in results.items()},
+            ratios("requests_per_s"),
+            f"{goal_prefix}_requests_per_s_ratio",
+        )
+        self.row(
+            "",
+            "p50",
+            _ms(direct.latency_p50_s),
+            {t: _ms(r.latency_p50_s) for t, r in results.items()},
+            ratios("latency_p50_s"),
+        )
+        self.row(
+            "",
+            "p99",
+            _ms(direct.latency_p99_s),
+            {t: _ms(r.latency_p99_s) for t, r in results.items()},
+            ratios("latency_p99_s"),
+            f"{goal_prefix}_latency_p99_ratio",
+        )
+        self.row(
+            "",
+            "errors",
+            errors_text(direct),
+            {t: errors_text(r) for t, r in results.items()},
+            goal_key=f"{goal_prefix}_errors",
+        )
+        self.row(
+            "",
+            "cpu % procs",
+            _processes(point.by_target[DIRECT]),
+            {t: _processes(m) for t, m in tunnels.items()},
+        )
+        self.row(
+            "",
+            "cpu us/req",
+            _per_request(point.by_target[DIRECT]),
+            {t: _per_request(m) for t, m in tunnels.items()},
+        )
+        self.row(
+            "",
+            "cpu % all/oth",
+            _machine(point.by_target[DIRECT]),
+            {t: _machine(m) for t, m in tunnels.items()},
+        )
+        if peak_rss:
+            self.row(
+                "",
+                "peak RSS s/c",
+                "",
+                {t: _server_client_mib(m.peak_rss_bytes) for t, m in tunnels.items()},
+            )
+
+    def access_log_rows(self, point: AccessLogPoint, same: HttpPoint | None) -> None:
+        """The c=100 run through homeport with its access log on."""
+        result = point.tunnel.result
+        direct = same.by_target[DIRECT].result if same else None
+        unlogged = same.by_target[HOMEPORT].result if same else None
+        label = f"GET {SMALL_PATH} c={point.connections} log ON"
+        self.row(
+            label,
+            "req/s",
+            f"{direct.requests_per_s:,.0f}" if direct else "-",
+            {HOMEPORT: f"{result.requests_per_s:,.0f}"},
+            {HOMEPORT: ratio(result.requests_per_s, direct.requests_per_s if direct else None)},
+        )
+        self.row(
+            "",
+            "p99",
+            _ms(direct.latency_p99_s) if direct else "-",
+            {HOMEPORT: _ms(result.latency_p99_s)},
+            {HOMEPORT: ratio(result.latency_p99_s, direct.latency_p99_s if direct else None)},
+        )
+        self.row("", "errors", "", {HOMEPORT: errors_text(result)})
+        self.row(
+            "",
+            "req/s vs off",
+            "",
+            {},
+            {HOMEPORT: ratio(result.requests_per_s, unlogged.requests_per_s if unlogged else None)},
+        )
+
+    def transfer_rows(self, transfers: Transfers) -> None:
+        """Median MiB/s and CPU per GiB of each side, for downloads or uploads."""
+        direct = transfers.median_mib_per_s(DIRECT)
+        count = len(transfers.by_target.get(DIRECT, []))
+        label = f"{transfers.kind} 100 MiB, median {count}"
+        medians = {t: transfers.median_mib_per_s(t) for t in self.tunnels}
+        self.row(
+            label,
+            "MiB/s",
+            f"{direct:,.1f}" if direct is not None else "-",
+            {t: f"{m:,.1f}" if m is not None else "-" for t, m in medians.items()},
+            {t: ratio(m, direct) for t, m in medians.items()},
+            f"{transfers.kind}_mib_per_s_ratio",
+        )
+        for side in SIDES:
+            self.row(
+                "",
+                f"{side} cpu s/GiB",
+                "",
+                {t: _seconds(transfers.cpu_s_per_gib(t, side)) for t in self.tunnels},
+            )
+
+    def memory_rows(self, report: Report) -> None:
+        """RSS idle, and per idle stream at each count, of each tunnel side."""
+        for side in SIDES:
+            self.row(
+                "memory: idle RSS" if side == "server" else "",
+                side,
+                "",
+                {t: _mib(report.idle_rss_bytes.get(t, {}).get(side)) for t in self.tunnels},
+                goal_key=f"idle_rss_{side}_bytes",
+            )
+        for count in report.plan.stream_counts:
+            points = {
+                t: next((p for p in result.points if p.count == count), None)
+                for t, result in report.streams.items()
+            }
+            for side in SIDES:
+                self.row(
+                    f"memory per stream @{count:,}" if side == "server" else "",
+                    side,
+                    "",
+                    {
+                        t: _kib(p.per_stream_bytes.get(side)) if p else "-"
+                        for t, p in points.items()
+                    },
+                    goal_key=per_stream_spec(side, count).key,
+                )
+            self.row(
+                "",
+                "open",
+                "",
+                {
+                    t: f"{min(p.opened, p.upstream_open):,} in {p.open_s:.0f} s" if p else "-"
+                    for t, p in points.items()
+                },
+                goal_key=f"open_streams_{count}",
+            )
+        self.row(
+            "streams of visitors gone",
+            "released",
+            "",
+            {t: _released(result) for t, result in report.streams.items()},
+        )
+
+    @staticmethod
+    def _format(*cells: str) -> str:
+        return _COLUMNS.format(*cells).rstrip()
+
+
 def _header(report: Report) -> list[str]:
-    """Three lines: when, how and on what it was measured."""
+    """Four lines: when, how and on what it was measured."""
     plan, machine, software = report.plan, report.machine, report.software
     packages = ", ".join(
         f"{name} {version}" for name, version in software["packages"].items() if version
     )
     git = software.get("git") or {}
     revision = f"{git.get('commit', '?')[:10]}{' (dirty)' if git.get('dirty') else ''}"
+    ssh = (software.get("openssh") or "-").split(",")[0]
     return [
-        f"homeport benchmark, {_iso_utc(report.started_at)}, git {revision}",
+        f"homeport benchmark, {iso_utc(report.started_at)}, git {revision}",
         f"{plan.duration_s} s per run after {plan.warmup_s} s warm-up; wrk "
-        f"-t{plan.max_wrk_threads} at most, keep-alive; exit server access log off unless stated",
-        f"{machine['nproc']} x {machine['cpu_model']}; {software['python']}; {packages}; "
-        f"nginx {software['nginx']} (1 worker)",
+        f"-t{plan.max_wrk_threads} at most; exit server access log off unless stated; "
+        "ratios are to direct in this run",
+        f"{machine['nproc']} x {machine['cpu_model']}; load average "
+        f"{' '.join(f'{x:.2f}' for x in machine['load_average_1m_5m_15m'])} at the start",
+        f"{software['python']}; {packages}; nginx {software['nginx']} (1 worker); {ssh} "
+        f"({software.get('ssh_cipher') or 'default cipher'})",
     ]
 
 
-def _measured_rows(label: str, direct: Measured | None, tunnel: Measured) -> list[str]:
-    """requests/s, p50, p99, errors and CPU for one test; ``ratio`` is tunnel/direct."""
-    d, t = (direct.result if direct else None), tunnel.result
-    return [
-        _row(
-            label,
-            "req/s",
-            f"{d.requests_per_s:,.0f}" if d else "-",
-            f"{t.requests_per_s:,.0f}",
-            _ratio_text(ratio(t.requests_per_s, d.requests_per_s if d else None)),
-        ),
-        _row(
-            "",
-            "p50",
-            _ms(d.latency_p50_s) if d else "-",
-            _ms(t.latency_p50_s),
-            _ratio_text(ratio(t.latency_p50_s, d.latency_p50_s if d else None)),
-        ),
-        _row(
-            "",
-            "p99",
-            _ms(d.latency_p99_s) if d else "-",
-            _ms(t.latency_p99_s),
-            _ratio_text(ratio(t.latency_p99_s, d.latency_p99_s if d else None)),
-        ),
-        _row("", "errors", errors_text(d) if d else "-", errors_text(t), ""),
-        _row("", "cpu procs", _processes(direct), _processes(tunnel), ""),
-        _row("", "cpu all/oth", _machine(direct), _machine(tunnel), ""),
-    ]
-
-
-def _processes(measured: Measured | None) -> str:
-    """``srv 95% cli 30% ngx 10%``: each watched process, 100 % being one core."""
-    if measured is None:
-        return "-"
-    short = {"nginx": "ngx", "server": "srv", "client": "cli"}
+def _processes(measured: Measured) -> str:
+    """``srv 95 cli 30 ngx 10``: each watched process, 100 being one core."""
     return " ".join(
-        f"{short.get(name, name)} {percent:.0f}%"
+        f"{_SHORT.get(name, name)} {percent:.0f}"
         for name, percent in measured.process_cpu_percent.items()
     )
 
 
-def _machine(measured: Measured | None) -> str:
-    """``97% / 2%``: all CPUs busy, and the share of other processes (100 % is every CPU)."""
-    use: MachineCpu | None = measured.machine_cpu if measured else None
+def _per_request(measured: Measured) -> str:
+    """``srv 140 cli 40 ngx 12``: CPU microseconds per request of each watched process."""
+    cells = []
+    for name in measured.process_cpu_s:
+        value = measured.cpu_us_per_request(name)
+        cells.append(f"{_SHORT.get(name, name)} {value:.0f}" if value is not None else "-")
+    return " ".join(cells)
+
+
+def _machine(measured: Measured) -> str:
+    """``97 / 2``: all CPUs busy, and the share of other processes (100 is every CPU)."""
+    use = measured.machine_cpu
     if use is None:
         return "-"
-    others = f"{use.others_percent:.0f}%" if use.others_percent is not None else "?"
-    return f"{use.busy_percent:.0f}% / {others}"
+    others = f"{use.others_percent:.0f}" if use.others_percent is not None else "?"
+    return f"{use.busy_percent:.0f} / {others}"
 
 
-def _row(label: str, figure: str, direct: str, tunnel: str, ratio_text: str) -> str:
-    """One line of the table, its columns aligned."""
-    return _COLUMNS.format(label, figure, direct, tunnel, ratio_text).rstrip()
+def _server_client_mib(values: dict[str, int | None]) -> str:
+    """``31.2 / 30.1 MiB``: the server's and the client's."""
+    server, client = values.get("server"), values.get("client")
+    if server is None or client is None:
+        return "-"
+    return f"{server / MIB:.1f} / {client / MIB:.1f} MiB"
+
+
+def _released(result: StreamsResult) -> str:
+    """How the tunnel let go of the streams of visitors who left."""
+    if result.closed_s is None:
+        return "-"
+    if result.heartbeats == 0:
+        return f"in {result.closed_s:.1f} s"
+    return f"{result.closed_s:.1f} s, {result.heartbeats} heartbeats"
+
+
+def _mib(value: float | None) -> str:
+    return "-" if value is None else f"{value / MIB:.1f} MiB"
+
+
+def _kib(value: float | None) -> str:
+    return "-" if value is None else f"{value / 1024:.1f} KiB"
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f} s"
 
 
 def _ms(value_s: float) -> str:

@@ -1,29 +1,37 @@
-"""``python -m bench``: measure the same nginx directly and through a real tunnel, in one run.
+"""``python -m bench``: one nginx directly, through homeport and through ``ssh -R``, in one run.
 
-Theory of operation. One nginx serves ``/1k`` and ``/100m`` from a temp
-directory. A real exit server and client (``homeport server`` and ``homeport
-client`` subprocesses) put it behind a tunnel on 127.0.0.1. For each
-concurrency wrk loads ``/1k`` directly, then through the tunnel, each after an
-unmeasured warm-up. curl then downloads ``/100m`` a few times each way. The
-exit server runs with its access log off; a last run at c=100, through a fresh
-tunnel whose exit server logs every request, gives the log's cost. Every
-process is ended by its PID in ``finally`` blocks, Ctrl-C and SIGTERM included,
-and the temp directory goes with them.
+Theory of operation. One nginx serves ``/1k`` and ``/100m`` and takes uploads
+on ``/upload``, from a temp directory; an idle upstream holds SSE streams open.
+A real exit server and client (``homeport server`` and ``homeport client``
+subprocesses), and our own sshd with an ``ssh -N -R`` client, put both behind
+a tunnel on 127.0.0.1. The steps, each through every target in turn (direct,
+homeport, ssh -R): wrk loads ``/1k`` at each concurrency, kept alive, and at
+c=10 with a new connection per request, each run after an unmeasured warm-up;
+curl downloads ``/100m`` and uploads 100 MiB a few times. The RSS of each
+tunnel's two sides is read once it is up (idle) and at its peak during the
+c=100 run. A fresh homeport tunnel, with the exit server's access log on, gives
+the log's cost at c=100. Last, fresh tunnels of each kind carry 1,000 and then
+10,000 idle SSE visitors, for the memory each open stream costs. Every process
+is ended by its PID in ``finally`` blocks, Ctrl-C and SIGTERM included, and the
+temp directory goes with them.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Final
+from typing import Any, Final
 
 from bench.errors import BenchError
+from bench.idle_upstream import IdleUpstream, run_idle_upstream
 from bench.machine import (
     IDLE_CHECK_S,
     cpu_busy_percent,
@@ -32,33 +40,48 @@ from bench.machine import (
     software_versions,
 )
 from bench.measure import (
+    DOWNLOAD,
+    NEW_CONNECTION,
+    UPLOAD,
+    AccessLogPoint,
+    HttpPoint,
     Plan,
+    Transfers,
     measure_access_log,
-    measure_downloads,
     measure_http,
+    measure_transfers,
     progress,
 )
-from bench.report import Report, format_table, to_json, write_results
-from bench.tools import ensure_tools
-from bench.tunnel import REPO_ROOT, run_tunnel
-from bench.upstream import LARGE_PATH, SMALL_PATH, run_nginx, write_site
+from bench.processes import raise_open_files_limit
+from bench.report import BUSY_CPU_PERCENT, Report, format_table, to_json, write_results
+from bench.ssh_tunnel import SshTunnel, run_ssh_tunnel
+from bench.streams import IDLE_HOST, StreamsResult, measure_streams
+from bench.targets import HOMEPORT, SSH_R, direct_target, homeport_target, ssh_target
+from bench.tools import ToolPaths, ensure_tools
+from bench.tunnel import REPO_ROOT, Tunnel, run_tunnel
+from bench.upstream import LARGE_PATH, SMALL_PATH, Upstream, run_nginx, write_site
 
 RESULTS_DIR: Final = Path(__file__).resolve().parent / "results"
 DEFAULT_DURATION_S: Final = 10
 DEFAULT_WARMUP_S: Final = 2
-DEFAULT_DOWNLOADS: Final = 3
+DEFAULT_TRANSFERS: Final = 3
 QUICK_DURATION_S: Final = 3
 QUICK_WARMUP_S: Final = 1
-QUICK_DOWNLOADS: Final = 1
+QUICK_TRANSFERS: Final = 1
 CONCURRENCIES: Final = (1, 10, 100)
+NEW_CONNECTION_CONNECTIONS: Final = 10
 ACCESS_LOG_CONNECTIONS: Final = 100
+STREAM_COUNTS: Final = (1_000, 10_000)
+QUICK_STREAM_COUNTS: Final = (200, 1_000)
+# Sockets each process may need beyond one per stream (listeners, logs, wrk's 100).
+SPARE_OPEN_FILES: Final = 4096
 # One wrk thread: on 2 cores shared by wrk, nginx, the exit server and the
 # client, a second load thread would only take CPU from what is measured.
 DEFAULT_WRK_THREADS: Final = 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the benchmark, print the table and write the JSON; return the exit status."""
+    """Run the benchmark, print the table, write the JSON and the chart; return the exit status."""
     args = parse_args(argv)
     plan = make_plan(args)
     signal.signal(signal.SIGTERM, _interrupt)
@@ -66,6 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = run(plan)
         print(format_table(report))
         written = write_results(to_json(report), args.results_dir)
+        written += _chart(report, args.results_dir)
     except BenchError as exc:
         print(f"bench: error: {exc}", file=sys.stderr)
         return 1
@@ -73,26 +97,44 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("bench: interrupted; every process it started has been stopped", file=sys.stderr)
         return 130
     print(f"\nwrote {', '.join(str(path) for path in written)}")
+    if report.interfered():
+        print(
+            "bench: WARNING: other load on the machine during the run; see WARNINGS above",
+            file=sys.stderr,
+        )
     return 0
+
+
+def _chart(report: Report, results_dir: Path) -> list[Path]:
+    """The PNG chart; a missing matplotlib costs the chart only, with a warning."""
+    from bench.chart import write_chart  # imports matplotlib's modules, which take a while
+
+    try:
+        return write_chart(report, results_dir)
+    except BenchError as exc:
+        print(f"bench: warning: {exc}", file=sys.stderr)
+        return []
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """The command line: ``--duration``, ``--quick`` and a few knobs."""
     parser = argparse.ArgumentParser(
         prog="python -m bench",
-        description="Benchmark homeport: the same nginx, directly and through a real tunnel.",
+        description="Benchmark homeport: the same nginx, directly, through a real homeport "
+        "tunnel and through ssh -R.",
     )
     parser.add_argument(
         "--duration",
         type=_positive_int,
         metavar="SECONDS",
-        help=f"length of each measurement (default {DEFAULT_DURATION_S}; "
+        help=f"length of each wrk measurement (default {DEFAULT_DURATION_S}; "
         f"{QUICK_DURATION_S} with --quick)",
     )
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="a smoke run of under a minute: short runs, one download each way",
+        help="a smoke run of about two minutes: short runs, one transfer each way, "
+        f"{' and '.join(map(str, QUICK_STREAM_COUNTS))} idle streams",
     )
     parser.add_argument(
         "--warmup",
@@ -106,7 +148,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=_positive_int,
         action="append",
         metavar="N",
-        help=f"connections for GET {SMALL_PATH}, repeatable "
+        help=f"keep-alive connections for GET {SMALL_PATH}, repeatable "
         f"(default {' '.join(map(str, CONCURRENCIES))})",
     )
     parser.add_argument(
@@ -117,11 +159,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help=f"wrk threads at most (default {DEFAULT_WRK_THREADS})",
     )
     parser.add_argument(
+        "--transfers",
         "--downloads",
         type=_positive_int,
         metavar="N",
-        help=f"downloads of {LARGE_PATH} each way (default {DEFAULT_DOWNLOADS}; "
-        f"{QUICK_DOWNLOADS} with --quick)",
+        help=f"downloads of {LARGE_PATH} and 100 MiB uploads through each target "
+        f"(default {DEFAULT_TRANSFERS}; {QUICK_TRANSFERS} with --quick)",
+    )
+    parser.add_argument(
+        "--streams",
+        type=_positive_int,
+        action="append",
+        metavar="N",
+        help="idle open streams to measure memory at, repeatable "
+        f"(default {' '.join(map(str, STREAM_COUNTS))})",
+    )
+    parser.add_argument(
+        "--no-ssh", action="store_true", help="skip the ssh -R column (no sshd is started)"
     )
     parser.add_argument(
         "--no-access-log-run",
@@ -133,7 +187,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=Path,
         default=RESULTS_DIR,
         metavar="DIR",
-        help="where latest.json and its timestamped copy go (default bench/results)",
+        help="where latest.json, latest.png and their timestamped copies go "
+        "(default bench/results)",
     )
     return parser.parse_args(argv)
 
@@ -157,8 +212,13 @@ def make_plan(args: argparse.Namespace) -> Plan:
         warmup_s=args.warmup or (QUICK_WARMUP_S if quick else DEFAULT_WARMUP_S),
         concurrencies=tuple(args.concurrency or CONCURRENCIES),
         max_wrk_threads=args.wrk_threads,
-        downloads=args.downloads or (QUICK_DOWNLOADS if quick else DEFAULT_DOWNLOADS),
+        new_connection_connections=NEW_CONNECTION_CONNECTIONS,
+        transfers=args.transfers or (QUICK_TRANSFERS if quick else DEFAULT_TRANSFERS),
         access_log_connections=None if args.no_access_log_run else ACCESS_LOG_CONNECTIONS,
+        stream_counts=tuple(
+            sorted(set(args.streams or (QUICK_STREAM_COUNTS if quick else STREAM_COUNTS)))
+        ),
+        ssh=not args.no_ssh,
         quick=quick,
     )
 
@@ -175,34 +235,40 @@ def run(plan: Plan) -> Report:
         BenchError: a tool, a process or a measurement failed.
     """
     tools = ensure_tools()
+    # Every child inherits it: each holds a socket per idle stream.
+    raise_open_files_limit(max(plan.stream_counts) + SPARE_OPEN_FILES)
     nginx_build = read_nginx_build(tools.nginx, REPO_ROOT)
     started_at = time.time()
     machine = machine_info()
+    busy = machine.get("cpu_busy_percent_before")
+    if busy is not None and busy > BUSY_CPU_PERCENT:
+        progress(
+            f"WARNING: the CPUs are {busy:.0f}% busy before the run: figures will be low; "
+            "better re-run on a quiet machine"
+        )
     software = software_versions(tools, nginx_build, REPO_ROOT)
     with tempfile.TemporaryDirectory(prefix="homeport-bench-") as temp:
         workdir = Path(temp)
         progress(f"writing {SMALL_PATH} and {LARGE_PATH} under {workdir}")
         small_body = write_site(workdir)
-        with run_nginx(tools.nginx, workdir, nginx_build, small_body) as upstream:
-            progress(f"nginx serving on {upstream.url}")
-            with run_tunnel(workdir, upstream.url, small_body, access_log=False) as tunnel:
-                progress(f"tunnel up: visitors on port {tunnel.visitor_port}")
-                http = [
-                    measure_http(plan, tools, upstream, tunnel, connections)
-                    for connections in plan.concurrencies
-                ]
-                downloads = measure_downloads(plan, tools, upstream.port, tunnel)
-                status_after = tunnel.wait_idle()
-                peak_rss = {
-                    "server": tunnel.server.peak_rss_bytes(),
-                    "client": tunnel.client.peak_rss_bytes(),
-                }
-            access_log = None
+        with (
+            run_nginx(tools.nginx, workdir, nginx_build, small_body) as upstream,
+            run_idle_upstream(workdir, REPO_ROOT) as idle,
+        ):
+            progress(f"nginx serving on {upstream.url}, the idle upstream on {idle.url}")
+            measured = _measure_throughput(plan, tools, workdir, upstream, idle)
+            access_log: AccessLogPoint | None = None
             if plan.access_log_connections is not None:
-                with run_tunnel(workdir, upstream.url, small_body, access_log=True) as logged:
+                with run_tunnel(
+                    workdir, upstream.url, small_body, label="access-log", access_log=True
+                ) as logged:
                     access_log = measure_access_log(
-                        plan, tools, upstream, logged, plan.access_log_connections
+                        plan,
+                        tools,
+                        homeport_target(upstream, logged),
+                        plan.access_log_connections,
                     )
+            streams = _measure_streams(plan, tools, workdir, upstream, idle)
     # Everything of ours has stopped: is something else running now?
     busy_after = cpu_busy_percent(IDLE_CHECK_S)
     return Report(
@@ -210,9 +276,113 @@ def run(plan: Plan) -> Report:
         plan=plan,
         machine={**machine, "cpu_busy_percent_after": busy_after},
         software=software,
-        http=http,
+        targets=measured.targets,
+        http=measured.http,
+        new_connection=measured.new_connection,
         access_log=access_log,
-        downloads=downloads,
-        tunnel_status_after=status_after,
-        peak_rss_bytes=peak_rss,
+        downloads=measured.downloads,
+        uploads=measured.uploads,
+        idle_rss_bytes=measured.idle_rss_bytes,
+        streams=streams,
+        tunnel_status_after=measured.tunnel_status_after,
     )
+
+
+@dataclass(frozen=True)
+class _Throughput:
+    """What was measured with direct, homeport and ssh -R all up."""
+
+    targets: tuple[str, ...]
+    http: list[HttpPoint]
+    new_connection: HttpPoint
+    downloads: Transfers
+    uploads: Transfers
+    idle_rss_bytes: dict[str, dict[str, int | None]]
+    tunnel_status_after: dict[str, Any]
+
+
+def _measure_throughput(
+    plan: Plan, tools: ToolPaths, workdir: Path, upstream: Upstream, idle: IdleUpstream
+) -> _Throughput:
+    """Everything measured with all three targets up: wrk, transfers, RSS idle and at c=100."""
+    with contextlib.ExitStack() as stack:
+        tunnel: Tunnel = stack.enter_context(
+            run_tunnel(
+                workdir,
+                upstream.url,
+                upstream.small_body,
+                label="main",
+                routes=[(IDLE_HOST, idle.url)],
+            )
+        )
+        progress(f"homeport up: visitors on port {tunnel.visitor_port}")
+        targets = [direct_target(upstream), homeport_target(upstream, tunnel)]
+        if plan.ssh:
+            ssh: SshTunnel = stack.enter_context(
+                run_ssh_tunnel(tools, workdir, [upstream.url], upstream.small_body, label="main")
+            )
+            targets.append(ssh_target(upstream, ssh))
+            progress(f"ssh -R up: visitors on port {targets[-1].port}")
+        # Connected, and one GET /1k through each: before any load.
+        idle_rss = {
+            target.key: {name: side.tree_rss_bytes() for name, side in target.sides.items()}
+            for target in targets
+            if target.sides
+        }
+        http = [
+            measure_http(plan, tools, targets, connections) for connections in plan.concurrencies
+        ]
+        new_connection = measure_http(
+            plan, tools, targets, plan.new_connection_connections, NEW_CONNECTION
+        )
+        downloads = measure_transfers(plan, tools, targets, upstream, DOWNLOAD)
+        uploads = measure_transfers(plan, tools, targets, upstream, UPLOAD)
+        status_after = tunnel.wait_idle()
+    return _Throughput(
+        targets=tuple(target.key for target in targets),
+        http=http,
+        new_connection=new_connection,
+        downloads=downloads,
+        uploads=uploads,
+        idle_rss_bytes=idle_rss,
+        tunnel_status_after=status_after,
+    )
+
+
+def _measure_streams(
+    plan: Plan, tools: ToolPaths, workdir: Path, upstream: Upstream, idle: IdleUpstream
+) -> dict[str, StreamsResult]:
+    """Idle streams through a fresh homeport tunnel, then through a fresh ``ssh -R``."""
+    results = {}
+    most = max(plan.stream_counts)
+    with run_tunnel(
+        workdir,
+        upstream.url,
+        upstream.small_body,
+        label="streams",
+        routes=[(IDLE_HOST, idle.url)],
+        max_streams=most + SPARE_OPEN_FILES,
+    ) as tunnel:
+        progress(f"idle streams through homeport: {', '.join(map(str, plan.stream_counts))}")
+        results[HOMEPORT] = measure_streams(
+            HOMEPORT,
+            tunnel.visitor_port,
+            plan.stream_counts,
+            {"server": tunnel.server, "client": tunnel.client},
+            idle,
+            tunnel.status,
+        )
+    if plan.ssh:
+        with run_ssh_tunnel(
+            tools, workdir, [upstream.url, idle.url], upstream.small_body, label="streams"
+        ) as ssh:
+            progress(f"idle streams through ssh -R: {', '.join(map(str, plan.stream_counts))}")
+            results[SSH_R] = measure_streams(
+                SSH_R,
+                ssh.port_for(idle.url),
+                plan.stream_counts,
+                {"server": ssh.sshd, "client": ssh.ssh},
+                idle,
+                None,
+            )
+    return results

@@ -1,10 +1,13 @@
 """The outside programs the benchmark drives: found on PATH, or installed from Debian's packages.
 
-nginx is the upstream, wrk the load generator for small requests and curl the
-client for the large download. When one is missing and we run as root on a
+nginx is the upstream, wrk the load generator for small requests, curl the
+client for the large download and upload, and OpenSSH (sshd, ssh, ssh-keygen)
+the ``ssh -R`` tunnel that homeport is compared with. When one is missing and we run as root on a
 Debian-like system, ``apt-get`` installs it; otherwise the benchmark stops with
 the command that would install it. Installing never starts anything the
-benchmark uses: it always runs its own nginx from its own config.
+benchmark uses: it always runs its own nginx and its own sshd from configs in
+its temp directory. (Debian's openssh-server package may enable a system sshd
+service; the benchmark neither starts, stops nor reads it.)
 """
 
 from __future__ import annotations
@@ -30,12 +33,16 @@ class Tool:
 
     name: str
     packages: tuple[str, ...]
+    field: str  # its attribute of ToolPaths
 
 
 TOOLS: Final = (
-    Tool("nginx", ("nginx-light", "nginx")),
-    Tool("wrk", ("wrk",)),
-    Tool("curl", ("curl",)),
+    Tool("nginx", ("nginx-light", "nginx"), "nginx"),
+    Tool("wrk", ("wrk",), "wrk"),
+    Tool("curl", ("curl",), "curl"),
+    Tool("sshd", ("openssh-server",), "sshd"),
+    Tool("ssh", ("openssh-client",), "ssh"),
+    Tool("ssh-keygen", ("openssh-client",), "ssh_keygen"),
 )
 
 
@@ -46,6 +53,9 @@ class ToolPaths:
     nginx: Path
     wrk: Path
     curl: Path
+    sshd: Path
+    ssh: Path
+    ssh_keygen: Path
 
 
 def find_tool(name: str) -> Path | None:
@@ -56,7 +66,7 @@ def find_tool(name: str) -> Path | None:
 
 
 def ensure_tools() -> ToolPaths:
-    """Find nginx, wrk and curl, installing the missing ones with apt-get.
+    """Find nginx, wrk, curl and OpenSSH, installing the missing ones with apt-get.
 
     Raises:
         BenchError: a tool is missing and cannot be installed here.
@@ -64,11 +74,11 @@ def ensure_tools() -> ToolPaths:
     missing = [tool for tool in TOOLS if find_tool(tool.name) is None]
     if missing:
         _install(missing)
-    paths = {tool.name: find_tool(tool.name) for tool in TOOLS}
-    still_missing = sorted(name for name, path in paths.items() if path is None)
+    paths = {tool: find_tool(tool.name) for tool in TOOLS}
+    still_missing = sorted(tool.name for tool, path in paths.items() if path is None)
     if still_missing:
         raise BenchError(f"still missing after apt-get install: {', '.join(still_missing)}")
-    return ToolPaths(**{name: path for name, path in paths.items() if path is not None})
+    return ToolPaths(**{tool.field: path for tool, path in paths.items() if path is not None})
 
 
 def _install(missing: list[Tool]) -> None:
@@ -78,14 +88,14 @@ def _install(missing: list[Tool]) -> None:
         BenchError: not root, no apt-get, or no package could be installed.
     """
     names = ", ".join(tool.name for tool in missing)
-    suggestion = "apt-get install -y " + " ".join(tool.packages[0] for tool in missing)
+    first_choice = list(dict.fromkeys(tool.packages[0] for tool in missing))
+    suggestion = "apt-get install -y " + " ".join(first_choice)
     if os.geteuid() != 0:
         raise BenchError(f"{names} not installed; run as root, or first: sudo {suggestion}")
     if shutil.which("apt-get") is None:
         raise BenchError(f"{names} not installed and there is no apt-get here; install them")
     print(f"bench: installing {names} from Debian's packages", file=sys.stderr)
     _apt_get("update")
-    first_choice = [tool.packages[0] for tool in missing]
     if _apt_get("install", "-y", "--no-install-recommends", *first_choice, check=False) == 0:
         return
     for tool in missing:

@@ -13,7 +13,7 @@ import http.client
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -24,6 +24,8 @@ from bench.upstream import SMALL_PATH, serves
 
 REPO_ROOT: Final = Path(__file__).resolve().parents[1]
 CLIENT_NAME: Final = "bench"
+# The client's own default limit on concurrent streams (homeport client --max-streams).
+CLIENT_MAX_STREAMS: Final = 16384
 READY_TIMEOUT_S: Final = 15.0
 IDLE_TIMEOUT_S: Final = 10.0
 TOKEN_TIMEOUT_S: Final = 30.0
@@ -107,19 +109,28 @@ def clean_environment() -> dict[str, str]:
 
 @contextlib.contextmanager
 def run_tunnel(
-    workdir: Path, upstream_url: str, small_body: bytes, access_log: bool
+    workdir: Path,
+    upstream_url: str,
+    small_body: bytes,
+    *,
+    label: str,
+    access_log: bool = False,
+    routes: Sequence[tuple[str, str]] = (),
+    max_streams: int | None = None,
 ) -> Iterator[Tunnel]:
     """Run an exit server and a client for ``upstream_url``; stop both on the way out.
 
     With ``access_log`` the exit server runs at INFO, writing its access log to
     /dev/null (the cost of formatting every line is what we want to know);
     otherwise at WARNING, its output kept in a log file for diagnosis.
+    ``routes`` are more ``(host, url)`` upstreams for the client to serve.
+    ``max_streams`` raises the exit server's limits on visitor connections and
+    streams per client (both 1024 by default) to that many.
 
     Raises:
         BenchError: a process exited, or ``GET /1k`` through the tunnel did not
             answer 200 with the upstream's bytes within ``READY_TIMEOUT_S``.
     """
-    label = "access-log" if access_log else "quiet"
     token_file = workdir / f"token-{label}"
     token = write_token(token_file)
     visitor_port, control_port = free_port(), free_port()
@@ -133,15 +144,23 @@ def run_tunnel(
         f"--drain-timeout={DRAIN_TIMEOUT_S}",
         f"--log-level={'info' if access_log else 'warning'}",
     ]
+    if max_streams is not None:
+        server_args += [
+            f"--max-connections={max_streams}",
+            f"--max-streams-per-client={max_streams}",
+        ]
     client_args = [
         *homeport_command(),
         "client",
         f"--url=ws://{LOOPBACK}:{control_port}",
         f"--token-file={token_file}",
         f"--upstream={upstream_url}",
+        *(f"--upstream={host}={url}" for host, url in routes),
         f"--name={CLIENT_NAME}",
         "--log-level=info",
     ]
+    if max_streams is not None:
+        client_args.append(f"--max-streams={max(max_streams, CLIENT_MAX_STREAMS)}")
     server_log = None if access_log else workdir / f"server-{label}.log"
     server = Child("homeport server", server_args, server_log, cwd=REPO_ROOT)
     client = Child("homeport client", client_args, workdir / f"client-{label}.log", cwd=REPO_ROOT)

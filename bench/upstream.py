@@ -1,4 +1,4 @@
-"""The upstream: our own nginx on 127.0.0.1, serving a small and a large file.
+"""The upstream: our own nginx on 127.0.0.1, serving a small and a large file and taking uploads.
 
 It is never the system's nginx service. Everything it touches (config, pid
 file, error log, temp paths, the files it serves) lives in the benchmark's temp
@@ -10,6 +10,14 @@ exit server and the client. One nginx worker is far faster than the tunnel
 at serving a 1 KiB file, so it never limits the tunnel figures, and a second
 worker would only take CPU from the processes being measured. Both the direct
 and the tunnel figures come from this same nginx.
+
+``POST /upload`` reads the whole body before it answers: ``mirror`` with
+``mirror_request_body on`` makes nginx read the body (into one memory buffer)
+before the content phase, whose 405 for a POST ``error_page`` turns into a
+200. A body that is only discarded would leave no trace; this one is counted
+in ``$request_length``, which the upload log (the only access log, for that
+location alone) records so that each upload can be checked to have crossed
+whole.
 """
 
 from __future__ import annotations
@@ -30,6 +38,8 @@ SMALL_PATH: Final = "/1k"
 SMALL_BYTES: Final = 1024
 LARGE_PATH: Final = "/100m"
 LARGE_BYTES: Final = 100 * 1024 * 1024
+UPLOAD_PATH: Final = "/upload"
+UPLOAD_LOG_NAME: Final = "nginx-upload.log"
 READY_TIMEOUT_S: Final = 10.0
 _WRITE_CHUNK_BYTES: Final = 1024 * 1024
 # Modules whose temp path nginx creates at start-up unless built without them.
@@ -56,11 +66,29 @@ http {{
     keepalive_timeout 75s;
     keepalive_requests 1000000;
     client_body_temp_path {root}/temp/client_body;
+    client_max_body_size 0;
+    log_format upload '$status $request_length $request_time';
 {temp_paths}
     server {{
         listen {host}:{port};
         root {root}/www;
         location / {{
+        }}
+        location = {upload_path} {{
+            client_body_buffer_size 128m;
+            client_body_in_single_buffer on;
+            mirror /upload-mirror;
+            mirror_request_body on;
+            error_page 404 405 =200 /uploaded;
+        }}
+        location = /upload-mirror {{
+            internal;
+            return 204;
+        }}
+        location = /uploaded {{
+            internal;
+            access_log {root}/{upload_log} upload;
+            return 200 "uploaded\\n";
         }}
     }}
 }}
@@ -74,6 +102,12 @@ class Upstream:
     port: int
     small_body: bytes
     process: Child
+    root: Path  # the temp directory holding its config, logs and files
+
+    @property
+    def upload_log(self) -> Path:
+        """nginx's log of uploads: one ``STATUS REQUEST_LENGTH REQUEST_TIME`` line each."""
+        return self.root / UPLOAD_LOG_NAME
 
     @property
     def url(self) -> str:
@@ -114,7 +148,12 @@ def write_config(root: Path, port: int, nginx_build: str) -> Path:
     config = root / "nginx.conf"
     config.write_text(
         _CONFIG_TEMPLATE.format(
-            root=root, host=LOOPBACK, port=port, temp_paths="\n".join(lines) + "\n"
+            root=root,
+            host=LOOPBACK,
+            port=port,
+            upload_path=UPLOAD_PATH,
+            upload_log=UPLOAD_LOG_NAME,
+            temp_paths="\n".join(lines) + "\n",
         )
     )
     return config
@@ -144,7 +183,7 @@ def run_nginx(nginx: Path, root: Path, nginx_build: str, small_body: bytes) -> I
     args = [str(nginx), "-p", f"{root}/", "-e", str(root / "nginx-error.log"), "-c", str(config)]
     child = Child("nginx", args, root / "nginx-output.log", cwd=root)
     with running(child) as process:
-        upstream = Upstream(port=port, small_body=small_body, process=process)
+        upstream = Upstream(port, small_body, process, root)
         wait_until(
             lambda: serves(upstream.port, small_body, process),
             READY_TIMEOUT_S,
@@ -168,3 +207,30 @@ def serves(port: int, small_body: bytes, *processes: Child) -> bool:
     if status == 200 and body != small_body:
         raise BenchError(f"{SMALL_PATH} on port {port} answered 200 with a different body")
     return status == 200
+
+
+@dataclass(frozen=True)
+class UploadRecord:
+    """One line of nginx's upload log: what nginx answered and how much it read."""
+
+    status: int
+    request_length: int  # request line, head and body
+    request_time_s: float
+
+
+def upload_records(log: Path) -> list[UploadRecord]:
+    """Every upload nginx has logged so far, oldest first.
+
+    Raises:
+        BenchError: a line is not ``STATUS LENGTH TIME``.
+    """
+    if not log.exists():
+        return []
+    records = []
+    for line in log.read_text().splitlines():
+        try:
+            status, length, seconds = line.split()
+            records.append(UploadRecord(int(status), int(length), float(seconds)))
+        except ValueError:
+            raise BenchError(f"cannot read nginx's upload log line {line!r}") from None
+    return records

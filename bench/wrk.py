@@ -1,4 +1,8 @@
-"""wrk: keep-alive GETs at a fixed number of connections, and its text report parsed.
+"""wrk: GETs at a fixed number of connections, and its text report parsed.
+
+Connections are kept alive unless the request carries ``Connection: close``:
+then the server closes each connection after its answer and wrk opens a new
+one for the next request, which measures the cost of a new connection.
 
 wrk prints durations with a unit (``us``, ``ms``, ``s``, ``m``, ``h``), byte
 counts with a binary one (``B``, ``KB``, ``MB``, ...) and omits the error lines
@@ -9,6 +13,7 @@ quoting wrk's output, when a figure it needs is missing.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -122,9 +127,17 @@ def wrk_threads(connections: int, max_threads: int) -> int:
 
 
 def run_wrk(
-    wrk: Path, url: str, connections: int, threads: int, duration_s: int, cwd: Path
+    wrk: Path,
+    url: str,
+    connections: int,
+    threads: int,
+    duration_s: int,
+    cwd: Path,
+    headers: Sequence[str] = (),
 ) -> WrkResult:
-    """Load ``url`` with ``connections`` keep-alive connections for ``duration_s``; parse it.
+    """Load ``url`` with ``connections`` connections for ``duration_s``; parse the report.
+
+    ``headers`` (``"Connection: close"``) are added to every request.
 
     Raises:
         BenchError: wrk failed, ran far past its duration, or printed no report.
@@ -136,6 +149,7 @@ def run_wrk(
         f"--duration={duration_s}s",
         f"--timeout={REQUEST_TIMEOUT_S}s",
         "--latency",
+        *(f"--header={header}" for header in headers),
         url,
     ]
     code, stdout, stderr = run_bounded("wrk", args, duration_s + EXTRA_WAIT_S, cwd)
