@@ -421,6 +421,15 @@ class Multiplexer:
         Control frames first, then DATA round-robin over the streams that have
         both bytes and credit. Returns ``b""`` when there is nothing to send.
         """
+        return b"".join(self.message_parts(max_bytes))
+
+    def message_parts(self, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[bytes | memoryview]:
+        """:meth:`data_to_send`, as the pieces it would join: headers and payload slices.
+
+        The websocket layer writes them out without joining them first (a
+        copy of every payload byte, docs/performance.md). The list is empty
+        when there is nothing to send.
+        """
         parts: list[bytes | memoryview] = []
         budget = max_bytes
         control = self._control
@@ -431,7 +440,7 @@ class Multiplexer:
         if control:
             # DATA never overtakes a control frame: a stream's OPEN must
             # reach the peer before its first bytes do.
-            return b"".join(parts)
+            return parts
         assert self.remote_settings is not None or not self._ready
         max_frame = self.remote_settings.max_frame_bytes if self.remote_settings else 0
         ready = self._ready
@@ -458,7 +467,7 @@ class Multiplexer:
                         self._forget(stream, peer_may_send_data=False)
                 elif stream.outbox_bytes == 0 or stream.send_window == 0:
                     del ready[stream_id]
-        return b"".join(parts)
+        return parts
 
     @staticmethod
     def _take(stream: _Stream, length: int, parts: list[bytes | memoryview]) -> None:

@@ -22,7 +22,7 @@ import asyncio
 import collections
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
@@ -61,7 +61,8 @@ class Channel(Protocol):
     @property
     def paused(self) -> bool: ...
 
-    def send_message(self, message: bytes) -> None: ...
+    def send_message(self, parts: Sequence[bytes | memoryview]) -> None:
+        """Send one message, the concatenation of ``parts``."""
 
     def close(self, code: ErrorCode, reason: str) -> None: ...
 
@@ -433,8 +434,8 @@ class Session:
         self._flush_handle = None
         channel = self.channel
         mux = self.mux
-        while not channel.paused and (data := mux.data_to_send(MAX_MESSAGE_BYTES)):
-            channel.send_message(data)
+        while not channel.paused and (parts := mux.message_parts(MAX_MESSAGE_BYTES)):
+            channel.send_message(parts)
             self.messages_sent += 1
         if self.paused_writers:
             self._resume_drained_writers()

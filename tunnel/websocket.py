@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+import os
+import struct
+from collections.abc import Callable, Sequence
 from http import HTTPStatus
 from typing import Any, Final, Protocol, cast
 
@@ -34,6 +36,11 @@ from websockets.protocol import Protocol as WebSocketProtocol
 from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 from websockets.uri import parse_uri
+
+try:  # websockets' C masking, as websockets itself picks it
+    from websockets.speedups import apply_mask
+except ImportError:  # pragma: no cover - a build without its C extension
+    from websockets.utils import apply_mask
 
 from tunnel.errors import ErrorCode
 from tunnel.tls import PinMismatch, check_pin
@@ -50,6 +57,12 @@ WRITE_HIGH_WATER_BYTES: Final = 1024 * 1024
 WRITE_LOW_WATER_BYTES: Final = 256 * 1024
 #: Messages held while no session is attached yet (a HELLO, perhaps a PING).
 MAX_EARLY_MESSAGES: Final = 16
+#: Smaller masked messages are joined, then masked in one call; larger ones
+#: are masked part by part, which spares copying every payload byte once.
+MASK_JOIN_BELOW_BYTES: Final = 64 * 1024
+_HEAD_SHORT: Final = struct.Struct("!BB")
+_HEAD_16: Final = struct.Struct("!BBH")
+_HEAD_64: Final = struct.Struct("!BBQ")
 
 # Websocket close codes (RFC 6455 §7.4) and homeport's own range 4000-4015,
 # one per ErrorCode, for the ends the standard codes do not name.
@@ -89,6 +102,18 @@ def error_code_for_close(ws_code: int | None) -> ErrorCode:
     return _ERROR_FOR_WS_CODE.get(ws_code, ErrorCode.INTERNAL_ERROR)
 
 
+def _binary_frame_head(length: int, mask_key: bytes) -> bytes:
+    """The head of a final binary frame (RFC 6455 §5.2): FIN, opcode, length, masking key."""
+    mask_bit = 0x80 if mask_key else 0
+    if length < 126:
+        head = _HEAD_SHORT.pack(0x82, mask_bit | length)
+    elif length < 65536:
+        head = _HEAD_16.pack(0x82, mask_bit | 126, length)
+    else:
+        head = _HEAD_64.pack(0x82, mask_bit | 127, length)
+    return head + mask_key
+
+
 class MessageHandler(Protocol):
     """What a connection calls back once open (the session implements it)."""
 
@@ -105,6 +130,8 @@ class WebSocketConnection(asyncio.Protocol):
     """The part both sides share: binary messages once the handshake is done."""
 
     protocol: WebSocketProtocol
+    #: Whether frames sent are masked: a client's always are (RFC 6455 §5.3).
+    _masked = False
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
@@ -139,11 +166,37 @@ class WebSocketConnection(asyncio.Protocol):
 
     # -- what the session calls ------------------------------------------------------
 
-    def send_message(self, message: bytes) -> None:
-        """Send one binary message (the write never blocks; the transport buffers)."""
-        if self.protocol.state is OPEN:
-            self.protocol.send_binary(message)
-            self._write_out()
+    def send_message(self, parts: Sequence[bytes | memoryview]) -> None:
+        """Send one binary message, the concatenation of ``parts``.
+
+        The write never blocks (the transport buffers). websockets frames
+        everything else (the handshake, control frames, the close); data
+        messages, the tunnel's hot path, are framed here (RFC 6455 §5.2)
+        because its serializer copies every payload byte twice more
+        (docs/performance.md). The exit server writes the parts as they
+        are; the client, which must mask, makes the one masked copy.
+        """
+        transport = self.transport
+        if self.protocol.state is not OPEN or transport is None or transport.is_closing():
+            return
+        length = sum(map(len, parts))
+        if not self._masked:
+            transport.writelines((_binary_frame_head(length, b""), *parts))
+            return
+        key = os.urandom(4)
+        head = _binary_frame_head(length, key)
+        if len(parts) == 1 or length < MASK_JOIN_BELOW_BYTES:
+            payload = parts[0] if len(parts) == 1 else b"".join(parts)
+            transport.writelines((head, apply_mask(payload, key)))
+            return
+        # Mask each part where it lies in the payload: the key turns by its offset.
+        masked = [head]
+        offset = 0
+        for part in parts:
+            turn = offset & 3
+            masked.append(apply_mask(part, key[turn:] + key[:turn] if turn else key))
+            offset += len(part)
+        transport.writelines(masked)
 
     def close(self, code: ErrorCode, reason: str) -> None:
         """Start the closing handshake; the TCP connection ends within CLOSE_TIMEOUT_S."""
@@ -316,6 +369,8 @@ class ServerConnection(WebSocketConnection):
 
 class ClientConnection(WebSocketConnection):
     """The client's side: sends the handshake, checking a pinned certificate first."""
+
+    _masked = True
 
     protocol: ClientProtocol
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 from tunnel.errors import ErrorCode
 from tunnel.session import Channel
@@ -37,11 +37,11 @@ class MemoryChannel:
     def paused(self) -> bool:
         return False
 
-    def send_message(self, message: bytes) -> None:
+    def send_message(self, parts: Sequence[bytes | memoryview]) -> None:
         peer = self.peer
         if self.closed or self.frozen or peer is None or peer.closed:
             return
-        self._loop.call_soon(peer._deliver, message)
+        self._loop.call_soon(peer._deliver, b"".join(parts))
 
     def _deliver(self, message: bytes) -> None:
         if not self.closed and not self.frozen and self.handler is not None:

@@ -260,7 +260,7 @@ async def test_a_protocol_violation_ends_the_session_for_every_stream() -> None:
         handler = Collector()
         s.server.open_stream("", handler).write(b"x")
         # A rogue client sends DATA for a stream that was never opened.
-        client_channel.send_message(encode(Data(99, b"forged")))
+        client_channel.send_message([encode(Data(99, b"forged"))])
         end = await asyncio.wait_for(s.tasks[1], timeout=5)
         assert end.code is ErrorCode.PROTOCOL_ERROR
         assert not end.by_peer

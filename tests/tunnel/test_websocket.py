@@ -1,0 +1,64 @@
+"""Data messages, framed by homeport itself, as websockets reads them on the other side."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from tests.support.channels import websocket_pair
+from tunnel.errors import ErrorCode
+
+
+class Collector:
+    def __init__(self) -> None:
+        self.messages: list[bytes] = []
+        self.arrived = asyncio.Event()
+
+    def message_received(self, message: bytes) -> None:
+        self.messages.append(message)
+        self.arrived.set()
+
+    def channel_closed(self, code: ErrorCode, reason: str) -> None:
+        pass
+
+    def channel_paused(self) -> None:
+        pass
+
+    def channel_resumed(self) -> None:
+        pass
+
+
+def split(payload: bytes, rng: random.Random) -> list[bytes | memoryview]:
+    """``payload`` in random pieces, some bytes and some memoryview slices."""
+    parts: list[bytes | memoryview] = []
+    view = memoryview(payload)
+    start = 0
+    while start < len(payload):
+        end = min(len(payload), start + rng.choice([1, 3, 10, 1000, 70_000]))
+        parts.append(view[start:end] if rng.random() < 0.5 else payload[start:end])
+        start = end
+    return parts
+
+
+# Every length encoding of RFC 6455 §5.2 and its edges: 7 bits, 16 bits, 64 bits.
+SIZES = [1, 2, 125, 126, 127, 65_535, 65_536, 65_537, 300_000]
+
+
+@pytest.mark.parametrize("sender", ["client", "server"])
+async def test_messages_arrive_whole_and_in_order_in_both_directions(sender: str) -> None:
+    rng = random.Random(sender)
+    payloads = [rng.randbytes(size) for size in SIZES]
+    async with websocket_pair() as (client, server):
+        source, sink = (client, server) if sender == "client" else (server, client)
+        collector = Collector()
+        sink.handler = collector
+        for payload in payloads:
+            source.send_message(split(payload, rng))
+        source.send_message([payloads[-1]])  # one part: no join on the masking side
+        async with asyncio.timeout(10):
+            while len(collector.messages) < len(payloads) + 1:
+                collector.arrived.clear()
+                await collector.arrived.wait()
+        assert collector.messages == [*payloads, payloads[-1]]
