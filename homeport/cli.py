@@ -30,6 +30,7 @@ from tunnel.auth import (
 )
 from tunnel.errors import ConfigError
 from tunnel.log import add_secrets, setup_logging
+from tunnel.malloc import keep_freed_buffers
 from tunnel.tls import default_data_dir, ensure_self_signed, parse_fingerprint
 from tunnel.version import __version__
 
@@ -60,6 +61,7 @@ class RunFailure(Failure):
 
 def run_async(main: Coroutine[Any, Any, None]) -> None:
     """Run the event loop: uvloop where it is installed, asyncio elsewhere."""
+    keep_freed_buffers()
     try:
         import uvloop
     except ImportError:
