@@ -256,7 +256,7 @@ class VisitorConnection(asyncio.Protocol):
         self.visitor_ip = ""
         self.local_authority = b""
         self._loop = asyncio.get_running_loop()
-        self._parser = httptools.HttpRequestParser(self)
+        self._parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
         self._request: _Request | None = None
         self._exchange: Exchange | None = None
         self._queue: collections.deque[_Request] = collections.deque()
@@ -320,8 +320,10 @@ class VisitorConnection(asyncio.Protocol):
 
     def _feed(self, data: bytes) -> None:
         head_continues = self._in_head
+        parser = self._parser
+        assert parser is not None  # dropped only when the connection is lost
         try:
-            self._parser.feed_data(data)
+            parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
             self._upgrade_requested(data[upgrade.args[0] :])
             return
@@ -367,6 +369,10 @@ class VisitorConnection(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        # The parser holds our callbacks: drop it so the connection is freed
+        # by reference counting, not left to the cyclic collector.
+        self._parser = None
+        self._parser_stopped = True
         self._disarm()
         if self._timer is not None:
             self._timer.cancel()
@@ -429,6 +435,7 @@ class VisitorConnection(asyncio.Protocol):
         assert request is not None
         self._in_head = False
         parser = self._parser
+        assert parser is not None  # we are inside its feed_data
         request.method = parser.get_method()
         request.version = parser.get_http_version()
         request.keep_alive = parser.should_keep_alive()
@@ -774,7 +781,7 @@ class Exchange(StreamHandler):
         self.done = False
         self.status = 0
         self.bytes_out = 0
-        self._parser = httptools.HttpResponseParser(self)
+        self._parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
         self._reason = b""
         self._block = h.HeaderBlock()
         self._got_response_bytes = False
@@ -850,8 +857,10 @@ class Exchange(StreamHandler):
             self.bytes_out += len(data)
             return
         self._got_response_bytes = True
+        parser = self._parser
+        assert parser is not None  # dropped only when done
         try:
-            self._parser.feed_data(data)
+            parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
             self._flush_out()
             self._switch_protocols(bytes(data[upgrade.args[0] :]))
@@ -894,7 +903,7 @@ class Exchange(StreamHandler):
         if self.connection._tunnel is self:
             self.done = True
             self._log()
-            self.connection.exchange_done(self, keep_alive=False)
+            self._ended(keep_alive=False)
             return
         if not self.head_sent:
             status = 502
@@ -934,7 +943,9 @@ class Exchange(StreamHandler):
             block.noted(kind, value)
 
     def on_headers_complete(self) -> None:
-        status = self._parser.get_status_code()
+        parser = self._parser
+        assert parser is not None  # we are inside its feed_data
+        status = parser.get_status_code()
         request = self.request
         connection = self.connection
         if not 100 <= status <= 599:
@@ -949,7 +960,7 @@ class Exchange(StreamHandler):
         self.status = status
         self._cancel_timer()
         # Only meaningful while this message is current: llhttp resets after it.
-        self._upstream_keep_alive = self._parser.should_keep_alive()
+        self._upstream_keep_alive = parser.should_keep_alive()
         http10 = request.version == "1.0"
         block = self._block
         head_only = request.method == b"HEAD" or status in (204, 304)
@@ -1034,7 +1045,7 @@ class Exchange(StreamHandler):
             else:
                 self.client.retire(stream)
         self._log()
-        self.connection.exchange_done(self, keep_alive=self._keep_alive)
+        self._ended(keep_alive=self._keep_alive)
 
     def _switch_protocols(self, upstream_tail: bytes) -> None:
         self.connection.enter_tunnel(self)
@@ -1093,7 +1104,7 @@ class Exchange(StreamHandler):
             h.error_response(status, keep_alive=keep_alive, head_only=request.method == b"HEAD")
         )
         self._log()
-        self.connection.exchange_done(self, keep_alive=keep_alive)
+        self._ended(keep_alive=keep_alive)
 
     def _truncated(self) -> None:
         """The response broke off after its head: the visitor must see it fail."""
@@ -1102,7 +1113,7 @@ class Exchange(StreamHandler):
         if self.stream is not None:
             self.stream.reset()
         self._log()
-        self.connection.exchange_done(self, keep_alive=False)
+        self._ended(keep_alive=False)
         self.connection.abort()
 
     def abort(self) -> None:
@@ -1114,7 +1125,7 @@ class Exchange(StreamHandler):
         if self.stream is not None and not self.stream.closed:
             self.stream.reset()
         self._log()
-        self.connection.exchange_done(self, keep_alive=False)
+        self._ended(keep_alive=False)
 
     def visitor_gone(self) -> None:
         """The visitor disconnected: reset the stream so the upstream request is aborted.
@@ -1125,6 +1136,19 @@ class Exchange(StreamHandler):
         if not self.done and not self.head_sent:
             self.status = CLIENT_CLOSED_REQUEST
         self.abort()
+
+    def _ended(self, *, keep_alive: bool) -> None:
+        """Hand the visitor's connection on to its next request.
+
+        Drops the references that tie this exchange into cycles (its parser's
+        bound callbacks, the request's link back), so it is freed at once by
+        reference counting rather than by the cyclic garbage collector, whose
+        pauses grew with the load. A request body still arriving for it is
+        dropped, as it was already.
+        """
+        self._parser = None
+        self.request.exchange = None
+        self.connection.exchange_done(self, keep_alive=keep_alive)
 
     def _cancel_timer(self) -> None:
         self.connection.server.awaiting_response.pop(self, None)

@@ -13,21 +13,15 @@ import contextlib
 
 import aiohttp
 import websockets
-from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from websockets.asyncio.client import connect as ws_connect
 
-from client.app import TunnelClient
-from client.config import ClientConfig
-from client.upstreams import parse_upstream
 from server.app import ExitServer
-from server.config import ServerConfig
-from tunnel.auth import generate_token, token_digest
+from tests.support.world import TOKEN, running_world
 from tunnel.errors import ErrorCode
 from tunnel.frames import HEADER, Data, GoAway, Hello, Open, Ping, Rst, WindowUpdate, encode
 
-TOKEN = generate_token()
 PROTOCOL_CLOSE_CODES = {1000, 1002, 1003, 1008, 1009}
 
 VALID_HELLO = encode(Hello({
@@ -74,33 +68,6 @@ messages = st.lists(
 )
 
 
-async def start_world() -> tuple[ExitServer, TunnelClient, asyncio.Task[None], web.AppRunner]:
-    app = web.Application()
-
-    async def index(request: web.Request) -> web.Response:
-        return web.Response(text="fine")
-
-    app.router.add_get("/", index)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    upstream_port = runner.addresses[0][1]
-    server = ExitServer(
-        ServerConfig(
-            token_digest(TOKEN), bind="127.0.0.1", port=0, control_port=0, max_auth_failures=10_000
-        )
-    )
-    await server.start()
-    client = TunnelClient(ClientConfig(
-        url=f"ws://127.0.0.1:{server.control_addresses[0][1]}", token=TOKEN,
-        upstreams=(parse_upstream(f"http://127.0.0.1:{upstream_port}"),), name="honest",
-    ))  # fmt: skip
-    task = asyncio.create_task(client.run())
-    async with asyncio.timeout(10):
-        await client.wait_connected()
-    return server, client, task, runner
-
-
 async def honest_request_works(server: ExitServer) -> bool:
     url = f"http://127.0.0.1:{server.public_addresses[0][1]}/"
     async with (
@@ -135,8 +102,9 @@ async def one_rogue(server: ExitServer, hello: bool, batch: list[bytes | str]) -
 
 def test_rogue_sessions_never_crash_the_server_or_disturb_others() -> None:
     loop = asyncio.new_event_loop()
+    stack = contextlib.AsyncExitStack()
     try:
-        server, client, task, runner = loop.run_until_complete(start_world())
+        server = loop.run_until_complete(stack.enter_async_context(running_world())).server
 
         @settings(deadline=None, max_examples=120, suppress_health_check=list(HealthCheck))
         @given(hello=st.booleans(), batch=messages)
@@ -147,9 +115,6 @@ def test_rogue_sessions_never_crash_the_server_or_disturb_others() -> None:
         assert loop.run_until_complete(honest_request_works(server))
         names = [c.name for c in server.registry.clients()]
         assert names == ["honest"] or sorted(names) == ["honest", "rogue"]
-        client.stop()
-        loop.run_until_complete(task)
-        loop.run_until_complete(server.shutdown())
-        loop.run_until_complete(runner.cleanup())
     finally:
+        loop.run_until_complete(stack.aclose())
         loop.close()

@@ -1,0 +1,82 @@
+"""An exit server, a client and an aiohttp upstream, all in this process.
+
+For tests that look inside the exit server (its registry, its objects) or
+need many examples quickly; the end-to-end suites run the real processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from client.app import TunnelClient
+from client.config import ClientConfig
+from client.upstreams import parse_upstream
+from server.app import ExitServer
+from server.config import ServerConfig
+from tunnel.auth import generate_token, token_digest
+
+TOKEN = generate_token()
+CONNECT_TIMEOUT_S = 10.0
+
+
+@dataclass
+class World:
+    server: ExitServer
+    client: TunnelClient
+
+    @property
+    def public_url(self) -> str:
+        return f"http://127.0.0.1:{self.server.public_addresses[0][1]}"
+
+    @property
+    def control_url(self) -> str:
+        return f"ws://127.0.0.1:{self.server.control_addresses[0][1]}"
+
+
+async def _fine(_request: web.Request) -> web.Response:
+    return web.Response(text="fine")
+
+
+@contextlib.asynccontextmanager
+async def running_world(client_name: str = "honest") -> AsyncIterator[World]:
+    """Serve ``GET /`` ("fine") through a tunnel; stop everything on the way out."""
+    app = web.Application()
+    app.router.add_get("/", _fine)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        upstream_port = runner.addresses[0][1]
+        server = ExitServer(
+            ServerConfig(
+                token_digest(TOKEN),
+                bind="127.0.0.1",
+                port=0,
+                control_port=0,
+                max_auth_failures=10_000,
+            )
+        )
+        await server.start()
+        try:
+            client = TunnelClient(ClientConfig(
+                url=f"ws://127.0.0.1:{server.control_addresses[0][1]}", token=TOKEN,
+                upstreams=(parse_upstream(f"http://127.0.0.1:{upstream_port}"),),
+                name=client_name,
+            ))  # fmt: skip
+            task = asyncio.create_task(client.run())
+            try:
+                async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                    await client.wait_connected()
+                yield World(server, client)
+            finally:
+                client.stop()
+                await task
+        finally:
+            await server.shutdown()
+    finally:
+        await runner.cleanup()
