@@ -118,12 +118,11 @@ class ExitServer:
         )
 
     def stop(self) -> None:
-        """Ask :meth:`run` to shut down gracefully."""
+        """Ask :meth:`serve_until_signalled` to shut down gracefully."""
         self._stop.set()
 
-    async def run(self) -> None:
-        """Serve until SIGTERM or SIGINT, then shut down gracefully."""
-        await self.start()
+    async def serve_until_signalled(self) -> None:
+        """Once started: serve until SIGTERM or SIGINT, then shut down gracefully."""
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stop)

@@ -63,3 +63,39 @@ def test_freed_buffers_are_reused_rather_than_faulted_in_again() -> None:
 def test_the_users_own_malloc_settings_win(setting: dict[str, str]) -> None:
     tuned, _ = churn("tune", **setting)
     assert not tuned
+
+
+# Freed allocations in holes below a live one at the heap's top: glibc keeps
+# them (the tuned trim threshold even more so) until malloc_trim gives the
+# free pages back.
+HOLES = """
+import sys
+from tunnel.malloc import keep_freed_buffers, return_free_pages
+
+def rss_kib():
+    with open("/proc/self/status") as status:
+        return int(status.read().split("VmRSS:")[1].split()[0])
+
+keep_freed_buffers()
+blocks = [bytes(4096) for _ in range(10_000)]  # 40 MiB from the heap, below mmap's threshold
+del blocks[:-1]  # all but the last, which pins the heap's top
+before = rss_kib()
+returned = return_free_pages() if sys.argv[1] == "trim" else False
+print(returned, before - rss_kib())
+"""
+
+
+def holes(mode: str) -> tuple[bool, int]:
+    result = subprocess.run(
+        [sys.executable, "-c", HOLES, mode], capture_output=True, text=True, check=True, timeout=60
+    )
+    returned, freed_kib = result.stdout.split()
+    return returned == "True", int(freed_kib)
+
+
+def test_free_pages_inside_the_heap_go_back_to_the_kernel() -> None:
+    _, freed_untrimmed_kib = holes("leave")
+    assert freed_untrimmed_kib < 1024, freed_untrimmed_kib  # without it, they stay
+    returned, freed_kib = holes("trim")
+    assert returned
+    assert freed_kib > 30 * 1024, freed_kib
