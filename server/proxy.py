@@ -1143,8 +1143,9 @@ class Exchange(StreamHandler):
         Drops the references that tie this exchange into cycles (its parser's
         bound callbacks, the request's link back), so it is freed at once by
         reference counting rather than by the cyclic garbage collector, whose
-        pauses grew with the load. A request body still arriving for it is
-        dropped, as it was already.
+        pauses grew with the load. Nothing of the request reaches it after
+        this: an exchange that ends before its request body does closes the
+        visitor's connection, which reads no further.
         """
         self._parser = None
         self.request.exchange = None
