@@ -229,6 +229,54 @@ async def test_a_visitor_leaving_mid_download_aborts_the_upstream_request(
         await asyncio.sleep(0.1)
 
 
+async def test_an_answer_before_the_upload_ends_reaches_the_visitor_and_frees_everything(
+    tunnel: Tunnel, upstream: Upstream, token: str
+) -> None:
+    """As faasd's 401 to an unauthenticated POST: the upstream answers without reading the body.
+
+    The visitor gets the answer, then the connection ends (the rest of its
+    body has nowhere to go); the stream is reset, nothing is held, and the
+    next visitor is served.
+    """
+    server, _ = tunnel
+    mark = server.process.mark()
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(b"POST /status/401 HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % (64 * MIB))
+    answer = asyncio.ensure_future(ResponseReader(reader).next())
+    sent = 0
+    with contextlib.suppress(ConnectionError):
+        while not answer.done() and sent < 64 * MIB:  # bounded: the declared length
+            writer.write(b"x" * (256 * 1024))
+            sent += 256 * 1024
+            await writer.drain()
+    response = await asyncio.wait_for(answer, 10)
+    assert response.status == 401
+    assert response.body == b"status 401\n"
+    assert sent < 64 * MIB  # answered while the body was still coming
+    async with asyncio.timeout(10):  # then the connection ends: nothing more is read
+        with contextlib.suppress(ConnectionError):
+            while True:
+                writer.write(b"x" * (256 * 1024))
+                await writer.drain()
+    writer.transport.abort()
+    await server.process.wait_for_async(r"\"POST /status/401\" .*status=401", since=mark)
+
+    async def nothing_left() -> bool:
+        snapshot = await status_of(server, token)
+        (client,) = snapshot["clients"]
+        return (
+            snapshot["requests_in_flight"] == 0
+            and client["streams"] == client["idle_streams"]
+            and client["held_bytes"] == 0
+        )
+
+    deadline = time.monotonic() + 10
+    while not await nothing_left():
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.1)
+    assert (await request("127.0.0.1", server.port, raw_get("/"))).status == 200
+
+
 MALFORMED = {
     "status out of range": b"HTTP/1.1 999 Nope\r\nContent-Length: 0\r\n\r\n",
     "status below 100": b"HTTP/1.1 042 Nope\r\nContent-Length: 0\r\n\r\n",
