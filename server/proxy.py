@@ -91,6 +91,10 @@ class _HeadDone(Exception):
     """The head of a response to HEAD is complete; stop parsing."""
 
 
+class _ExtraResponse(Exception):
+    """The upstream began another response after the one we asked for; stop parsing."""
+
+
 class _StopParsing(Exception):
     """Parse no further on this connection: answer what is queued, then close."""
 
@@ -872,6 +876,18 @@ class Exchange(StreamHandler):
                 self._message_complete = True
                 self._finish()
                 return
+            if isinstance(exc.__context__, _ExtraResponse):
+                # As nginx: what follows a complete response is not passed on
+                # (it would answer the visitor's next request), and that
+                # upstream connection is not used again.
+                logger.warning(
+                    "an upstream of client %s sent more than the response; dropped",
+                    self.client.name,
+                )
+                self._upstream_keep_alive = False
+                self._flush_out()
+                self._finish()
+                return
             if not isinstance(exc.__context__, _BadResponse):
                 logger.error("response handling failed", exc_info=exc.__context__ or exc)
             self._bad_response()
@@ -923,6 +939,10 @@ class Exchange(StreamHandler):
         self.connection.stream_resumed()
 
     # -- llhttp callbacks (response) ----------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self._message_complete:
+            raise _ExtraResponse
 
     def on_status(self, reason: bytes) -> None:
         self._reason += reason
