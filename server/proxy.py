@@ -877,16 +877,7 @@ class Exchange(StreamHandler):
                 self._finish()
                 return
             if isinstance(exc.__context__, _ExtraResponse):
-                # As nginx: what follows a complete response is not passed on
-                # (it would answer the visitor's next request), and that
-                # upstream connection is not used again.
-                logger.warning(
-                    "an upstream of client %s sent more than the response; dropped",
-                    self.client.name,
-                )
-                self._upstream_keep_alive = False
-                self._flush_out()
-                self._finish()
+                self._drop_extra_bytes()
                 return
             if not isinstance(exc.__context__, _BadResponse):
                 logger.error("response handling failed", exc_info=exc.__context__ or exc)
@@ -898,6 +889,23 @@ class Exchange(StreamHandler):
         self._flush_out()
         if self._message_complete:
             self._finish()
+
+    def _drop_extra_bytes(self) -> None:
+        """The upstream began more after a complete response: finish that one, drop the rest.
+
+        llhttp starts a new message at the first byte after a complete one,
+        whatever it is, so ``on_message_begin`` sees every such case.
+
+        As nginx: what follows a complete response is never passed on (it
+        would answer the visitor's next request), and that upstream
+        connection is not used again.
+        """
+        logger.warning(
+            "an upstream of client %s sent more than the response; dropped", self.client.name
+        )
+        self._upstream_keep_alive = False
+        self._flush_out()
+        self._finish()
 
     def eof_received(self) -> None:
         if self.done:

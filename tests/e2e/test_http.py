@@ -308,22 +308,31 @@ async def test_a_malformed_upstream_response_becomes_502_and_is_never_passed_on(
         assert not any(b"Injected" in name or b"Evil" in name for name, _ in response.headers)
 
 
-async def test_bytes_after_a_complete_response_are_never_passed_on(
-    start_server: Callable[..., ExitServerProcess], start_client: Callable[..., ClientProcess]
-) -> None:
-    """An upstream that answers twice to one request cannot answer the visitor's next one.
+EXTRA_AFTER_RESPONSE = {
+    "a second response": b"HTTP/1.1 201 Created\r\nContent-Length: 4\r\n\r\nevil",
+    "bytes that are no response": b"evil bytes\r\n\r\n",
+}
 
-    As nginx: the extra bytes are dropped and that upstream connection is
-    not reused; the visitor's next request goes to a fresh one.
+
+@pytest.mark.parametrize("extra", EXTRA_AFTER_RESPONSE.values(), ids=EXTRA_AFTER_RESPONSE.keys())
+async def test_bytes_after_a_complete_response_are_never_passed_on(
+    start_server: Callable[..., ExitServerProcess],
+    start_client: Callable[..., ClientProcess],
+    extra: bytes,
+) -> None:
+    """An upstream that says more than its answer cannot answer the visitor's next request.
+
+    As nginx: the answer is delivered, the extra bytes are dropped and that
+    upstream connection is not reused; the visitor's next request goes to a
+    fresh one.
     """
     upstream = RawUpstream(
-        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
-        b"HTTP/1.1 201 Created\r\nContent-Length: 4\r\n\r\nevil",
-        close_after=False,
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok" + extra, close_after=False
     )
     async with await upstream.start():
         server = start_server()
         start_client(server, f"http://127.0.0.1:{upstream.port}")
+        mark = server.process.mark()
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
         responses = ResponseReader(reader)
         for path in ("/first", "/second"):
@@ -334,6 +343,7 @@ async def test_bytes_after_a_complete_response_are_never_passed_on(
         writer.write(raw_get("/third"))
         third = await asyncio.wait_for(responses.next(), 10)
         assert (third.status, third.body) == (200, b"ok")  # never the 201 "evil"
+        await server.process.wait_for_async("sent more than the response; dropped", since=mark)
         writer.close()
 
 
