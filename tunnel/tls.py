@@ -17,6 +17,7 @@ import ipaddress
 import os
 import re
 import ssl
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
@@ -103,7 +104,7 @@ def ensure_self_signed(data_dir: Path, sans: list[str]) -> Certificate:
             return Certificate(cert_path, key_path, fingerprint(der), _sans_of(der), created=False)
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         key = ec.generate_private_key(ec.SECP256R1())
-        cert = _self_signed(key, sans)
+        cert = self_signed(key, sans)
         _write_private(key_path, key.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,
@@ -120,7 +121,16 @@ def ensure_self_signed(data_dir: Path, sans: list[str]) -> Certificate:
     return Certificate(cert_path, key_path, fingerprint(der), tuple(sans), created=True)
 
 
-def _self_signed(key: ec.EllipticCurvePrivateKey, sans: list[str]) -> X509Certificate:
+def self_signed(
+    key: ec.EllipticCurvePrivateKey,
+    sans: Sequence[str],
+    common_name: str = "homeport exit server",
+) -> X509Certificate:
+    """A self-signed certificate for ``key``, valid CERT_VALIDITY_DAYS, naming ``sans``.
+
+    Clients pin it by fingerprint, so it needs no names; IP addresses and
+    host names in ``sans`` let a CA-style check (``--ca-file``) pass too.
+    """
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes
     from cryptography.x509.oid import NameOID
@@ -131,7 +141,7 @@ def _self_signed(key: ec.EllipticCurvePrivateKey, sans: list[str]) -> X509Certif
             names.append(x509.IPAddress(ipaddress.ip_address(san)))
         except ValueError:
             names.append(x509.DNSName(san))
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "homeport exit server")])
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     now = datetime.datetime.now(datetime.UTC)
     builder = (
         x509.CertificateBuilder()

@@ -9,16 +9,14 @@ from its very first connection; the key has to travel to the VM for that
 
 from __future__ import annotations
 
-import datetime
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from tunnel.auth import generate_token, token_digest
-from tunnel.tls import CERT_VALIDITY_DAYS, fingerprint
+from tunnel.tls import fingerprint, self_signed
 
 
 @dataclass(frozen=True)
@@ -51,20 +49,7 @@ def generate_secrets(name: str) -> NodeSecrets:
     certificate is identified by its fingerprint alone.
     """
     key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"homeport exit node {name}")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        # A day of slack for clients whose clock is a little behind.
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=CERT_VALIDITY_DAYS))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .sign(key, hashes.SHA256())
-    )
+    cert = self_signed(key, (), common_name=f"homeport exit node {name}")
     key_pem = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
