@@ -165,11 +165,17 @@ def cuts(data: bytes, points: list[int]) -> list[bytes]:
     return [data[a:b] for a, b in itertools.pairwise(edges)]
 
 
-def feed(connection: WebSocketConnection, chunks: list[bytes], eof: bool) -> Outcome:
+def attach(connection: WebSocketConnection) -> tuple[FakeTransport, Collector]:
+    """Give ``connection`` a transport and a handler, as the session would."""
     transport = FakeTransport()
     told = Collector()
     connection.handler = told
     connection.connection_made(transport)  # type: ignore[arg-type]
+    return transport, told
+
+
+def feed(connection: WebSocketConnection, chunks: list[bytes], eof: bool) -> Outcome:
+    transport, told = attach(connection)
     for chunk in chunks:
         connection.data_received(chunk)
     if eof:
@@ -216,10 +222,7 @@ async def test_the_exit_server_reads_any_frames_as_websockets_does(
 async def test_the_tunnels_own_messages_skip_websockets_reader() -> None:
     """The fast path is taken: a data frame arriving whole is never parsed by websockets."""
     connection = server(reference=False)
-    transport = FakeTransport()
-    told = Collector()
-    connection.handler = told
-    connection.connection_made(transport)  # type: ignore[arg-type]
+    transport, told = attach(connection)
     connection.data_received(handshake_request())
     parsed: list[bytes] = []
     receive = connection.protocol.receive_data
@@ -241,9 +244,7 @@ async def test_a_frame_announcing_too_long_a_payload_is_refused_before_its_paylo
 ) -> None:
     """Nothing waits for (and buffers) a payload the header already makes illegal."""
     connection = server(reference=False)
-    transport = FakeTransport()
-    connection.handler = Collector()
-    connection.connection_made(transport)  # type: ignore[arg-type]
+    attach(connection)
     connection.data_received(handshake_request())
     connection.data_received(frame(first, b"", masked=True, length=length))
     sent = connection.protocol.close_sent
@@ -274,21 +275,33 @@ class ReferenceClient(ClientConnection):
     frame_splitting = False
 
 
-async def client_outcome(reference: bool, sent: list[bytes], points: list[int], eof: bool) -> Any:
-    """A client dials, the exit server (websockets) accepts, and then sends ``sent``."""
-    kind = ReferenceClient if reference else ClientConnection
+@dataclass
+class Dialled:
+    """A client that has sent its handshake, and the exit server's (websockets') answer."""
+
+    connection: ClientConnection
+    transport: FakeTransport
+    told: Collector
+    handshake: asyncio.Future[None]
+    answer: bytes
+
+
+def dial(kind: type[ClientConnection] = ClientConnection) -> Dialled:
     handshake = asyncio.get_running_loop().create_future()
     connection = kind("ws://exit.example/", {}, None, handshake)
-    transport = FakeTransport()
-    told = Collector()
-    connection.handler = told
-    connection.connection_made(transport)  # type: ignore[arg-type]
+    transport, told = attach(connection)
     exit_server = ServerProtocol(subprotocols=[Subprotocol(SUBPROTOCOL)])
     exit_server.receive_data(bytes(transport.written))
     exit_server.send_response(exit_server.accept(exit_server.events_received()[0]))
-    answer = b"".join(exit_server.data_to_send())
+    return Dialled(connection, transport, told, handshake, b"".join(exit_server.data_to_send()))
+
+
+async def client_outcome(reference: bool, sent: list[bytes], points: list[int], eof: bool) -> Any:
+    """A client dials, the exit server (websockets) accepts, and then sends ``sent``."""
+    dialled = dial(ReferenceClient if reference else ClientConnection)
+    connection, transport, told = dialled.connection, dialled.transport, dialled.told
     request_bytes = len(transport.written)
-    for chunk in cuts(answer + b"".join(sent), points):
+    for chunk in cuts(dialled.answer + b"".join(sent), points):
         connection.data_received(chunk)
     if eof:
         connection.eof_received()
@@ -302,7 +315,7 @@ async def client_outcome(reference: bool, sent: list[bytes], points: list[int], 
         (received.code, received.reason) if received else None,
         (closing.code, closing.reason) if closing else None,
         told.closed,
-        handshake.done() and handshake.exception() is None,
+        dialled.handshake.done() and dialled.handshake.exception() is None,
     )
     connection.connection_lost(None)
     return result
@@ -336,10 +349,7 @@ async def test_a_frame_inside_a_payload_is_never_read_as_a_frame(
     assert outer.endswith(inner)
     request = handshake_request()
     connection = server(reference=False)
-    transport = FakeTransport()
-    told = Collector()
-    connection.handler = told
-    connection.connection_made(transport)  # type: ignore[arg-type]
+    _, told = attach(connection)
     for chunk in (request + outer[:first_cut], outer[first_cut:second_cut], outer[second_cut:]):
         connection.data_received(chunk)
     assert told.messages == [outer_payload]
@@ -356,19 +366,11 @@ async def test_a_handshake_arriving_byte_by_byte_then_frames_works(kind: str) ->
             eof=False,
         ).messages
     else:
-        handshake = asyncio.get_running_loop().create_future()
-        connection = ClientConnection("ws://exit.example/", {}, None, handshake)
-        transport = FakeTransport()
-        told = Collector()
-        connection.handler = told
-        connection.connection_made(transport)  # type: ignore[arg-type]
-        exit_server = ServerProtocol(subprotocols=[Subprotocol(SUBPROTOCOL)])
-        exit_server.receive_data(bytes(transport.written))
-        exit_server.send_response(exit_server.accept(exit_server.events_received()[0]))
-        for byte in b"".join(exit_server.data_to_send()) + frame(0x82, b"first", masked=False):
-            connection.data_received(bytes([byte]))
-        assert handshake.done()
-        assert handshake.exception() is None
-        messages = told.messages
-        connection.connection_lost(None)
+        dialled = dial()
+        for byte in dialled.answer + frame(0x82, b"first", masked=False):
+            dialled.connection.data_received(bytes([byte]))
+        assert dialled.handshake.done()
+        assert dialled.handshake.exception() is None
+        messages = dialled.told.messages
+        dialled.connection.connection_lost(None)
     assert messages == [b"first"]
