@@ -19,6 +19,7 @@ they are. On other C libraries this does nothing.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from typing import TYPE_CHECKING, Final
@@ -71,8 +72,9 @@ def return_free_pages() -> bool:
     return bool(libc.malloc_trim(0))
 
 
+@functools.cache
 def _glibc() -> ctypes.CDLL | None:
-    """glibc, through ctypes; None on other platforms and C libraries."""
+    """glibc, through ctypes (looked up once); None on other platforms and C libraries."""
     if not sys.platform.startswith("linux"):
         return None
     import ctypes  # here: only a process that runs a tunnel pays for it
