@@ -21,6 +21,7 @@ from websockets.http11 import Request, Response
 
 from server.config import ServerConfig
 from server.limits import AuthLimiter
+from server.listen import bind
 from server.paths import MAX_ALLOWED_PATHS, valid_prefix
 from server.registry import ConnectedClient, Registry, Route, normalize_host, valid_client_name
 from tunnel.auth import TokenVerifier, bearer_token
@@ -56,7 +57,7 @@ class ControlServer:
         self.sessions: set[Session] = set()
         self.auth_failures = 0
         self.limiter = AuthLimiter(max_failures=config.max_auth_failures)
-        self._server: asyncio.Server | None = None
+        self._servers: list[asyncio.Server] = []
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def listen(self) -> list[tuple[str, int]]:
@@ -71,20 +72,22 @@ class ControlServer:
         if config.tls_cert is not None and config.tls_key is not None:
             tls = server_context(config.tls_cert, config.tls_key)
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: ServerConnection(self._decide, self._opened),
-            config.bind,
-            config.control_port,
-            ssl=tls,
-            ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S if tls else None,
-            backlog=config.backlog,
-            reuse_address=True,
-        )
-        return [sock.getsockname()[:2] for sock in self._server.sockets]
+        addresses = []
+        for sock in bind(config.bind, config.control_port):
+            addresses.append(sock.getsockname()[:2])
+            server = await loop.create_server(
+                lambda: ServerConnection(self._decide, self._opened),
+                sock=sock,
+                ssl=tls,
+                ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S if tls else None,
+                backlog=config.backlog,
+            )
+            self._servers.append(server)
+        return addresses
 
     def stop_accepting(self) -> None:
-        if self._server is not None:
-            self._server.close()
+        for server in self._servers:
+            server.close()
 
     async def close_sessions(self, code: ErrorCode, reason: str) -> None:
         """Close every session with ``code`` and wait for them to end."""

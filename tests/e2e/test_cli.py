@@ -145,6 +145,15 @@ def test_a_port_in_use_is_reported_plainly(token_file: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_the_exit_server_runs_on_one_thread(
+    start_server: Callable[..., ExitServerProcess],
+) -> None:
+    """No resolver thread pool: the bind address is resolved before the loop runs."""
+    server = start_server()
+    status = Path(f"/proc/{server.process.pid}/status").read_text()
+    assert re.search(r"^Threads:\s+1$", status, re.MULTILINE), status
+
+
 def test_client_refuses_plain_ws_to_a_remote_server(token_file: Path) -> None:
     result = run(
         "client", "--url", "ws://203.0.113.10:8123", "--token-file", str(token_file),
