@@ -58,7 +58,7 @@ from bench.ssh_tunnel import SshTunnel, run_ssh_tunnel
 from bench.streams import IDLE_HOST, StreamsResult, measure_streams
 from bench.targets import HOMEPORT, SSH_R, direct_target, homeport_target, ssh_target
 from bench.tools import ToolPaths, ensure_tools
-from bench.tunnel import REPO_ROOT, Tunnel, run_tunnel
+from bench.tunnel import REPO_ROOT, Tunnel, compile_bytecode, run_tunnel
 from bench.upstream import LARGE_PATH, SMALL_PATH, Upstream, run_nginx, write_site
 
 RESULTS_DIR: Final = Path(__file__).resolve().parent / "results"
@@ -235,6 +235,7 @@ def run(plan: Plan) -> Report:
         BenchError: a tool, a process or a measurement failed.
     """
     tools = ensure_tools()
+    compile_bytecode()
     # Every child inherits it: each holds a socket per idle stream.
     raise_open_files_limit(max(plan.stream_counts) + SPARE_OPEN_FILES)
     nginx_build = read_nginx_build(tools.nginx, REPO_ROOT)

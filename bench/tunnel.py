@@ -8,6 +8,7 @@ line per request is then off, and its cost is measured separately.
 
 from __future__ import annotations
 
+import compileall
 import contextlib
 import http.client
 import json
@@ -23,6 +24,8 @@ from bench.processes import LOOPBACK, Child, free_port, http_get, run_bounded, r
 from bench.upstream import SMALL_PATH, serves
 
 REPO_ROOT: Final = Path(__file__).resolve().parents[1]
+# The checkout's packages, as pyproject.toml lists them (homeport.exitnode is inside homeport).
+PACKAGES: Final = ("tunnel", "server", "client", "homeport")
 CLIENT_NAME: Final = "bench"
 # The client's own default limit on concurrent streams (homeport client --max-streams).
 CLIENT_MAX_STREAMS: Final = 16384
@@ -100,6 +103,22 @@ def write_token(path: Path) -> str:
 def homeport_command() -> list[str]:
     """The argv that runs this checkout's ``homeport`` command line."""
     return [sys.executable, "-m", "homeport"]
+
+
+def compile_bytecode() -> None:
+    """Compile the checkout's packages to bytecode, as pip does when it installs homeport.
+
+    An editable install is never compiled, and where ``PYTHONDONTWRITEBYTECODE``
+    is set (this VM sets it) every process we start would compile every module
+    from source again: slower to start, and 0.4 MiB more resident memory left
+    behind by the compiler than an installed homeport has.
+
+    Raises:
+        BenchError: a module does not compile.
+    """
+    for package in PACKAGES:
+        if not compileall.compile_dir(REPO_ROOT / package, quiet=1):
+            raise BenchError(f"cannot compile {package}/ to bytecode")
 
 
 def clean_environment() -> dict[str, str]:

@@ -13,7 +13,6 @@ import gc
 import logging
 import re
 import sys
-import tomllib
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
@@ -106,6 +105,8 @@ def _load_config_file(ctx: click.Context, _param: click.Parameter, value: str | 
     """``--config FILE``: TOML whose keys are the long option names."""
     if value is None:
         return None
+    import tomllib  # only here: most runs have no config file (docs/performance.md)
+
     path = Path(value)
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))

@@ -35,18 +35,15 @@ import os
 import struct
 from collections.abc import Callable, Sequence
 from http import HTTPStatus
-from typing import Any, Final, Protocol, cast
+from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 
-from websockets.client import ClientProtocol
 from websockets.datastructures import Headers
 from websockets.exceptions import InvalidStatus
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import OPEN
 from websockets.protocol import Protocol as WebSocketProtocol
-from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
-from websockets.uri import parse_uri
 
 try:  # websockets' C masking, as websockets itself picks it
     from websockets.speedups import apply_mask
@@ -55,6 +52,10 @@ except ImportError:  # pragma: no cover - a build without its C extension
 
 from tunnel.errors import ErrorCode
 from tunnel.tls import PinMismatch, check_pin
+
+if TYPE_CHECKING:
+    from websockets.client import ClientProtocol
+    from websockets.server import ServerProtocol
 
 logger = logging.getLogger("homeport.tunnel")
 
@@ -481,6 +482,8 @@ class ServerConnection(WebSocketConnection):
         decide: Callable[[ServerConnection, Request], Response | None],
         opened: Callable[[ServerConnection, Request], None],
     ) -> None:
+        from websockets.server import ServerProtocol  # the client never loads it
+
         super().__init__()
         self._decide = decide
         self._opened = opened
@@ -518,6 +521,9 @@ class ClientConnection(WebSocketConnection):
     def __init__(
         self, url: str, headers: dict[str, str], pin: bytes | None, handshake: asyncio.Future[None]
     ) -> None:
+        from websockets.client import ClientProtocol  # the exit server never loads it
+        from websockets.uri import parse_uri
+
         super().__init__()
         self.protocol = ClientProtocol(
             parse_uri(url), subprotocols=[Subprotocol(SUBPROTOCOL)], max_size=MAX_MESSAGE_BYTES
