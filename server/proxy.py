@@ -753,6 +753,8 @@ class Exchange(StreamHandler):
         "_got_response_bytes",
         "_head_only",
         "_keep_alive",
+        "_length",
+        "_length_left",
         "_message_complete",
         "_out",
         "_parser",
@@ -796,6 +798,11 @@ class Exchange(StreamHandler):
         self._message_complete = False
         self._head_only = False
         self._out: list[bytes] = []
+        #: the response's Content-Length, once its head says one
+        self._length: int | None = None
+        #: body bytes still to come, once llhttp has read the head: the rest
+        #: goes to the visitor without being parsed
+        self._length_left = 0
 
     # -- request side ------------------------------------------------------------------
 
@@ -860,6 +867,9 @@ class Exchange(StreamHandler):
             self.connection.write(data)
             self.bytes_out += len(data)
             return
+        if self._length_left:
+            self._pass_body(data)
+            return
         self._got_response_bytes = True
         parser = self._parser
         assert parser is not None  # dropped only when done
@@ -889,6 +899,33 @@ class Exchange(StreamHandler):
         self._flush_out()
         if self._message_complete:
             self._finish()
+        elif self._length is not None and self.head_sent:
+            self._length_left = self._length - self.bytes_out
+
+    def _pass_body(self, data: bytes | memoryview) -> None:
+        """The rest of a Content-Length body: to the visitor as it comes, not parsed.
+
+        llhttp would only count these bytes, copying each piece into a new
+        object on the way (the exit server's costliest copy in a download).
+        What follows the body's last byte is what llhttp would have called
+        a second response: dropped the same way.
+        """
+        left = self._length_left
+        size = len(data)
+        if size < left:
+            self._length_left = left - size
+            self.bytes_out += size
+            self.connection.write(data)
+            return
+        self._length_left = 0
+        self.bytes_out += left
+        self._message_complete = True
+        if size == left:
+            self.connection.write(data)
+            self._finish()
+        else:
+            self.connection.write(data[:left])
+            self._drop_extra_bytes()
 
     def _drop_extra_bytes(self) -> None:
         """The upstream began more after a complete response: finish that one, drop the rest.
@@ -1003,8 +1040,9 @@ class Exchange(StreamHandler):
                 if len(codings) != 1 or codings[0].strip().lower() != b"chunked":
                     raise _BadResponse  # a transfer coding we would pass on undecoded
                 self._chunked_out = not http10
-            elif block.values(h.CONTENT_LENGTH):
+            elif lengths := block.values(h.CONTENT_LENGTH):
                 framing = h.Framing.LENGTH
+                self._length = int(lengths[0])  # llhttp allows one, of digits only
             else:
                 self._close_delimited = True
                 self._chunked_out = not http10

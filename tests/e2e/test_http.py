@@ -314,11 +314,18 @@ EXTRA_AFTER_RESPONSE = {
 }
 
 
+# A body of 1 MiB reaches the exit server in several stream messages (at most
+# 256 KiB each): its end and the extra bytes come after llhttp read the head.
+BODIES = {"a short body": b"ok", "a body of 1 MiB": bytes(range(256)) * 4096}
+
+
+@pytest.mark.parametrize("body", BODIES.values(), ids=BODIES.keys())
 @pytest.mark.parametrize("extra", EXTRA_AFTER_RESPONSE.values(), ids=EXTRA_AFTER_RESPONSE.keys())
 async def test_bytes_after_a_complete_response_are_never_passed_on(
     start_server: Callable[..., ExitServerProcess],
     start_client: Callable[..., ClientProcess],
     extra: bytes,
+    body: bytes,
 ) -> None:
     """An upstream that says more than its answer cannot answer the visitor's next request.
 
@@ -326,9 +333,8 @@ async def test_bytes_after_a_complete_response_are_never_passed_on(
     upstream connection is not reused; the visitor's next request goes to a
     fresh one.
     """
-    upstream = RawUpstream(
-        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok" + extra, close_after=False
-    )
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body)
+    upstream = RawUpstream(head + body + extra, close_after=False)
     async with await upstream.start():
         server = start_server()
         start_client(server, f"http://127.0.0.1:{upstream.port}")
@@ -338,11 +344,11 @@ async def test_bytes_after_a_complete_response_are_never_passed_on(
         for path in ("/first", "/second"):
             writer.write(raw_get(path))
             response = await asyncio.wait_for(responses.next(), 10)
-            assert (response.status, response.body) == (200, b"ok")
+            assert (response.status, response.body) == (200, body)
         assert upstream.connections == 2  # the first stream was not reused
         writer.write(raw_get("/third"))
         third = await asyncio.wait_for(responses.next(), 10)
-        assert (third.status, third.body) == (200, b"ok")  # never the 201 "evil"
+        assert (third.status, third.body) == (200, body)  # never the 201 "evil"
         await server.process.wait_for_async("sent more than the response; dropped", since=mark)
         writer.close()
 
