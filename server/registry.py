@@ -153,6 +153,8 @@ class ConnectedClient:
     #: per route, idle streams and since when (loop time), oldest first
     _idle: dict[str, dict[Stream, float]] = field(default_factory=dict)
     _sweeper: asyncio.TimerHandle | None = None
+    #: looked up once: ``asyncio.get_running_loop()`` makes a getpid system call
+    _loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
 
     def acquire(self, route: str, handler: StreamHandler) -> tuple[Stream, bool]:
         """A stream to ``route``'s upstream for one exchange: a pooled one if any.
@@ -179,7 +181,7 @@ class ConnectedClient:
             self.retire(stream)
             return
         stream.set_handler(_Idle(self, stream))
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         self._idle.setdefault(stream.route, {})[stream] = loop.time()
         if self._sweeper is None:
             self._sweeper = loop.call_later(POOL_IDLE_TIMEOUT_S, self._sweep)
@@ -200,7 +202,7 @@ class ConnectedClient:
 
     def _sweep(self) -> None:
         """Retire streams idle for POOL_IDLE_TIMEOUT_S; one timer per client, not per stream."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         oldest_allowed = loop.time() - POOL_IDLE_TIMEOUT_S
         stale = []
         for idle in self._idle.values():
