@@ -4,7 +4,7 @@ websockets implements the protocol itself (the opening handshake, framing,
 masking, ping/pong, the closing handshake); this module only moves bytes
 between it and a transport, as the library's sans-I/O design intends. We
 drive it ourselves rather than through websockets' asyncio connection so
-that a message goes from ``data_received`` to the session in the same
+that a message goes from the read to the session in the same
 callback, with no reader task, no per-message future and no send lock: on
 the tunnel's hot path those cost more than the framing (see
 docs/performance.md).
@@ -25,6 +25,12 @@ protocol's work; anything else (text, fragments, reserved bits, wrong
 masking, an oversized length) hands websockets the rest of the connection,
 which it then reads exactly as it would have from the start. websockets'
 reader would copy every payload twice more on its way through.
+
+The transport reads straight into a buffer of ours (``asyncio``'s
+``BufferedProtocol``) rather than handing over a new ``bytes`` per read, and
+a frame cut by a read is completed where it lies rather than joined from
+pieces: a payload is copied once in user space, where it is unmasked (or,
+unmasked already, taken out of the buffer).
 """
 
 from __future__ import annotations
@@ -79,6 +85,13 @@ _FINAL_BINARY: Final = 0x82
 _END_OF_HEAD: Final = b"\r\n\r\n"
 #: A handshake longer than this is left to websockets whole, frames and all.
 MAX_HANDSHAKE_HEAD_BYTES: Final = 64 * 1024
+#: The receive buffer: its size at the first read, the least room a read is
+#: given, and the most it grows to (four of the largest frame: the frame not
+#: yet whole is moved to the front once per buffer's worth read, so the
+#: larger the buffer the rarer and smaller that copy).
+_FIRST_READ_BUFFER_BYTES: Final = 64 * 1024
+_MIN_READ_BYTES: Final = 16 * 1024
+_MAX_READ_BUFFER_BYTES: Final = 4 * MAX_MESSAGE_BYTES
 _HEAD_SHORT: Final = struct.Struct("!BB")
 _HEAD_16: Final = struct.Struct("!BBH")
 _HEAD_64: Final = struct.Struct("!BBQ")
@@ -145,7 +158,7 @@ class MessageHandler(Protocol):
     def channel_resumed(self) -> None: ...
 
 
-class WebSocketConnection(asyncio.Protocol):
+class WebSocketConnection(asyncio.BufferedProtocol):
     """The part both sides share: binary messages once the handshake is done."""
 
     protocol: WebSocketProtocol
@@ -166,13 +179,18 @@ class WebSocketConnection(asyncio.Protocol):
         self.remote_address = "-"
         self._loop = asyncio.get_running_loop()
         self._fragments: list[bytes] | None = None
-        #: the handshake's bytes until its head is complete; None after
-        self._head: bytearray | None = bytearray()
+        #: what the transport reads into; the bytes not yet taken are
+        #: ``_buffer[_start:_end]``
+        self._buffer = bytearray()
+        self._view = memoryview(self._buffer)
+        self._start = 0
+        self._end = 0
+        #: while the handshake's head is incomplete, how much of it was searched
+        #: for its end; None after
+        self._head_searched: int | None = 0
         #: whether we split frames (until something only websockets reads)
         self._splitting = self.frame_splitting
-        #: the start of a frame not yet complete, and how many bytes it needs
-        self._pending: list[bytes | memoryview] = []
-        self._pending_bytes = 0
+        #: the size of the frame at ``_start`` when it is not all here yet
         self._needed = 0
         self._timer: asyncio.TimerHandle | None = None
         self._closed = self._loop.create_future()
@@ -255,20 +273,25 @@ class WebSocketConnection(asyncio.Protocol):
             host, port = peer[0], peer[1]
             self.remote_address = f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
 
-    def data_received(self, data: bytes) -> None:
-        if self._head is not None:
-            self._receive_head(data)
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if len(self._buffer) - self._end < _MIN_READ_BYTES:
+            self._make_room()
+        return self._view[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._end += nbytes
+        if self._head_searched is not None:
+            self._receive_head()
         elif self._splitting:
-            self._split_frames(data)
+            self._split_frames()
         else:
-            self._feed_protocol(data)
+            self._feed_protocol(self._take_all())
 
     def eof_received(self) -> bool:
-        if self._pending or self._head:
+        if self._end > self._start:
             # A frame (or a head) cut short: websockets says so at the EOF.
-            rest = b"".join(self._pending) if self._pending else bytes(self._head or b"")
-            self._pending, self._head, self._splitting = [], None, False
-            self._feed_protocol(rest)
+            self._head_searched, self._splitting, self._needed = None, False, 0
+            self._feed_protocol(self._take_all())
         self.protocol.receive_eof()
         self._write_out()
         return False
@@ -309,39 +332,64 @@ class WebSocketConnection(asyncio.Protocol):
         if protocol.close_expected():
             self._arm(CLOSE_TIMEOUT_S, self.abort)
 
-    def _receive_head(self, data: bytes) -> None:
+    def _make_room(self) -> None:
+        """Room for a read: the bytes not taken moved to the front, the buffer grown if need be.
+
+        It grows when the frame being read (or the bytes not taken) would not
+        leave a read's room: a new buffer, so no view of the old one changes.
+        """
+        start, end = self._start, self._end
+        unread = end - start
+        size = len(self._buffer)
+        frame = max(self._needed, unread)
+        if frame + _MIN_READ_BYTES > size:
+            grown_size = min(
+                max(4 * frame, 2 * size, _FIRST_READ_BUFFER_BYTES), _MAX_READ_BUFFER_BYTES
+            )
+            grown = bytearray(max(grown_size, frame + _MIN_READ_BYTES))
+            grown[:unread] = self._view[start:end]
+            self._buffer, self._view = grown, memoryview(grown)
+        elif start:
+            self._view[:unread] = self._view[start:end]  # memmove: the two may overlap
+        self._start, self._end = 0, unread
+
+    def _take_all(self) -> bytes:
+        """The bytes not taken yet, as one object; the buffer is empty after."""
+        data = self._view[self._start : self._end].tobytes()
+        self._start = self._end = 0
+        return data
+
+    def _receive_head(self) -> None:
         """Before the handshake is done: websockets gets its head, and only that."""
-        head = self._head
-        assert head is not None
-        searched = max(0, len(head) - len(_END_OF_HEAD) + 1)  # each byte looked at once
-        head += data
-        end = head.find(_END_OF_HEAD, searched)
-        if end < 0:
-            if len(head) > MAX_HANDSHAKE_HEAD_BYTES:
-                self._head, self._splitting = None, False
-                self._feed_protocol(bytes(head))
+        start, end = self._start, self._end
+        searched = self._head_searched or 0
+        # Each byte is looked at once, but for a marker cut by a read.
+        at = self._buffer.find(_END_OF_HEAD, start + max(0, searched - 3), end)
+        if at < 0:
+            if end - start > MAX_HANDSHAKE_HEAD_BYTES:
+                self._head_searched, self._splitting = None, False
+                self._feed_protocol(self._take_all())
+            else:
+                self._head_searched = end - start
             return
-        end += len(_END_OF_HEAD)
-        self._head = None
-        self._feed_protocol(bytes(head[:end]))
-        rest = bytes(head[end:])
+        self._head_searched = None
+        head_end = at + len(_END_OF_HEAD)
+        head = self._view[start:head_end].tobytes()
+        self._start = head_end
+        self._feed_protocol(head)
         if self.protocol.state is not OPEN:
             self._splitting = False  # refused: websockets deals with what follows
-        if rest:
-            self.data_received(rest)
+        if self._end > self._start:
+            self.buffer_updated(0)
+        else:
+            self._start = self._end = 0
 
-    def _split_frames(self, data: bytes) -> None:
-        """Read whole frames from the stream: data frames here, the rest through websockets."""
-        if self._pending:
-            self._pending.append(data)
-            self._pending_bytes += len(data)
-            if self._pending_bytes < self._needed:
-                return
-            data = b"".join(self._pending)
-            self._pending, self._pending_bytes = [], 0
-        view = memoryview(data)
-        end = len(view)
-        start = 0
+    def _split_frames(self) -> None:
+        """Read whole frames from the buffer: data frames here, the rest through websockets."""
+        start, end = self._start, self._end
+        if end - start < self._needed:
+            return  # the frame being read is not all here yet
+        view = self._view
         needed = 0
         masked_in = not self._masked  # a server reads masked frames, a client plain ones
         protocol = self.protocol
@@ -395,16 +443,16 @@ class WebSocketConnection(asyncio.Protocol):
                 self._feed_protocol(view[start:frame_end].tobytes())
             start = frame_end
         else:
-            return  # every byte read
+            self._start = self._end = self._needed = 0  # every byte taken
+            return
+        self._start = start
+        self._needed = needed
         if needed:
-            self._pending = [view[start:]]
-            self._pending_bytes = end - start
-            self._needed = needed
             return
         # A frame only websockets reads, or the connection is closing: from
         # here on, websockets reads the connection, as it would have all along.
         self._splitting = False
-        self._feed_protocol(view[start:].tobytes())
+        self._feed_protocol(self._take_all())
 
     def _frame_received(self, frame: Frame) -> None:
         opcode = frame.opcode

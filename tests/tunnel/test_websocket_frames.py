@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import random
 import re
 import struct
 from collections.abc import Callable
@@ -174,10 +175,22 @@ def attach(connection: WebSocketConnection) -> tuple[FakeTransport, Collector]:
     return transport, told
 
 
+def receive(connection: WebSocketConnection, data: bytes) -> None:
+    """``data`` arriving as a transport delivers it: each read fills at most the buffer offered."""
+    rest = memoryview(data)
+    while rest:
+        buffer = connection.get_buffer(-1)
+        assert len(buffer) > 0
+        count = min(len(buffer), len(rest))
+        buffer[:count] = rest[:count]
+        connection.buffer_updated(count)
+        rest = rest[count:]
+
+
 def feed(connection: WebSocketConnection, chunks: list[bytes], eof: bool) -> Outcome:
     transport, told = attach(connection)
     for chunk in chunks:
-        connection.data_received(chunk)
+        receive(connection, chunk)
     if eof:
         connection.eof_received()
     result = outcome(connection, transport, told)
@@ -223,11 +236,11 @@ async def test_the_tunnels_own_messages_skip_websockets_reader() -> None:
     """The fast path is taken: a data frame arriving whole is never parsed by websockets."""
     connection = server(reference=False)
     transport, told = attach(connection)
-    connection.data_received(handshake_request())
+    receive(connection, handshake_request())
     parsed: list[bytes] = []
-    receive = connection.protocol.receive_data
-    connection.protocol.receive_data = lambda data: (parsed.append(data), receive(data))[1]  # type: ignore[method-assign]
-    connection.data_received(frame(0x82, b"hello", masked=True) + frame(0x89, b"p", masked=True))
+    original = connection.protocol.receive_data
+    connection.protocol.receive_data = lambda data: (parsed.append(data), original(data))[1]  # type: ignore[method-assign]
+    receive(connection, frame(0x82, b"hello", masked=True) + frame(0x89, b"p", masked=True))
     assert told.messages == [b"hello"]
     assert parsed == [frame(0x89, b"p", masked=True)]  # only the ping went to websockets
     assert transport.written.endswith(b"\x8a\x01p")  # and it answered it
@@ -245,8 +258,8 @@ async def test_a_frame_announcing_too_long_a_payload_is_refused_before_its_paylo
     """Nothing waits for (and buffers) a payload the header already makes illegal."""
     connection = server(reference=False)
     attach(connection)
-    connection.data_received(handshake_request())
-    connection.data_received(frame(first, b"", masked=True, length=length))
+    receive(connection, handshake_request())
+    receive(connection, frame(first, b"", masked=True, length=length))
     sent = connection.protocol.close_sent
     assert sent is not None
     assert sent.code == 1009  # message too big
@@ -302,7 +315,7 @@ async def client_outcome(reference: bool, sent: list[bytes], points: list[int], 
     connection, transport, told = dialled.connection, dialled.transport, dialled.told
     request_bytes = len(transport.written)
     for chunk in cuts(dialled.answer + b"".join(sent), points):
-        connection.data_received(chunk)
+        receive(connection, chunk)
     if eof:
         connection.eof_received()
     protocol = connection.protocol
@@ -334,6 +347,19 @@ async def test_the_client_reads_any_frames_as_websockets_does(
     assert ours == await client_outcome(True, sent, points, eof)
 
 
+@pytest.mark.parametrize("size", [256 * 1024, MAX_MESSAGE_BYTES], ids=["256 KiB", "the limit"])
+async def test_large_frames_cut_anywhere_arrive_whole(size: int) -> None:
+    """Frames larger than the receive buffer grow it; a frame cut by a read is completed in place.
+
+    Sizes differ by a few bytes so that no read ends where a frame does.
+    """
+    source = random.Random(size)
+    payloads = [source.randbytes(size - 3 * i) for i in range(5)]
+    data = handshake_request() + b"".join(frame(0x82, p, masked=True) for p in payloads)
+    points = [source.randrange(len(data)) for _ in range(12)]
+    assert feed(server(reference=False), cuts(data, points), eof=False).messages == payloads
+
+
 @pytest.mark.parametrize(("first_cut", "second_cut"), [(0, 6), (1, 6), (2, 6), (6, 7), (3, 10)])
 async def test_a_frame_inside_a_payload_is_never_read_as_a_frame(
     first_cut: int, second_cut: int
@@ -351,7 +377,7 @@ async def test_a_frame_inside_a_payload_is_never_read_as_a_frame(
     connection = server(reference=False)
     _, told = attach(connection)
     for chunk in (request + outer[:first_cut], outer[first_cut:second_cut], outer[second_cut:]):
-        connection.data_received(chunk)
+        receive(connection, chunk)
     assert told.messages == [outer_payload]
     connection.connection_lost(None)
 
@@ -368,7 +394,7 @@ async def test_a_handshake_arriving_byte_by_byte_then_frames_works(kind: str) ->
     else:
         dialled = dial()
         for byte in dialled.answer + frame(0x82, b"first", masked=False):
-            dialled.connection.data_received(bytes([byte]))
+            receive(dialled.connection, bytes([byte]))
         assert dialled.handshake.done()
         assert dialled.handshake.exception() is None
         messages = dialled.told.messages
