@@ -14,14 +14,13 @@ Every process is ended by its PID on the way out, Ctrl-C included.
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
-from bench.errors import BenchError
+from bench.errors import run_command
 from bench.machine import read_nginx_build
 from bench.measure import progress
 from bench.processes import LOOPBACK, Child, free_port, running, wait_until
@@ -39,16 +38,8 @@ WARMUP_S: Final = 1
 def main(argv: Sequence[str] | None = None) -> int:
     """Measure direct nginx and two relays in front of it; print a table; return the status."""
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        measure(args)
-    except BenchError as exc:
-        print(f"bench.floor: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("bench.floor: interrupted; every process it started has been stopped")
-        return 130
-    return 0
+    status, _ = run_command("bench.floor", lambda: measure(args))
+    return status
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -143,11 +134,6 @@ def _wrk(wrk: Path, port: int, connections: int, duration_s: int) -> WrkResult:
     run_wrk(wrk, url, connections, 1, WARMUP_S, REPO_ROOT)
     progress(f"wrk c={connections} on port {port} for {duration_s} s")
     return run_wrk(wrk, url, connections, 1, duration_s, REPO_ROOT)
-
-
-def _interrupt(signum: int, _frame: object) -> None:
-    """SIGTERM: leave through the ``finally`` blocks, as Ctrl-C does."""
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 if __name__ == "__main__":

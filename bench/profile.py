@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -33,7 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
-from bench.errors import BenchError
+from bench.errors import BenchError, run_command
 from bench.machine import read_nginx_build
 from bench.measure import progress, upload_body
 from bench.processes import LOOPBACK, Child, running, wait_until
@@ -69,15 +68,9 @@ _ATTACHED: Final = b"Sampling process"
 def main(argv: Sequence[str] | None = None) -> int:
     """Profile the exit server and the client under load; return the exit status."""
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        written = profile(args)
-    except BenchError as exc:
-        print(f"bench.profile: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("bench.profile: interrupted; every process it started has been stopped")
-        return 130
+    status, written = run_command("bench.profile", lambda: profile(args))
+    if written is None:
+        return status
     print("wrote:")
     for path in written:
         print(f"  {path}")
@@ -143,11 +136,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.native and args.nonblocking:
         parser.error("--native needs to pause the processes: drop --nonblocking")
     return args
-
-
-def _interrupt(signum: int, _frame: object) -> None:
-    """SIGTERM: leave through the ``finally`` blocks, as Ctrl-C does."""
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def find_py_spy() -> Path:
