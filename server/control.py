@@ -21,7 +21,7 @@ from websockets.http11 import Request, Response
 
 from server.config import ServerConfig
 from server.limits import AuthLimiter
-from server.listen import bind
+from server.listen import serve
 from server.paths import MAX_ALLOWED_PATHS, valid_prefix
 from server.registry import ConnectedClient, Registry, Route, normalize_host, valid_client_name
 from tunnel.auth import TokenVerifier, bearer_token
@@ -71,18 +71,14 @@ class ControlServer:
         tls = None
         if config.tls_cert is not None and config.tls_key is not None:
             tls = server_context(config.tls_cert, config.tls_key)
-        loop = asyncio.get_running_loop()
-        addresses = []
-        for sock in bind(config.bind, config.control_port):
-            addresses.append(sock.getsockname()[:2])
-            server = await loop.create_server(
-                lambda: ServerConnection(self._decide, self._opened),
-                sock=sock,
-                ssl=tls,
-                ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S if tls else None,
-                backlog=config.backlog,
-            )
-            self._servers.append(server)
+        self._servers, addresses = await serve(
+            lambda: ServerConnection(self._decide, self._opened),
+            config.bind,
+            config.control_port,
+            ssl=tls,
+            ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S if tls else None,
+            backlog=config.backlog,
+        )
         return addresses
 
     def stop_accepting(self) -> None:

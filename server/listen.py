@@ -12,7 +12,28 @@ over: 0.2 MiB less resident memory, and no threads (docs/performance.md).
 
 from __future__ import annotations
 
+import asyncio
 import socket
+from collections.abc import Callable
+from typing import Any
+
+
+async def serve(
+    factory: Callable[[], asyncio.BaseProtocol], host: str | None, port: int, **options: Any
+) -> tuple[list[asyncio.Server], list[tuple[str, int]]]:
+    """Serve ``factory``'s protocol on every address ``host`` names; the servers and addresses.
+
+    ``options`` go to ``loop.create_server`` (``backlog``, ``ssl``, …).
+
+    Raises:
+        OSError: as :func:`bind`.
+    """
+    loop = asyncio.get_running_loop()
+    servers, addresses = [], []
+    for sock in bind(host, port):
+        addresses.append(sock.getsockname()[:2])
+        servers.append(await loop.create_server(factory, sock=sock, **options))
+    return servers, addresses
 
 
 def bind(host: str | None, port: int) -> list[socket.socket]:

@@ -40,7 +40,7 @@ import httptools
 
 from server import headers as h
 from server.accesslog import AccessLog
-from server.listen import bind
+from server.listen import serve
 from server.paths import path_allowed
 from server.registry import ConnectedClient, Registry, normalize_host
 from tunnel.errors import (
@@ -155,16 +155,12 @@ class PublicServer:
 
     async def listen(self, host: str | None, port: int) -> list[tuple[str, int]]:
         """Start listening; return the bound addresses."""
-        loop = asyncio.get_running_loop()
-        addresses = []
-        for sock in bind(host, port):
-            addresses.append(sock.getsockname()[:2])
-            server = await loop.create_server(
-                lambda: VisitorConnection(self), sock=sock, backlog=self.config.backlog
-            )
-            self._servers.append(server)
+        servers, addresses = await serve(
+            lambda: VisitorConnection(self), host, port, backlog=self.config.backlog
+        )
+        self._servers += servers
         if self._sweeper is None:
-            self._sweeper = loop.call_later(SWEEP_INTERVAL_S, self._sweep)
+            self._sweeper = asyncio.get_running_loop().call_later(SWEEP_INTERVAL_S, self._sweep)
         return addresses
 
     def exchange_started(self) -> None:
