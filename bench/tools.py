@@ -73,7 +73,7 @@ def ensure_tools() -> ToolPaths:
     """
     missing = [tool for tool in TOOLS if find_tool(tool.name) is None]
     if missing:
-        _install(missing)
+        install(missing)
     paths = {tool: find_tool(tool.name) for tool in TOOLS}
     still_missing = sorted(tool.name for tool, path in paths.items() if path is None)
     if still_missing:
@@ -81,7 +81,7 @@ def ensure_tools() -> ToolPaths:
     return ToolPaths(**{tool.field: path for tool, path in paths.items() if path is not None})
 
 
-def _install(missing: list[Tool]) -> None:
+def install(missing: list[Tool]) -> None:
     """Install the packages for ``missing`` tools, trying each tool's alternatives in turn.
 
     Raises:
