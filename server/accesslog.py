@@ -47,7 +47,12 @@ class AccessLog:
         bytes_out: int,
         started_at: float,
     ) -> None:
-        """Note one request: who served it, what it was, how it went."""
+        """Note one request: who served it, what it was, how it went.
+
+        Only the path is escaped: the method is one llhttp knows (or empty),
+        the host was normalised to a host name or IP literal, and the client
+        name was checked when it connected.
+        """
         if not self.enabled:
             return
         now = time.time()
@@ -57,8 +62,8 @@ class AccessLog:
             self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S ", time.localtime(second))
         duration_ms = (time.monotonic() - started_at) * 1000
         self._lines.append(
-            f'{self._stamp}{_PREFIX}{client} "{escape(method)} {escape(path)}" '
-            f"host={escape(host or '-')} status={status} in={bytes_in} out={bytes_out} "
+            f'{self._stamp}{_PREFIX}{client} "{method.decode("latin-1")} {escape(path)}" '
+            f"host={host or '-'} status={status} in={bytes_in} out={bytes_out} "
             f"ms={duration_ms:.1f}\n"
         )
         if self._flush_handle is None:

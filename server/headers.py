@@ -179,7 +179,7 @@ def upstream_request_head(
     """
     lines = [method, b" ", target, b" HTTP/1.1\r\n"]
     listed = block.listed_by_connection()
-    hosts = block.values(HOST)
+    hosts = block.special.get(HOST)  # block.values(), inline
     original_host = hosts[0] if hosts else b""
     for (name, value), kind in zip(block.items, block.kinds, strict=True):
         if kind:

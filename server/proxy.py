@@ -492,15 +492,20 @@ class VisitorConnection(asyncio.Protocol):
         block = request.block
         if block.size > h.MAX_HEAD_BYTES:
             raise _Reject(431)
-        hosts = block.values(h.HOST)
-        if len(hosts) > 1 or (not hosts and request.version == "1.1"):
+        # block.values(), without a call and an empty list per kind absent
+        special = block.special
+        hosts = special.get(h.HOST)
+        if hosts is None:
+            if request.version == "1.1":
+                raise _Reject(400)
+        elif len(hosts) > 1:
             raise _Reject(400)
-        if hosts:
+        else:
             request.host = normalize_host(hosts[0])
             if request.host is None:
                 raise _Reject(400)
-        codings = block.values(h.TRANSFER_ENCODING)
-        lengths = block.values(h.CONTENT_LENGTH)
+        codings = special.get(h.TRANSFER_ENCODING)
+        lengths = special.get(h.CONTENT_LENGTH)
         if codings:
             if request.version != "1.1" or len(codings) != 1 or codings[0].lower() != b"chunked":
                 raise _Reject(400)
@@ -511,7 +516,7 @@ class VisitorConnection(asyncio.Protocol):
             max_body = self.config.max_body_bytes
             if max_body is not None and length > max_body:
                 raise _Reject(413)
-        expect = block.values(h.EXPECT)
+        expect = special.get(h.EXPECT)
         if expect and (len(expect) > 1 or expect[0].lower() != b"100-continue"):
             raise _Reject(417)
         if upgrade:
@@ -992,12 +997,13 @@ class Exchange(StreamHandler):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         block = self._block
-        items = block.items
-        if len(items) >= h.MAX_RESPONSE_HEADERS or block.size > h.MAX_RESPONSE_HEAD_BYTES:
-            raise _BadResponse
         # HeaderBlock.add, inline: this runs once per header of every response.
-        items.append((name, value))
-        block.size += len(name) + len(value) + 4
+        # The head's size bounds what we hold; the count is checked once, at its end.
+        size = block.size + len(name) + len(value) + 4
+        if size > h.MAX_RESPONSE_HEAD_BYTES:
+            raise _BadResponse
+        block.size = size
+        block.items.append((name, value))
         kind = _kind_of(name.lower(), 0)
         block.kinds.append(kind)
         if kind:
@@ -1009,7 +1015,7 @@ class Exchange(StreamHandler):
         status = parser.get_status_code()
         request = self.request
         connection = self.connection
-        if not 100 <= status <= 599:
+        if not 100 <= status <= 599 or len(self._block.items) > h.MAX_RESPONSE_HEADERS:
             raise _BadResponse
         if status < 200 and status != 101:
             if request.version == "1.1":
@@ -1031,12 +1037,12 @@ class Exchange(StreamHandler):
             framing = h.Framing.NONE if status == 204 else h.Framing.HEAD
             keep_alive = request.keep_alive
         else:
-            codings = block.values(h.TRANSFER_ENCODING)
+            codings = block.special.get(h.TRANSFER_ENCODING)  # block.values(), inline
             if codings:
                 if len(codings) != 1 or codings[0].strip().lower() != b"chunked":
                     raise _BadResponse  # a transfer coding we would pass on undecoded
                 self._chunked_out = not http10
-            elif lengths := block.values(h.CONTENT_LENGTH):
+            elif lengths := block.special.get(h.CONTENT_LENGTH):
                 framing = h.Framing.LENGTH
                 self._length = int(lengths[0])  # llhttp allows one, of digits only
             else:

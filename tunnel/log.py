@@ -26,6 +26,8 @@ def escape(text: str | bytes, limit: int = 512) -> str:
         text = text.decode("latin-1")
     if len(text) > limit:
         text = text[:limit] + "..."
+    if text.isprintable() and "\\" not in text and '"' not in text:
+        return text  # the usual case, and translate() looks up every character
     return text.translate(_ESCAPES)
 
 

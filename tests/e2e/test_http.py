@@ -288,6 +288,12 @@ MALFORMED = {
     "not HTTP at all": b"SSH-2.0-OpenSSH_9.2\r\n",
     "closed before any answer": b"",
     "a 101 nobody asked for": b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n",
+    "more than 256 headers": b"HTTP/1.1 200 OK\r\n"
+    + b"".join(b"X-Evil-%d: a\r\n" % n for n in range(257))
+    + b"Content-Length: 0\r\n\r\n",
+    "a head over 64 KiB": b"HTTP/1.1 200 OK\r\n"
+    + b"".join(b"X-Evil-%d: %s\r\n" % (n, b"a" * 4000) for n in range(17))
+    + b"Content-Length: 0\r\n\r\n",
 }
 
 

@@ -128,3 +128,5 @@ def test_redaction_removes_secrets_from_messages_and_tracebacks() -> None:
 def test_escape_neutralises_control_characters_for_log_lines() -> None:
     assert escape(b"/a\r\nInjected: yes\x1b[2J") == "/a\\x0d\\x0aInjected: yes\\x1b[2J"
     assert len(escape("x" * 10_000)) < 600
+    assert escape('/say "hi"\\') == '/say \\"hi\\"\\\\'
+    assert escape(b"/caf\xe9 ok") == "/caf\xe9 ok"
