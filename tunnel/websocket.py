@@ -196,6 +196,8 @@ class WebSocketConnection(asyncio.BufferedProtocol):
         self._closed = self._loop.create_future()
         self._paused = False
         self._told_closed = False
+        #: whether we failed the connection for a frame it sent
+        self._refused = False
 
     @property
     def handler(self) -> MessageHandler | None:
@@ -455,6 +457,11 @@ class WebSocketConnection(asyncio.BufferedProtocol):
         self._feed_protocol(self._take_all())
 
     def _frame_received(self, frame: Frame) -> None:
+        if self._refused:
+            # We failed the connection (a text frame) and websockets had
+            # already parsed what came after it in the same read: ignored, as
+            # it is when it comes in a later read, however the bytes were split.
+            return
         opcode = frame.opcode
         if opcode is Opcode.BINARY and frame.fin and self._fragments is None:
             self._deliver(bytes(frame.data))
@@ -467,6 +474,7 @@ class WebSocketConnection(asyncio.BufferedProtocol):
                 message, self._fragments = b"".join(self._fragments), None
                 self._deliver(message)
         elif opcode is Opcode.TEXT:
+            self._refused = True
             self.protocol.fail(1003, "binary messages only")
         elif opcode is Opcode.CLOSE:
             self._tell_closed()

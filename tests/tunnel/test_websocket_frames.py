@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from websockets.client import ClientProtocol
 from websockets.server import ServerProtocol
@@ -223,6 +223,17 @@ EXAMPLES = settings(max_examples=300, deadline=None, suppress_health_check=[Heal
     sent=st.lists(frames(masked=True), max_size=8),
     points=st.lists(st.integers(0, 2**20), max_size=6),
     eof=st.booleans(),
+)
+# Found by hypothesis: a text frame fails the connection, and the data frame
+# after it must not be delivered, whether or not it came in the same read.
+@example(
+    sent=[
+        frame(0x82, pattern(65_535), masked=True),
+        frame(0x81, b"", masked=True),
+        frame(0x82, pattern(65_535), masked=True),
+    ],
+    points=[],
+    eof=False,
 )
 async def test_the_exit_server_reads_any_frames_as_websockets_does(
     sent: list[bytes], points: list[int], eof: bool
