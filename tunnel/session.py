@@ -46,6 +46,11 @@ STREAM_WRITE_HIGH_WATER_BYTES: Final = 256 * 1024
 STREAM_WRITE_LOW_WATER_BYTES: Final = 64 * 1024
 #: Websocket messages we send are at most this big (the peer accepts 2 MiB).
 MAX_MESSAGE_BYTES: Final = DEFAULT_MAX_MESSAGE_BYTES
+#: What is queued leaves at the end of the loop iteration, in one message,
+#: or as soon as this many frames were queued in the iteration: then the
+#: peer starts on the first requests of a burst while we read the rest,
+#: instead of both sides taking turns (docs/performance.md).
+FLUSH_AFTER_QUEUED: Final = 32
 HELLO_TIMEOUT_S: Final = 10.0
 
 
@@ -336,6 +341,8 @@ class Session:
         self._running = False
         self._pending_events: list[ev.Event] = []
         self._flush_handle: asyncio.Handle | None = None
+        #: calls to flush_soon since the flush was scheduled
+        self._queued_since_flush = 0
         self._timer: asyncio.TimerHandle | None = None
         self._protocol_error: ProtocolError | None = None
         channel.handler = self
@@ -426,9 +433,23 @@ class Session:
         self.paused_writers.discard(stream)
 
     def flush_soon(self) -> None:
-        """Send what the multiplexer has, once, at the end of this loop iteration."""
-        if self._flush_handle is None and self.end is None:
-            self._flush_handle = self._loop.call_soon(self._flush)
+        """Send what the multiplexer has at the end of this loop iteration, or now.
+
+        Now when :data:`FLUSH_AFTER_QUEUED` frames were queued since the
+        flush was scheduled: a burst of requests read in one iteration goes
+        out in several messages, and the peer works on the first while we
+        read the others.
+        """
+        handle = self._flush_handle
+        if handle is None:
+            if self.end is None:
+                self._flush_handle = self._loop.call_soon(self._flush)
+                self._queued_since_flush = 0
+            return
+        self._queued_since_flush += 1
+        if self._queued_since_flush >= FLUSH_AFTER_QUEUED and self.end is None:
+            handle.cancel()
+            self._flush()
 
     def _flush(self) -> None:
         self._flush_handle = None

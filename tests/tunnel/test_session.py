@@ -17,7 +17,14 @@ from tests.support.waiting import wait_until
 from tunnel.errors import ErrorCode, SessionClosed, StreamReset, TunnelError
 from tunnel.frames import Data, encode
 from tunnel.mux import Multiplexer, Role, Settings
-from tunnel.session import Channel, Session, SessionEnd, Stream, StreamHandler
+from tunnel.session import (
+    FLUSH_AFTER_QUEUED,
+    Channel,
+    Session,
+    SessionEnd,
+    Stream,
+    StreamHandler,
+)
 
 
 @dataclass(eq=False)
@@ -135,6 +142,26 @@ async def test_many_concurrent_streams_carry_their_bytes_intact(
         await wait_until(lambda: not s.server.streams and not s.client.streams)
         assert s.server.mux.statistics().open_streams == 0
         assert s.client.mux.statistics().open_streams == 0
+
+
+async def test_a_burst_of_writes_leaves_in_several_messages_before_the_loop_turns(
+    channels: tuple[Channel, Channel],
+) -> None:
+    # 100 requests read in one loop iteration: the first ones must not wait
+    # for the last before the peer can start on them.
+    async with running(channels, Echo) as s:
+        handlers = [Collector() for _ in range(100)]
+        sent_before = s.server.messages_sent
+        for n, handler in enumerate(handlers):
+            stream = s.server.open_stream("", handler)
+            stream.write(b"request %d" % n)
+            stream.write_eof()
+        burst = s.server.messages_sent - sent_before
+        assert burst >= 300 // FLUSH_AFTER_QUEUED - 1
+        await wait_until(lambda: all(h.closed for h in handlers), within=30)
+        for n, handler in enumerate(handlers):
+            assert handler.error is None
+            assert handler.data == b"request %d" % n
 
 
 async def test_a_stalled_stream_does_not_block_the_others(
