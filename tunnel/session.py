@@ -5,8 +5,9 @@ The session runs no task of its own. The websocket connection
 ``data_received``, and the session feeds the multiplexer and calls stream
 handlers back in that same callback. What the multiplexer has to send is
 flushed by one ``call_soon`` per loop iteration, so everything written in
-the meantime (by every stream) leaves in one message. The heartbeat is a
-``call_at`` timer.
+the meantime (by every stream) leaves in one message, or in several when a
+burst queues more than :data:`FLUSH_AFTER_QUEUED` frames: the peer starts
+on the first while we read the rest. The heartbeat is a ``call_at`` timer.
 
 Streams have no task either: like asyncio transports they call a
 :class:`StreamHandler` back, and the handler applies backpressure with
