@@ -342,7 +342,7 @@ class Session:
         self._running = False
         self._pending_events: list[ev.Event] = []
         self._flush_handle: asyncio.Handle | None = None
-        #: calls to flush_soon since the flush was scheduled
+        #: calls to flush_soon since the last flush
         self._queued_since_flush = 0
         self._timer: asyncio.TimerHandle | None = None
         self._protocol_error: ProtocolError | None = None
@@ -441,19 +441,19 @@ class Session:
         out in several messages, and the peer works on the first while we
         read the others.
         """
-        handle = self._flush_handle
-        if handle is None:
-            if self.end is None:
-                self._flush_handle = self._loop.call_soon(self._flush)
-                self._queued_since_flush = 0
+        if self.end is not None:
             return
         self._queued_since_flush += 1
-        if self._queued_since_flush >= FLUSH_AFTER_QUEUED and self.end is None:
+        handle = self._flush_handle
+        if handle is None:
+            self._flush_handle = self._loop.call_soon(self._flush)
+        elif self._queued_since_flush >= FLUSH_AFTER_QUEUED:
             handle.cancel()
             self._flush()
 
     def _flush(self) -> None:
         self._flush_handle = None
+        self._queued_since_flush = 0
         channel = self.channel
         mux = self.mux
         while not channel.paused and (parts := mux.message_parts(MAX_MESSAGE_BYTES)):
