@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv system-deps demo test test-fast lint bench clean
+.PHONY: venv system-deps demo test test-compiled test-fast lint bench clean
 
 venv: $(STAMP)
 
@@ -27,6 +27,15 @@ demo: venv
 
 test: venv system-deps
 	$(BIN)/python -m pytest
+	$(MAKE) --no-print-directory test-compiled
+
+# The protocol, exit-server and end-to-end tests again, against the compiled
+# build (HOMEPORT_COMPILE=1, as the exit node installs homeport): a copy of
+# the checkout in build/compiled with the compiled modules beside their sources.
+test-compiled: venv system-deps
+	$(BIN)/python scripts/compiled_tree.py build/compiled
+	cd build/compiled && $(CURDIR)/$(BIN)/python -m pytest -p no:cacheprovider \
+	  -m 'not topology' tests/tunnel tests/server tests/e2e tests/bench
 
 test-fast: venv
 	$(BIN)/python -m pytest -m 'not e2e'

@@ -213,11 +213,11 @@ def upstream_request_head(
 class Framing:
     """How the response body is delimited on the visitor's hop."""
 
-    LENGTH = "length"  #: the upstream's Content-Length, kept where it was
-    CHUNKED = "chunked"  #: Transfer-Encoding: chunked (re-chunked by us)
-    CLOSE = "close"  #: the body ends when the connection closes (HTTP/1.0 visitors)
-    NONE = "none"  #: no body (204, 1xx); Content-Length dropped
-    HEAD = "head"  #: no body, but Content-Length kept as metadata (HEAD, 304)
+    LENGTH: Final = "length"  #: the upstream's Content-Length, kept where it was
+    CHUNKED: Final = "chunked"  #: Transfer-Encoding: chunked (re-chunked by us)
+    CLOSE: Final = "close"  #: the body ends when the connection closes (HTTP/1.0 visitors)
+    NONE: Final = "none"  #: no body (204, 1xx); Content-Length dropped
+    HEAD: Final = "head"  #: no body, but Content-Length kept as metadata (HEAD, 304)
 
 
 def visitor_response_head(

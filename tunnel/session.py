@@ -27,6 +27,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
+from mypy_extensions import mypyc_attr
+
 from tunnel import events as ev
 from tunnel.errors import (
     ErrorCode,
@@ -77,6 +79,7 @@ class Channel(Protocol):
     async def wait_closed(self) -> None: ...
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # subclassed where not compiled
 class StreamHandler:
     """Callbacks for one stream, in the manner of :class:`asyncio.Protocol`.
 

@@ -43,6 +43,7 @@ from collections.abc import Callable, Sequence
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 
+from mypy_extensions import mypyc_attr
 from websockets.datastructures import Headers
 from websockets.exceptions import InvalidStatus
 from websockets.frames import Frame, Opcode
@@ -158,6 +159,7 @@ class MessageHandler(Protocol):
     def channel_resumed(self) -> None: ...
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # as its two subclasses below
 class WebSocketConnection(asyncio.BufferedProtocol):
     """The part both sides share: binary messages once the handshake is done."""
 
@@ -522,6 +524,7 @@ class WebSocketConnection(asyncio.BufferedProtocol):
         self._timer = self._loop.call_later(delay_s, callback)
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # the tests' reference peers subclass it
 class ServerConnection(WebSocketConnection):
     """The control port's side: decides on the HTTP request, then carries a session.
 
@@ -567,6 +570,7 @@ class ServerConnection(WebSocketConnection):
             self._opened(self, event)
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # the tests' reference peers subclass it
 class ClientConnection(WebSocketConnection):
     """The client's side: sends the handshake, checking a pinned certificate first."""
 
