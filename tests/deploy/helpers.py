@@ -40,7 +40,7 @@ VALIDATORS = {
 }
 
 FAKE = """#!{python} -I
-# A fake {{apt-get, python3, pip, systemctl}}: record argv, change nothing real.
+# A fake {{apt-get, python3, pip, systemctl, env}}: record argv, change nothing real.
 import json, os, sys
 name = os.path.basename(sys.argv[0])
 root = os.environ.get("HOMEPORT_ROOT", "")
@@ -104,7 +104,7 @@ def make_fakebin(directory: Path) -> FakeBin:
     fake = directory / "fake"
     fake.write_text(FAKE.format(python=sys.executable))
     fake.chmod(0o755)
-    for name in ("apt-get", "python3", "systemctl"):
+    for name in ("apt-get", "python3", "systemctl", "env"):
         (directory / name).symlink_to(fake)
     return FakeBin(directory, directory.parent / f"{directory.name}.log")
 

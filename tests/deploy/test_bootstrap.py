@@ -22,9 +22,10 @@ from homeport.exitnode.render import (
 from tests.deploy.helpers import FakeBin, Written, require, run_script, snapshot
 
 APT = ["apt-get", "-o", "DPkg::Lock::Timeout=600", "-q"]
-PACKAGES = ["ca-certificates", "python3", "python3-venv"]
+PACKAGES = ["ca-certificates", "python3", "python3-venv", "gcc", "libc6-dev", "python3-dev"]
 PYTHON_CHECK = "import sys; sys.exit(sys.version_info < (3, 11))"
 PIP = ["pip", "install", "--no-cache-dir", "--disable-pip-version-check"]
+NO_WHEEL = ["--no-binary", "homeport", "homeport==0.1.0"]
 UNIT = "homeport-exit.service"
 
 
@@ -78,7 +79,8 @@ def test_bootstrap_writes_config_secrets_and_unit_with_tight_modes(
         [*APT, "install", "-y", "--no-install-recommends", *PACKAGES],
         ["python3", "-c", PYTHON_CHECK],
         ["python3", "-m", "venv", "/opt/homeport/venv"],
-        [*PIP, "homeport==0.1.0"],
+        # The exit server's request path compiled (HOMEPORT_COMPILE=1), from source.
+        ["env", "HOMEPORT_COMPILE=1", "/opt/homeport/venv/bin/pip", *PIP[1:], *NO_WHEEL],
         ["systemctl", "daemon-reload"],
         ["systemctl", "enable", UNIT],
         ["systemctl", "restart", UNIT],

@@ -56,7 +56,9 @@ apt_get() {
   apt-get -o DPkg::Lock::Timeout=600 -q "$@"
 }
 apt_get update
-apt_get install -y --no-install-recommends ca-certificates python3 python3-venv
+# gcc and the headers: pip compiles the exit server's request path (below).
+apt_get install -y --no-install-recommends ca-certificates python3 python3-venv \
+  gcc libc6-dev python3-dev
 python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' ||
   die "homeport needs Python 3.11 or newer: pick a newer disk image (ubuntu-noble, debian-12)"
 
@@ -80,7 +82,10 @@ put 0644 "/etc/systemd/system/$UNIT" <<'EOF_UNIT'
 EOF_UNIT
 
 [[ -x $ROOT$VENV/bin/python ]] || python3 -m venv "$ROOT$VENV"
-"$ROOT$VENV/bin/pip" install --no-cache-dir --disable-pip-version-check "$PACKAGE"
+# HOMEPORT_COMPILE=1: built from source with the request path compiled by mypyc
+# (docs/performance.md); the same code as the pure-Python wheel, about a fifth faster.
+env HOMEPORT_COMPILE=1 "$ROOT$VENV/bin/pip" install --no-cache-dir \
+  --disable-pip-version-check --no-binary homeport "$PACKAGE"
 systemctl daemon-reload
 systemctl enable "$UNIT"
 systemctl restart "$UNIT"
