@@ -58,6 +58,9 @@ class Plan:
     stream_counts: tuple[int, ...]
     ssh: bool
     quick: bool
+    #: the exit server's build: compiled (HOMEPORT_COMPILE=1, as the exit node
+    #: installs it) unless --pure; the client is pure Python, as on the Pi
+    compiled: bool = True
 
 
 @dataclass(frozen=True)

@@ -673,7 +673,7 @@ class _Table:
 
 
 def _header(report: Report) -> list[str]:
-    """Four lines: when, how and on what it was measured."""
+    """Five lines: when, how and on what it was measured, and which build of homeport."""
     plan, machine, software = report.plan, report.machine, report.software
     packages = ", ".join(
         f"{name} {version}" for name, version in software["packages"].items() if version
@@ -690,6 +690,8 @@ def _header(report: Report) -> list[str]:
         f"{' '.join(f'{x:.2f}' for x in machine['load_average_1m_5m_15m'])} at the start",
         f"{software['python']}; {packages}; nginx {software['nginx']} (1 worker); {ssh} "
         f"({software.get('ssh_cipher') or 'default cipher'})",
+        f"homeport: exit server {software.get('exit_server_build', 'pure Python')}, "
+        "client pure Python",
     ]
 
 

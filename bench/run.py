@@ -58,7 +58,7 @@ from bench.ssh_tunnel import SshTunnel, run_ssh_tunnel
 from bench.streams import IDLE_HOST, StreamsResult, measure_streams
 from bench.targets import HOMEPORT, SSH_R, direct_target, homeport_target, ssh_target
 from bench.tools import ToolPaths, ensure_tools
-from bench.tunnel import REPO_ROOT, Tunnel, compile_bytecode, run_tunnel
+from bench.tunnel import REPO_ROOT, Tunnel, compile_bytecode, compiled_tree, run_tunnel
 from bench.upstream import LARGE_PATH, SMALL_PATH, Upstream, run_nginx, write_site
 
 RESULTS_DIR: Final = Path(__file__).resolve().parent / "results"
@@ -178,6 +178,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--no-ssh", action="store_true", help="skip the ssh -R column (no sshd is started)"
     )
     parser.add_argument(
+        "--pure",
+        action="store_true",
+        help="run the exit server pure Python, as HOMEPORT_COMPILE=0 installs it "
+        "(default: compiled, as the exit node installs it)",
+    )
+    parser.add_argument(
         "--no-access-log-run",
         action="store_true",
         help=f"skip the c={ACCESS_LOG_CONNECTIONS} run with the exit server's access log on",
@@ -220,6 +226,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         ),
         ssh=not args.no_ssh,
         quick=quick,
+        compiled=not args.pure,
     )
 
 
@@ -236,6 +243,11 @@ def run(plan: Plan) -> Report:
     """
     tools = ensure_tools()
     compile_bytecode()
+    server_tree = REPO_ROOT
+    if plan.compiled:
+        progress("building the exit server's compiled modules (HOMEPORT_COMPILE=1)")
+        server_tree = compiled_tree()
+        compile_bytecode(server_tree)
     # Every child inherits it: each holds a socket per idle stream.
     raise_open_files_limit(max(plan.stream_counts) + SPARE_OPEN_FILES)
     nginx_build = read_nginx_build(tools.nginx, REPO_ROOT)
@@ -248,6 +260,7 @@ def run(plan: Plan) -> Report:
             "better re-run on a quiet machine"
         )
     software = software_versions(tools, nginx_build, REPO_ROOT)
+    software["exit_server_build"] = "compiled" if plan.compiled else "pure Python"
     with tempfile.TemporaryDirectory(prefix="homeport-bench-") as temp:
         workdir = Path(temp)
         progress(f"writing {SMALL_PATH} and {LARGE_PATH} under {workdir}")
@@ -257,11 +270,16 @@ def run(plan: Plan) -> Report:
             run_idle_upstream(workdir, REPO_ROOT) as idle,
         ):
             progress(f"nginx serving on {upstream.url}, the idle upstream on {idle.url}")
-            measured = _measure_throughput(plan, tools, workdir, upstream, idle)
+            measured = _measure_throughput(plan, tools, workdir, upstream, idle, server_tree)
             access_log: AccessLogPoint | None = None
             if plan.access_log_connections is not None:
                 with run_tunnel(
-                    workdir, upstream.url, small_body, label="access-log", access_log=True
+                    workdir,
+                    upstream.url,
+                    small_body,
+                    label="access-log",
+                    access_log=True,
+                    server_tree=server_tree,
                 ) as logged:
                     access_log = measure_access_log(
                         plan,
@@ -269,7 +287,7 @@ def run(plan: Plan) -> Report:
                         homeport_target(upstream, logged),
                         plan.access_log_connections,
                     )
-            streams = _measure_streams(plan, tools, workdir, upstream, idle)
+            streams = _measure_streams(plan, tools, workdir, upstream, idle, server_tree)
     # Everything of ours has stopped: is something else running now?
     busy_after = cpu_busy_percent(IDLE_CHECK_S)
     return Report(
@@ -303,7 +321,12 @@ class _Throughput:
 
 
 def _measure_throughput(
-    plan: Plan, tools: ToolPaths, workdir: Path, upstream: Upstream, idle: IdleUpstream
+    plan: Plan,
+    tools: ToolPaths,
+    workdir: Path,
+    upstream: Upstream,
+    idle: IdleUpstream,
+    server_tree: Path,
 ) -> _Throughput:
     """Everything measured with all three targets up: wrk, transfers, RSS idle and at c=100."""
     with contextlib.ExitStack() as stack:
@@ -314,6 +337,7 @@ def _measure_throughput(
                 upstream.small_body,
                 label="main",
                 routes=[(IDLE_HOST, idle.url)],
+                server_tree=server_tree,
             )
         )
         progress(f"homeport up: visitors on port {tunnel.visitor_port}")
@@ -351,7 +375,12 @@ def _measure_throughput(
 
 
 def _measure_streams(
-    plan: Plan, tools: ToolPaths, workdir: Path, upstream: Upstream, idle: IdleUpstream
+    plan: Plan,
+    tools: ToolPaths,
+    workdir: Path,
+    upstream: Upstream,
+    idle: IdleUpstream,
+    server_tree: Path,
 ) -> dict[str, StreamsResult]:
     """Idle streams through a fresh homeport tunnel, then through a fresh ``ssh -R``."""
     results = {}
@@ -363,6 +392,7 @@ def _measure_streams(
         label="streams",
         routes=[(IDLE_HOST, idle.url)],
         max_streams=most + SPARE_OPEN_FILES,
+        server_tree=server_tree,
     ) as tunnel:
         progress(f"idle streams through homeport: {', '.join(map(str, plan.stream_counts))}")
         results[HOMEPORT] = measure_streams(

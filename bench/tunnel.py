@@ -34,6 +34,8 @@ IDLE_TIMEOUT_S: Final = 10.0
 TOKEN_TIMEOUT_S: Final = 30.0
 # On SIGTERM the exit server lets in-flight requests finish; none should be left.
 DRAIN_TIMEOUT_S: Final = 2.0
+# Building the compiled wheel takes one to two minutes here.
+COMPILE_TIMEOUT_S: Final = 900.0
 
 
 @dataclass(frozen=True)
@@ -105,7 +107,29 @@ def homeport_command() -> list[str]:
     return [sys.executable, "-m", "homeport"]
 
 
-def compile_bytecode() -> None:
+def compiled_tree() -> Path:
+    """A copy of this checkout running the compiled build, as the exit node installs homeport.
+
+    ``scripts/compiled_tree.py`` makes it (``HOMEPORT_COMPILE=1``: the hot
+    modules compiled with mypyc beside their sources), keeping the wheel
+    between runs while the sources stay the same.
+
+    Raises:
+        BenchError: the build failed (no C compiler, or mypyc refused the code).
+    """
+    tree = REPO_ROOT / "build" / "compiled"
+    code, stdout, stderr = run_bounded(
+        "scripts/compiled_tree.py",
+        [sys.executable, str(REPO_ROOT / "scripts" / "compiled_tree.py"), str(tree)],
+        COMPILE_TIMEOUT_S,
+        REPO_ROOT,
+    )
+    if code != 0:
+        raise BenchError(f"building the compiled tree failed: {(stdout + stderr).strip()[-800:]}")
+    return tree
+
+
+def compile_bytecode(root: Path = REPO_ROOT) -> None:
     """Compile the checkout's packages to bytecode, as pip does when it installs homeport.
 
     An editable install is never compiled, and where ``PYTHONDONTWRITEBYTECODE``
@@ -117,7 +141,7 @@ def compile_bytecode() -> None:
         BenchError: a module does not compile.
     """
     for package in PACKAGES:
-        if not compileall.compile_dir(REPO_ROOT / package, quiet=1):
+        if not compileall.compile_dir(root / package, quiet=1):
             raise BenchError(f"cannot compile {package}/ to bytecode")
 
 
@@ -136,6 +160,7 @@ def run_tunnel(
     access_log: bool = False,
     routes: Sequence[tuple[str, str]] = (),
     max_streams: int | None = None,
+    server_tree: Path = REPO_ROOT,
 ) -> Iterator[Tunnel]:
     """Run an exit server and a client for ``upstream_url``; stop both on the way out.
 
@@ -144,7 +169,9 @@ def run_tunnel(
     otherwise at WARNING, its output kept in a log file for diagnosis.
     ``routes`` are more ``(host, url)`` upstreams for the client to serve.
     ``max_streams`` raises the exit server's limits on visitor connections and
-    streams per client (both 1024 by default) to that many.
+    streams per client (both 1024 by default) to that many. The exit server
+    runs from ``server_tree`` (:func:`compiled_tree` for the compiled build),
+    the client from this checkout, pure Python, as the Pi installs it.
 
     Raises:
         BenchError: a process exited, or ``GET /1k`` through the tunnel did not
@@ -181,7 +208,7 @@ def run_tunnel(
     if max_streams is not None:
         client_args.append(f"--max-streams={max(max_streams, CLIENT_MAX_STREAMS)}")
     server_log = None if access_log else workdir / f"server-{label}.log"
-    server = Child("homeport server", server_args, server_log, cwd=REPO_ROOT)
+    server = Child("homeport server", server_args, server_log, cwd=server_tree)
     client = Child("homeport client", client_args, workdir / f"client-{label}.log", cwd=REPO_ROOT)
     env = clean_environment()
     with running(server, env), running(client, env):
