@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import click
 from click.core import ParameterSource
 
+from homeport.lean import import_websockets
 from tunnel.auth import (
     generate_token,
     load_token,
@@ -524,6 +525,7 @@ def server(
     log_level: str,
 ) -> None:
     """Run the exit server (on the VM with the public IP)."""
+    import_websockets()  # first: without the 2.7 MiB it would bring and not use
     from server.app import ExitServer
     from server.config import ServerConfig
 
@@ -732,6 +734,7 @@ def client(
     log_level: str,
 ) -> None:
     """Run the client (on the machine at home): dial out and serve LAN upstreams."""
+    import_websockets()  # first: without the 2.7 MiB it would bring and not use
     from client.app import TunnelClient
     from client.config import ClientConfig, control_url, default_client_name
     from client.upstreams import parse_upstreams
@@ -809,6 +812,7 @@ def client(
 )
 def demo(port: int, control_port: int, log_level: str) -> None:
     """Run an exit server, a client and a sample upstream on this machine."""
+    import_websockets()
     from homeport.demo import run_demo
 
     setup_logging(log_level)
