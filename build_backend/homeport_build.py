@@ -60,6 +60,17 @@ def prepare_metadata_for_build_wheel(
     return name
 
 
+def get_requires_for_build_sdist(config_settings: dict[str, Any] | None = None) -> list[str]:
+    # An sdist is the sources: nothing to compile.
+    requires: list[str] = _pure(_setuptools.get_requires_for_build_sdist, config_settings)
+    return requires
+
+
+def build_sdist(sdist_directory: str, config_settings: dict[str, Any] | None = None) -> str:
+    name: str = _pure(_setuptools.build_sdist, sdist_directory, config_settings)
+    return name
+
+
 def build_editable(
     wheel_directory: str,
     config_settings: dict[str, Any] | None = None,

@@ -2,7 +2,7 @@
 
 The scripts take ``HOMEPORT_ROOT``: every file they write goes under it. The
 commands that would change the real machine (apt-get, python3, pip,
-systemctl) are fakes first on PATH that record their arguments (with the
+systemctl, and env, which runs pip in bootstrap.sh) are fakes first on PATH that record their arguments (with the
 root prefix taken off) and, for ``python3 -m venv``, make a venv whose
 ``bin/homeport`` runs this checkout's homeport. :func:`start_unit` then runs
 an installed unit the way systemd would: its ``EnvironmentFile=``, its
