@@ -422,6 +422,8 @@ class WebSocketConnection(asyncio.BufferedProtocol):
             mask = second & 0x80
             if mask:
                 head += 4
+            # Anything websockets would refuse from its head alone (masking,
+            # size) goes to it now, not once the frame is whole: it answers then.
             if first == _FINAL_BINARY:
                 eligible = (
                     bool(mask) is masked_in
@@ -429,7 +431,9 @@ class WebSocketConnection(asyncio.BufferedProtocol):
                     and self._fragments is None
                 )
             else:
-                eligible = first in _CONTROL_FIRST_BYTES and length <= 125
+                eligible = (
+                    first in _CONTROL_FIRST_BYTES and length <= 125 and bool(mask) is masked_in
+                )
             if not eligible:
                 break
             frame_end = start + head + length

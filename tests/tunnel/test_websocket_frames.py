@@ -235,6 +235,9 @@ EXAMPLES = settings(max_examples=300, deadline=None, suppress_health_check=[Heal
     points=[],
     eof=False,
 )
+# Found by hypothesis: an unmasked close frame is refused from its head, before
+# its payload has come (websockets answers 1002 at once).
+@example(sent=[frame(0x88, b"", masked=False, length=1)], points=[], eof=False)
 async def test_the_exit_server_reads_any_frames_as_websockets_does(
     sent: list[bytes], points: list[int], eof: bool
 ) -> None:
@@ -351,6 +354,8 @@ async def client_outcome(reference: bool, sent: list[bytes], points: list[int], 
     points=st.lists(st.integers(0, 2**20), max_size=6),
     eof=st.booleans(),
 )
+# The same for the client: a masked ping refused from its head.
+@example(sent=[frame(0x89, b"", masked=True, length=1)], points=[], eof=False)
 async def test_the_client_reads_any_frames_as_websockets_does(
     sent: list[bytes], points: list[int], eof: bool
 ) -> None:
