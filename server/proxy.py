@@ -33,7 +33,6 @@ import enum
 import logging
 import socket
 import time
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, cast
 
 import httptools
@@ -112,24 +111,45 @@ _PAUSE_STREAM: Final = 2
 _PAUSE_UPGRADE: Final = 4
 
 
-@dataclass(eq=False, slots=True)
 class _Request:
-    """A parsed request head and, while it waits its turn, its body."""
+    """A parsed request head and, while it waits its turn, its body.
 
-    started_at: float
-    target: bytes = b""
-    block: h.HeaderBlock = field(default_factory=h.HeaderBlock)
-    method: bytes = b""
-    version: str = "1.1"
-    host: str | None = None
-    keep_alive: bool = True
-    chunked: bool = False
-    has_body: bool = False
-    upgrade: bool = False
-    complete: bool = False
-    body_bytes: int = 0
-    buffered: list[bytes] = field(default_factory=list)
-    exchange: Exchange | None = None
+    A plain class, not a dataclass: one is made per request, and in the
+    compiled build a dataclass's generated ``__init__`` stays interpreted.
+    """
+
+    __slots__ = (
+        "block",
+        "body_bytes",
+        "buffered",
+        "chunked",
+        "complete",
+        "exchange",
+        "has_body",
+        "host",
+        "keep_alive",
+        "method",
+        "started_at",
+        "target",
+        "upgrade",
+        "version",
+    )
+
+    def __init__(self, started_at: float) -> None:
+        self.started_at = started_at
+        self.target = b""
+        self.block = h.HeaderBlock()
+        self.method = b""
+        self.version = "1.1"
+        self.host: str | None = None
+        self.keep_alive = True
+        self.chunked = False
+        self.has_body = False
+        self.upgrade = False
+        self.complete = False
+        self.body_bytes = 0
+        self.buffered: list[bytes] = []
+        self.exchange: Exchange | None = None
 
     @property
     def retryable(self) -> bool:
@@ -401,7 +421,7 @@ class VisitorConnection(asyncio.Protocol):
     # -- llhttp callbacks ----------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        self._request = _Request(started_at=time.monotonic())
+        self._request = _Request(time.monotonic())
         self._in_head = True
         self._raw_head_bytes = 0
         if self._timer_kind is _Timer.KEEPALIVE:

@@ -79,6 +79,9 @@ MAX_EARLY_MESSAGES: Final = 16
 #: Smaller masked messages are joined, then masked in one call; larger ones
 #: are masked part by part, which spares copying every payload byte once.
 MASK_JOIN_BELOW_BYTES: Final = 64 * 1024
+#: Masking keys are read from the kernel's CSPRNG this many bytes at a time
+#: and used four by four: a system call per 1,024 messages, not one each.
+MASK_KEY_POOL_BYTES: Final = 4096
 #: The frames whose bytes go to websockets whole while we split the stream:
 #: final close, ping and pong frames (RFC 6455 §5.5), with no reserved bits.
 _CONTROL_FIRST_BYTES: Final = frozenset({0x88, 0x89, 0x8A})
@@ -198,6 +201,9 @@ class WebSocketConnection(asyncio.BufferedProtocol):
         self._closed = self._loop.create_future()
         self._paused = False
         self._told_closed = False
+        #: unused masking keys (a client's), and where the next one starts
+        self._mask_keys = b""
+        self._mask_key_at = 0
         #: whether we failed the connection for a frame it sent
         self._refused = False
 
@@ -236,7 +242,7 @@ class WebSocketConnection(asyncio.BufferedProtocol):
         if not self._masked:
             transport.writelines((_binary_frame_head(length, b""), *parts))
             return
-        key = os.urandom(4)
+        key = self._next_mask_key()
         head = _binary_frame_head(length, key)
         if len(parts) == 1 or length < MASK_JOIN_BELOW_BYTES:
             payload = parts[0] if len(parts) == 1 else b"".join(parts)
@@ -250,6 +256,19 @@ class WebSocketConnection(asyncio.BufferedProtocol):
             masked.append(apply_mask(part, key[turn:] + key[:turn] if turn else key))
             offset += len(part)
         transport.writelines(masked)
+
+    def _next_mask_key(self) -> bytes:
+        """A fresh masking key (RFC 6455 §5.3): four bytes the peer cannot predict.
+
+        Consecutive slices of one ``os.urandom`` read are as unpredictable
+        from each other as separate reads; only the system call is shared.
+        """
+        at = self._mask_key_at
+        if at >= len(self._mask_keys):
+            self._mask_keys = os.urandom(MASK_KEY_POOL_BYTES)
+            at = 0
+        self._mask_key_at = at + 4
+        return self._mask_keys[at : at + 4]
 
     def close(self, code: ErrorCode, reason: str) -> None:
         """Start the closing handshake; the TCP connection ends within CLOSE_TIMEOUT_S."""

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 
 import pytest
 
 from tests.support.channels import websocket_pair
 from tunnel.errors import ErrorCode
+from tunnel.websocket import MASK_KEY_POOL_BYTES
 
 
 class Collector:
@@ -62,3 +64,50 @@ async def test_messages_arrive_whole_and_in_order_in_both_directions(sender: str
                 collector.arrived.clear()
                 await collector.arrived.wait()
         assert collector.messages == [*payloads, payloads[-1]]
+
+
+class RecordingTransport:
+    """The client's transport, noting the masking key of every frame head written."""
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self.keys: list[bytes] = []
+
+    def writelines(self, parts: list[bytes]) -> None:
+        head = bytes(parts[0])
+        assert head[1] & 0x80, "a client's frame is masked"
+        self.keys.append(head[-4:])
+        self._transport.writelines(parts)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._transport, name)
+
+
+async def test_a_client_masks_each_message_with_the_next_four_bytes_of_the_csprng(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async with websocket_pair() as (client, server):
+        reads: list[bytes] = []
+
+        def urandom(size: int) -> bytes:
+            reads.append(random.Random(len(reads)).randbytes(size))
+            return reads[-1]
+
+        monkeypatch.setattr(os, "urandom", urandom)
+        recording = RecordingTransport(client.transport)
+        client.transport = recording
+        collector = Collector()
+        server.handler = collector
+        messages = [b"%d" % n for n in range(MASK_KEY_POOL_BYTES // 4 + 100)]
+        for message in messages:
+            client.send_message([message])
+        async with asyncio.timeout(10):
+            while len(collector.messages) < len(messages):
+                collector.arrived.clear()
+                await collector.arrived.wait()
+    # websockets unmasked every message with the key its head carries ...
+    assert collector.messages == messages
+    # ... and the keys are the kernel's random bytes in order: one read per pool.
+    assert [len(read) for read in reads] == [MASK_KEY_POOL_BYTES, MASK_KEY_POOL_BYTES]
+    pool = b"".join(reads)
+    assert recording.keys == [pool[at : at + 4] for at in range(0, 4 * len(messages), 4)]
