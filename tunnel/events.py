@@ -1,7 +1,9 @@
 """Events the multiplexer returns: past-tense facts about what the peer did.
 
 Plain slotted dataclasses, not frozen ones: one is made per frame received,
-and freezing costs three times the construction (docs/performance.md).
+and freezing costs three times the construction (docs/performance.md). The
+ones made for every request write their ``__init__`` out (``init=False``):
+the compiled build leaves a generated one interpreted, six times slower.
 
 :meth:`tunnel.mux.Multiplexer.receive_data` and
 :meth:`~tunnel.mux.Multiplexer.handle_timer` return lists of these; the
@@ -31,19 +33,26 @@ class StreamOpened:
     route: str
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class DataReceived:
     """Bytes arrived on a stream. Return credit with ``acknowledge`` once consumed."""
 
     stream_id: int
     data: bytes | memoryview
 
+    def __init__(self, stream_id: int, data: bytes | memoryview) -> None:
+        self.stream_id = stream_id
+        self.data = data
 
-@dataclass(slots=True)
+
+@dataclass(slots=True, init=False)
 class StreamEnded:
     """The peer half-closed the stream: it will send no more bytes on it."""
 
     stream_id: int
+
+    def __init__(self, stream_id: int) -> None:
+        self.stream_id = stream_id
 
 
 @dataclass(slots=True)
@@ -54,12 +63,16 @@ class StreamReset:
     code: ErrorCode
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class WindowUpdated:
     """The peer granted more credit; buffered bytes for the stream may now flow."""
 
     stream_id: int
     increment: int
+
+    def __init__(self, stream_id: int, increment: int) -> None:
+        self.stream_id = stream_id
+        self.increment = increment
 
 
 @dataclass(slots=True)
