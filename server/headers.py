@@ -70,7 +70,8 @@ UPGRADE: Final = 5
 EXPECT: Final = 6
 HOP: Final = 7  #: hop-by-hop: never passed on, either way
 FORWARDED: Final = 8  #: X-Forwarded-* and kin: replaced in requests, passed in responses
-_KINDS: Final = {
+#: ``KINDS.get(lower_name, 0)``: a header's kind, 0 for ordinary ones.
+KINDS: Final[dict[bytes, int]] = {
     **dict.fromkeys(FORWARDING, FORWARDED),
     **dict.fromkeys(HOP_BY_HOP, HOP),
     b"host": HOST,
@@ -85,7 +86,7 @@ _KINDS: Final = {
 class HeaderBlock:
     """The headers of one message, in order, with what the proxy needs noted once.
 
-    The parser's ``on_header`` callback adds to it inline (``kind_of`` and the
+    The parser's ``on_header`` callback adds to it inline (``KINDS`` and the
     three lists), since a method call per header is a measurable share of an
     exchange; ``special`` holds the values of the few names the proxy reads.
     """
@@ -106,7 +107,7 @@ class HeaderBlock:
         """Note one header (what ``on_header`` callbacks do inline)."""
         self.items.append((name, value))
         self.size += len(name) + len(value) + 4
-        kind = kind_of(name.lower(), 0)
+        kind = KINDS.get(name.lower(), 0)
         self.kinds.append(kind)
         if kind:
             self.noted(kind, value)
@@ -152,8 +153,6 @@ class HeaderBlock:
 #: What ``Connection`` usually says, which names no other header.
 _PLAIN_CONNECTION: Final = frozenset({b"keep-alive", b"close", b"upgrade"})
 _NOTHING: Final[frozenset[bytes]] = frozenset()
-#: ``kind_of(lower_name, 0)``: the header's kind, 0 for ordinary ones.
-kind_of: Final = _KINDS.get
 
 
 def upstream_request_head(
@@ -181,7 +180,10 @@ def upstream_request_head(
     listed = block.listed_by_connection()
     hosts = block.special.get(HOST)  # block.values(), inline
     original_host = hosts[0] if hosts else b""
-    for (name, value), kind in zip(block.items, block.kinds, strict=True):
+    items, kinds = block.items, block.kinds
+    for i in range(len(items)):  # not zip(): compiled, a zip is iterated generically
+        name, value = items[i]
+        kind = kinds[i]
         if kind:
             if kind == HOST:
                 if host_rewrite is not None:
@@ -193,7 +195,7 @@ def upstream_request_head(
                 continue  # hop-by-hop, X-Forwarded-*, framing: ours to set
         elif listed and name.lower() in listed:
             continue
-        lines += (name, b": ", value, b"\r\n")
+        _add_field(lines, name, value)
     if not original_host:
         lines += (b"Host: ", host_rewrite or default_host, b"\r\n")
     if upgrade:
@@ -208,6 +210,14 @@ def upstream_request_head(
         lines += (b"X-Forwarded-Host: ", original_host, b"\r\n")
     lines.append(b"\r\n")
     return b"".join(lines)
+
+
+def _add_field(lines: list[bytes], name: bytes, value: bytes) -> None:
+    """A header line's four parts, appended one by one: no tuple built per header."""
+    lines.append(name)
+    lines.append(b": ")
+    lines.append(value)
+    lines.append(b"\r\n")
 
 
 class Framing:
@@ -240,7 +250,10 @@ def visitor_response_head(
     lines = [b"HTTP/1.1 ", str(status).encode(), b" ", reason or _reason(status), b"\r\n"]
     listed = block.listed_by_connection()
     chunked_written = False
-    for (name, value), kind in zip(block.items, block.kinds, strict=True):
+    items, kinds = block.items, block.kinds
+    for i in range(len(items)):  # as in upstream_request_head
+        name, value = items[i]
+        kind = kinds[i]
         if kind:
             if kind == CONTENT_LENGTH:
                 if not keep_length:
@@ -257,7 +270,7 @@ def visitor_response_head(
                 continue
         elif listed and name.lower() in listed:
             continue
-        lines += (name, b": ", value, b"\r\n")
+        _add_field(lines, name, value)
     if framing == Framing.CHUNKED and not chunked_written:
         lines.append(b"Transfer-Encoding: chunked\r\n")
     if upgrade:
@@ -279,7 +292,7 @@ def informational_head(status: int, reason: bytes, block: HeaderBlock) -> bytes:
             continue
         if listed and name.lower() in listed:
             continue
-        lines += (name, b": ", value, b"\r\n")
+        _add_field(lines, name, value)
     lines.append(b"\r\n")
     return b"".join(lines)
 

@@ -54,7 +54,6 @@ from tunnel.session import Stream, StreamHandler
 if TYPE_CHECKING:
     from server.config import ServerConfig
 
-_kind_of = h.kind_of
 logger = logging.getLogger("homeport.server")
 
 #: Requests parsed ahead of the one being answered (HTTP/1.1 pipelining).
@@ -445,7 +444,7 @@ class VisitorConnection(asyncio.Protocol):
         # HeaderBlock.add, inline: this runs once per header of every request.
         items.append((name, value))
         block.size += size + 4
-        kind = _kind_of(name.lower(), 0)
+        kind = h.KINDS.get(name.lower(), 0)
         block.kinds.append(kind)
         if kind:
             block.noted(kind, value)
@@ -1024,7 +1023,7 @@ class Exchange(StreamHandler):
             raise _BadResponse
         block.size = size
         block.items.append((name, value))
-        kind = _kind_of(name.lower(), 0)
+        kind = h.KINDS.get(name.lower(), 0)
         block.kinds.append(kind)
         if kind:
             block.noted(kind, value)
