@@ -449,8 +449,10 @@ class Multiplexer:
                 if budget <= HEADER_SIZE:
                     break
                 stream = self._streams[stream_id]
+                # Two-argument min()s: compiled, a min() of more is a generic call.
                 length = min(
-                    stream.outbox_bytes, stream.send_window, max_frame, budget - HEADER_SIZE
+                    min(stream.outbox_bytes, stream.send_window),
+                    min(max_frame, budget - HEADER_SIZE),
                 )
                 end = stream.end_queued and length == stream.outbox_bytes
                 if length == 0 and not end:
@@ -507,10 +509,9 @@ class Multiplexer:
                 raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"expected HELLO, got {first}")
             events.append(self._receive_hello(first))
             frames = frames[1:]
-        receive_data_frame = self._receive_data_frame
         for frame in frames:
             if type(frame) is Data:
-                receive_data_frame(frame, events)
+                self._receive_data_frame(frame, events)
             elif isinstance(frame, WindowUpdate):
                 self._receive_window_update(frame, events)
             elif isinstance(frame, Open):
