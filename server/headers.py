@@ -83,10 +83,30 @@ KINDS: Final[dict[bytes, int]] = {
 }
 
 
+#: Kinds by header name exactly as sent, for the first names seen: peers
+#: send the same few names in the same case, and ``bytes.lower()`` is a
+#: generic call in the compiled build. Bounded in entries and name length,
+#: so names a visitor invents only ever take the long way.
+#: The hot callbacks look here first and call :func:`kind_of` on a miss.
+KIND_AS_SENT: Final[dict[bytes, int]] = {}
+_KIND_AS_SENT_ENTRIES: Final = 256
+_KIND_AS_SENT_NAME_BYTES: Final = 40
+
+
+def kind_of(name: bytes) -> int:
+    """A header's kind (HOST, HOP, …) from its name in any case; 0 for ordinary ones."""
+    kind = KIND_AS_SENT.get(name)
+    if kind is None:
+        kind = KINDS.get(name.lower(), 0)
+        if len(KIND_AS_SENT) < _KIND_AS_SENT_ENTRIES and len(name) <= _KIND_AS_SENT_NAME_BYTES:
+            KIND_AS_SENT[name] = kind
+    return kind
+
+
 class HeaderBlock:
     """The headers of one message, in order, with what the proxy needs noted once.
 
-    The parser's ``on_header`` callback adds to it inline (``KINDS`` and the
+    The parser's ``on_header`` callback adds to it inline (``kind_of`` and the
     three lists), since a method call per header is a measurable share of an
     exchange; ``special`` holds the values of the few names the proxy reads.
     """
@@ -107,7 +127,7 @@ class HeaderBlock:
         """Note one header (what ``on_header`` callbacks do inline)."""
         self.items.append((name, value))
         self.size += len(name) + len(value) + 4
-        kind = KINDS.get(name.lower(), 0)
+        kind = kind_of(name)
         self.kinds.append(kind)
         if kind:
             self.noted(kind, value)

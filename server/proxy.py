@@ -55,6 +55,8 @@ if TYPE_CHECKING:
     from server.config import ServerConfig
 
 logger = logging.getLogger("homeport.server")
+#: header kinds by name as sent (server/headers.py), read inline per header
+_kind_as_sent: Final = h.KIND_AS_SENT
 
 #: Requests parsed ahead of the one being answered (HTTP/1.1 pipelining).
 #: More than this and the connection is closed after the queued ones.
@@ -444,7 +446,9 @@ class VisitorConnection(asyncio.Protocol):
         # HeaderBlock.add, inline: this runs once per header of every request.
         items.append((name, value))
         block.size += size + 4
-        kind = h.KINDS.get(name.lower(), 0)
+        kind = _kind_as_sent.get(name)
+        if kind is None:
+            kind = h.kind_of(name)
         block.kinds.append(kind)
         if kind:
             block.noted(kind, value)
@@ -1023,7 +1027,9 @@ class Exchange(StreamHandler):
             raise _BadResponse
         block.size = size
         block.items.append((name, value))
-        kind = h.KINDS.get(name.lower(), 0)
+        kind = _kind_as_sent.get(name)
+        if kind is None:
+            kind = h.kind_of(name)
         block.kinds.append(kind)
         if kind:
             block.noted(kind, value)

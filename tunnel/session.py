@@ -570,7 +570,7 @@ class Session:
     # -- events -----------------------------------------------------------------------------
 
     def _dispatch(self, event: ev.Event) -> None:
-        if type(event) is ev.DataReceived:
+        if isinstance(event, ev.DataReceived):  # narrows the type for the compiled build
             stream = self.streams.get(event.stream_id)
             if stream is not None:
                 stream._data_received(event.data)
