@@ -7,6 +7,14 @@ tunnel measurement the tunnel must have no request in flight, so one run's
 leftovers never slow the next. The targets take turns at each step (direct,
 then homeport, then ssh -R), so a change in the machine's load between steps
 touches every column alike.
+
+A wrk test runs in rounds: each round measures every target once, the one
+that went first going last in the next, and each target's figures are those
+of its median round by rate. On a shared two-core VM one run of the same
+code moves by 10-15 % against the next (the hypervisor's steal, the other
+tenants), and a single pair of runs put that noise straight into the ratio
+to direct; the median of alternating rounds does not move with one bad
+stretch, and the rounds' own ratios show how far the figure can be trusted.
 """
 
 from __future__ import annotations
@@ -48,8 +56,10 @@ UPLOAD: Final = "upload"
 class Plan:
     """What to measure and for how long."""
 
-    duration_s: int
+    duration_s: int  # each wrk round
     warmup_s: int
+    #: wrk rounds per test, the targets taking turns in each
+    rounds: int
     concurrencies: tuple[int, ...]
     max_wrk_threads: int
     new_connection_connections: int
@@ -92,7 +102,18 @@ class HttpPoint:
     kind: str  # KEEP_ALIVE or NEW_CONNECTION
     connections: int
     threads: int
+    #: each target's median round by req/s: the figures the report shows
     by_target: dict[str, Measured]
+    #: every round, in the order they ran; round i of each target ran in turn with the others'
+    rounds: dict[str, tuple[Measured, ...]]
+
+    def round_ratios(self, target: str, direct: str) -> list[float]:
+        """req/s of ``target`` over ``direct``'s in each round: how far the median ratio moves."""
+        return [
+            mine.result.requests_per_s / theirs.result.requests_per_s
+            for mine, theirs in zip(self.rounds[target], self.rounds[direct], strict=True)
+            if theirs.result.requests_per_s
+        ]
 
     @property
     def test(self) -> str:
@@ -162,12 +183,37 @@ def measure_http(
     """
     threads = wrk_threads(connections, plan.max_wrk_threads)
     headers = [CLOSE_HEADER] if kind == NEW_CONNECTION else []
-    by_target = {}
-    for target in targets:
-        what = "new connection per request" if kind == NEW_CONNECTION else "keep-alive"
-        progress(f"GET {SMALL_PATH} c={connections} {what}, {target.label}")
-        by_target[target.key] = _measure_target(plan, tools, target, connections, threads, headers)
-    return HttpPoint(kind, connections, threads, by_target)
+    what = "new connection per request" if kind == NEW_CONNECTION else "keep-alive"
+    rounds: dict[str, list[Measured]] = {target.key: [] for target in targets}
+    for number in range(plan.rounds):
+        turn = number % len(targets)
+        for target in [*targets[turn:], *targets[:turn]]:
+            progress(
+                f"GET {SMALL_PATH} c={connections} {what}, {target.label}, "
+                f"round {number + 1}/{plan.rounds}"
+            )
+            if number == 0:
+                _warm_up(plan, tools, target, connections, threads, headers)
+            rounds[target.key].append(
+                _measure_target(plan, tools, target, connections, threads, headers)
+            )
+    return HttpPoint(
+        kind,
+        connections,
+        threads,
+        {key: median_round(runs) for key, runs in rounds.items()},
+        {key: tuple(runs) for key, runs in rounds.items()},
+    )
+
+
+def median_round(runs: Sequence[Measured]) -> Measured:
+    """The round with the median req/s (the lower of the middle two for an even count).
+
+    One whole round, not a median per figure: its p50, p99, errors and CPU
+    belong together.
+    """
+    ranked = sorted(runs, key=lambda run: run.result.requests_per_s)
+    return ranked[(len(ranked) - 1) // 2]
 
 
 def measure_access_log(
@@ -180,6 +226,7 @@ def measure_access_log(
     """
     threads = wrk_threads(connections, plan.max_wrk_threads)
     progress(f"GET {SMALL_PATH} c={connections} {target.label}, access log on")
+    _warm_up(plan, tools, target, connections, threads, [])
     measured = _measure_target(plan, tools, target, connections, threads, [])
     return AccessLogPoint(connections, threads, measured)
 
@@ -246,6 +293,19 @@ def upload_body(upstream: Upstream) -> Path:
     return upstream.root / "www" / LARGE_PATH.lstrip("/")
 
 
+def _warm_up(
+    plan: Plan,
+    tools: ToolPaths,
+    target: Target,
+    connections: int,
+    threads: int,
+    headers: Sequence[str],
+) -> None:
+    """An unmeasured wrk run through ``target``, starting with it idle."""
+    target.wait_idle()
+    _wrk(tools, target.port, connections, threads, plan.warmup_s, headers)
+
+
 def _measure_target(
     plan: Plan,
     tools: ToolPaths,
@@ -254,9 +314,7 @@ def _measure_target(
     threads: int,
     headers: Sequence[str],
 ) -> Measured:
-    """A warm-up and a measured wrk run through ``target``, each starting with it idle."""
-    target.wait_idle()
-    _wrk(tools, target.port, connections, threads, plan.warmup_s, headers)
+    """A measured wrk run through ``target``, starting with it idle."""
     target.wait_idle()
     resets = [side.reset_tree_peak_rss() for side in target.sides.values()]
     watched = target.watched()

@@ -33,7 +33,7 @@ from bench.transfer import MIB
 from bench.upstream import LARGE_BYTES, LARGE_PATH, SMALL_BYTES, SMALL_PATH, UPLOAD_PATH
 from bench.wrk import REQUEST_TIMEOUT_S, WrkResult
 
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3  # 3: wrk tests in rounds
 LATEST_NAME: Final = "latest.json"
 # Busier than this just before or after the run (all CPUs, 100 = all busy): the
 # machine was not idle.
@@ -253,6 +253,7 @@ def _parameters(plan: Plan, targets: tuple[str, ...]) -> dict[str, Any]:
     return {
         "targets": [LABELS[target] for target in targets],
         "duration_s": plan.duration_s,
+        "rounds": plan.rounds,
         "warmup_s": plan.warmup_s,
         "concurrencies": list(plan.concurrencies),
         "new_connection_connections": plan.new_connection_connections,
@@ -314,9 +315,24 @@ def _http_point(point: HttpPoint) -> dict[str, Any]:
         "wrk_threads": point.threads,
         **{target: _measured(measured) for target, measured in point.by_target.items()},
         "ratio": {
-            target: _ratios(measured.result, direct)
+            target: {
+                **_ratios(measured.result, direct),
+                "requests_per_s_by_round": point.round_ratios(target, DIRECT),
+            }
             for target, measured in point.by_target.items()
             if target != DIRECT
+        },
+        "rounds": {
+            target: [
+                {
+                    "requests_per_s": run.result.requests_per_s,
+                    "latency_p50_s": run.result.latency_p50_s,
+                    "latency_p99_s": run.result.latency_p99_s,
+                    "errors": run.result.errors,
+                }
+                for run in runs
+            ]
+            for target, runs in point.rounds.items()
         },
     }
 
@@ -525,6 +541,13 @@ class _Table:
             ratios("requests_per_s"),
             f"{goal_prefix}_requests_per_s_ratio",
         )
+        if len(point.rounds[DIRECT]) > 1:
+            self.row(
+                "",
+                "ratio by round",
+                "",
+                {t: " ".join(map(_ratio_text, point.round_ratios(t, DIRECT))) for t in tunnels},
+            )
         self.row(
             "",
             "p50",
@@ -683,7 +706,7 @@ def _header(report: Report) -> list[str]:
     ssh = (software.get("openssh") or "-").split(",")[0]
     return [
         f"homeport benchmark, {iso_utc(report.started_at)}, git {revision}",
-        f"{plan.duration_s} s per run after {plan.warmup_s} s warm-up; wrk "
+        f"wrk: {_rounds_text(plan)} after {plan.warmup_s} s warm-up, "
         f"-t{plan.max_wrk_threads} at most; exit server access log off unless stated; "
         "ratios are to direct in this run",
         f"{machine['nproc']} x {machine['cpu_model']}; load average "
@@ -693,6 +716,13 @@ def _header(report: Report) -> list[str]:
         f"homeport: exit server {software.get('exit_server_build', 'pure Python')}, "
         "client pure Python",
     ]
+
+
+def _rounds_text(plan: Plan) -> str:
+    """``median of 3 rounds of 5 s, targets taking turns`` or ``one run of 3 s``."""
+    if plan.rounds == 1:
+        return f"one run of {plan.duration_s} s"
+    return f"median of {plan.rounds} rounds of {plan.duration_s} s, targets taking turns,"
 
 
 def _processes(measured: Measured) -> str:

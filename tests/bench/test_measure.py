@@ -1,0 +1,116 @@
+"""bench.measure runs each wrk test in rounds, the targets taking turns, and keeps the median."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, cast
+
+import pytest
+
+from bench import measure
+from bench.measure import Plan, measure_http
+from bench.processes import Child
+from bench.targets import DIRECT, HOMEPORT, SSH_R, Target
+from bench.tools import ToolPaths
+from bench.wrk import WrkResult
+
+
+class _StillChild:
+    """What a measurement reads of a watched process: a CPU clock that stands still."""
+
+    def tree_cpu_seconds(self) -> float:
+        return 0.0
+
+
+def _result(requests_per_s: float) -> WrkResult:
+    return WrkResult(
+        requests=int(requests_per_s),
+        duration_s=1.0,
+        requests_per_s=requests_per_s,
+        bytes_read=0,
+        latency_avg_s=None,
+        latency_max_s=None,
+        latency_p50_s=1 / requests_per_s,
+        latency_p75_s=None,
+        latency_p90_s=None,
+        latency_p99_s=2 / requests_per_s,
+        non_2xx_3xx=0,
+        connect_errors=0,
+        read_errors=0,
+        write_errors=0,
+        timeouts=0,
+    )
+
+
+def _plan(rounds: int) -> Plan:
+    return Plan(
+        duration_s=5,
+        warmup_s=1,
+        rounds=rounds,
+        concurrencies=(100,),
+        max_wrk_threads=1,
+        new_connection_connections=10,
+        transfers=1,
+        access_log_connections=None,
+        stream_counts=(),
+        ssh=True,
+        quick=False,
+    )
+
+
+@pytest.fixture
+def wrk_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """Every wrk run as (port, seconds); a measured run's rate is scripted by port and round."""
+    calls: list[tuple[int, int]] = []
+    # port -> the req/s of its measured rounds, in order
+    rates = {1: [30_000.0, 20_000.0, 25_000.0], 2: [9_000.0, 8_000.0, 10_000.0], 3: [3.0, 2.0, 1.0]}
+
+    def fake_wrk(
+        tools: ToolPaths, port: int, connections: int, threads: int, seconds: int, headers: Any
+    ) -> WrkResult:
+        calls.append((port, seconds))
+        measured = sum(1 for p, s in calls if p == port and s == 5)
+        return _result(rates[port][measured - 1] if seconds == 5 else 1.0)
+
+    monkeypatch.setattr(measure, "_wrk", fake_wrk)
+    return calls
+
+
+def _targets() -> Sequence[Target]:
+    nginx = cast(Child, _StillChild())
+    return [Target(DIRECT, 1, nginx), Target(HOMEPORT, 2, nginx), Target(SSH_R, 3, nginx)]
+
+
+def test_targets_take_turns_each_round_and_warm_up_once(wrk_calls: list[tuple[int, int]]) -> None:
+    measure_http(_plan(3), cast(ToolPaths, None), _targets(), 100)
+    assert wrk_calls == [
+        (1, 1), (1, 5), (2, 1), (2, 5), (3, 1), (3, 5),  # round 1, each after its warm-up
+        (2, 5), (3, 5), (1, 5),  # round 2: who went first goes last
+        (3, 5), (1, 5), (2, 5),
+    ]  # fmt: skip
+
+
+def test_each_target_shows_its_median_round_and_the_ratios_pair_rounds(
+    wrk_calls: list[tuple[int, int]],
+) -> None:
+    point = measure_http(_plan(3), cast(ToolPaths, None), _targets(), 100)
+    assert point.by_target[DIRECT].result.requests_per_s == 25_000.0
+    assert point.by_target[HOMEPORT].result.requests_per_s == 9_000.0
+    assert point.by_target[SSH_R].result.requests_per_s == 2.0
+    # The median round whole: its latencies are that round's, not medians of their own.
+    assert point.by_target[HOMEPORT].result.latency_p99_s == 2 / 9_000.0
+    assert [run.result.requests_per_s for run in point.rounds[HOMEPORT]] == [9e3, 8e3, 10e3]
+    assert point.round_ratios(HOMEPORT, DIRECT) == [9e3 / 30e3, 8e3 / 20e3, 10e3 / 25e3]
+
+
+def test_one_round_is_one_run_per_target(wrk_calls: list[tuple[int, int]]) -> None:
+    point = measure_http(_plan(1), cast(ToolPaths, None), _targets(), 100)
+    assert wrk_calls == [(1, 1), (1, 5), (2, 1), (2, 5), (3, 1), (3, 5)]
+    assert point.by_target[HOMEPORT].result.requests_per_s == 9_000.0
+
+
+def test_an_even_count_of_rounds_shows_the_lower_middle() -> None:
+    runs = [
+        measure.Measured(_result(rate), {}, None, {}, True, {}) for rate in (4.0, 1.0, 3.0, 2.0)
+    ]
+    assert measure.median_round(runs).result.requests_per_s == 2.0
