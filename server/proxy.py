@@ -766,6 +766,44 @@ class VisitorConnection(asyncio.Protocol):
             self.close()
 
 
+class _ResponseReader:
+    """llhttp's response parser for one stream, and the exchange it reads for now.
+
+    A pooled stream keeps its reader from one exchange to the next (through
+    :meth:`ConnectedClient.release`): making a parser binds each of its
+    callbacks anew, which cost more than anything else per exchange.
+    Reused only after llhttp itself read a response to its end, so it waits
+    at the start of the next one.
+    """
+
+    __slots__ = ("exchange", "parser")
+
+    def __init__(self, exchange: Exchange) -> None:
+        self.exchange: Exchange | None = exchange
+        self.parser = httptools.HttpResponseParser(self)
+
+    # Each callback goes to the exchange of the moment, which is set for as
+    # long as the parser is fed (Exchange._ended clears it).
+
+    def on_message_begin(self) -> None:
+        cast(Exchange, self.exchange).on_message_begin()
+
+    def on_status(self, reason: bytes) -> None:
+        cast(Exchange, self.exchange).on_status(reason)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        cast(Exchange, self.exchange).on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        cast(Exchange, self.exchange).on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        cast(Exchange, self.exchange).on_body(body)
+
+    def on_message_complete(self) -> None:
+        cast(Exchange, self.exchange).on_message_complete()
+
+
 class Exchange(StreamHandler):
     """One request and its response, carried on one stream to the upstream."""
 
@@ -781,7 +819,9 @@ class Exchange(StreamHandler):
         "_length_left",
         "_message_complete",
         "_out",
+        "_parsed_whole",
         "_parser",
+        "_reader",
         "_reason",
         "_upstream_keep_alive",
         "attempts",
@@ -811,7 +851,11 @@ class Exchange(StreamHandler):
         self.done = False
         self.status = 0
         self.bytes_out = 0
-        self._parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
+        #: the stream's response reader, once the exchange has a stream
+        self._reader: _ResponseReader | None = None
+        self._parser: httptools.HttpResponseParser | None = None
+        #: llhttp read the response to its end (and so is ready for the next)
+        self._parsed_whole = False
         self._reason = b""
         self._block = h.HeaderBlock()
         self._got_response_bytes = False
@@ -834,15 +878,20 @@ class Exchange(StreamHandler):
         request = self.request
         config = self.connection.config
         self.attempts += 1
+        kept: object = None
         try:
             if fresh:
                 self.stream = self.client.session.open_stream(self.route, self)
                 self.reused = False
             else:
-                self.stream, self.reused = self.client.acquire(self.route, self)
+                self.stream, self.reused, kept = self.client.acquire(self.route, self)
         except StreamClosed:
             self._fail(503)
             return
+        reader = kept if isinstance(kept, _ResponseReader) else _ResponseReader(self)
+        reader.exchange = self
+        self._reader = reader
+        self._parser = reader.parser
         route = self.client.routes.get(self.route)
         self.stream.write(
             h.upstream_request_head(
@@ -1107,6 +1156,7 @@ class Exchange(StreamHandler):
     def on_message_complete(self) -> None:
         if self.status:  # the final response, not an informational one
             self._message_complete = True
+            self._parsed_whole = True
 
     def _flush_out(self) -> None:
         if self._out:
@@ -1134,7 +1184,7 @@ class Exchange(StreamHandler):
                 and self._upstream_keep_alive
                 and not stream.remote_ended
             ):
-                self.client.release(stream)
+                self.client.release(stream, self._reader if self._parsed_whole else None)
             else:
                 self.client.retire(stream)
         self._log()
@@ -1168,7 +1218,6 @@ class Exchange(StreamHandler):
             if stale is not None:
                 stale.set_handler(StreamHandler())
                 stale.reset()
-            self._parser = httptools.HttpResponseParser(self)
             self.start(fresh=True)
             return
         self._fail(status)
@@ -1240,6 +1289,9 @@ class Exchange(StreamHandler):
         this: an exchange that ends before its request body does closes the
         visitor's connection, which reads no further.
         """
+        if self._reader is not None:
+            self._reader.exchange = None
+            self._reader = None
         self._parser = None
         self.request.exchange = None
         self.connection.exchange_done(self, keep_alive=keep_alive)

@@ -104,11 +104,13 @@ class Route:
 class _Idle(StreamHandler):
     """Handler of a pooled stream between two exchanges."""
 
-    __slots__ = ("client", "stream")
+    __slots__ = ("client", "kept", "stream")
 
-    def __init__(self, client: ConnectedClient, stream: Stream) -> None:
+    def __init__(self, client: ConnectedClient, stream: Stream, kept: object) -> None:
         self.client = client
         self.stream = stream
+        #: what the last exchange left for the next one on this stream (its parser)
+        self.kept = kept
 
     def data_received(self, data: bytes | memoryview) -> None:
         # An idle upstream has nothing to say; bytes now mean it is confused.
@@ -156,10 +158,11 @@ class ConnectedClient:
     #: looked up once: ``asyncio.get_running_loop()`` makes a getpid system call
     _loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
 
-    def acquire(self, route: str, handler: StreamHandler) -> tuple[Stream, bool]:
+    def acquire(self, route: str, handler: StreamHandler) -> tuple[Stream, bool, object]:
         """A stream to ``route``'s upstream for one exchange: a pooled one if any.
 
-        Returns the stream and whether it was reused.
+        Returns the stream, whether it was reused, and what the exchange
+        before on it left with :meth:`release` (``None`` for a new stream).
 
         Raises:
             StreamClosed: REFUSED_STREAM when the client's stream limit is reached
@@ -169,18 +172,22 @@ class ConnectedClient:
         while idle:
             stream, _ = idle.popitem()  # the most recently used: warmest, least likely stale
             if not (stream.is_closing() or stream.remote_ended):
+                pooled = stream.handler
                 stream.set_handler(handler)
-                return stream, True
+                return stream, True, pooled.kept if isinstance(pooled, _Idle) else None
         if len(self.session.streams) >= self.max_streams:
             raise StreamClosed(0, ErrorCode.REFUSED_STREAM, "stream limit for this client")
-        return self.session.open_stream(route, handler), False
+        return self.session.open_stream(route, handler), False, None
 
-    def release(self, stream: Stream) -> None:
-        """Put a stream whose exchange ended cleanly back in its route's pool."""
+    def release(self, stream: Stream, kept: object = None) -> None:
+        """Put a stream whose exchange ended cleanly back in its route's pool.
+
+        ``kept`` goes to the stream's next exchange (:meth:`acquire`).
+        """
         if stream.is_closing() or stream.remote_ended or self.session.is_closing:
             self.retire(stream)
             return
-        stream.set_handler(_Idle(self, stream))
+        stream.set_handler(_Idle(self, stream, kept))
         loop = self._loop
         self._idle.setdefault(stream.route, {})[stream] = loop.time()
         if self._sweeper is None:

@@ -42,11 +42,46 @@ async def _fine(_request: web.Request) -> web.Response:
     return web.Response(text="fine")
 
 
+async def _chunked(_request: web.Request) -> web.StreamResponse:
+    """Three chunks, the last a moment after the others."""
+    response = web.StreamResponse()
+    response.enable_chunked_encoding()
+    await response.prepare(_request)
+    await response.write(b"one ")
+    await response.write(b"two ")
+    await asyncio.sleep(0.05)
+    await response.write(b"three")
+    await response.write_eof()
+    return response
+
+
+async def _empty(_request: web.Request) -> web.Response:
+    return web.Response(status=204)
+
+
+async def _late_body(_request: web.Request) -> web.StreamResponse:
+    """A Content-Length response whose body follows its head a moment later."""
+    response = web.StreamResponse()
+    response.content_length = 4
+    await response.prepare(_request)
+    await asyncio.sleep(0.05)
+    await response.write(b"late")
+    await response.write_eof()
+    return response
+
+
 @contextlib.asynccontextmanager
 async def running_world(client_name: str = "honest") -> AsyncIterator[World]:
-    """Serve ``GET /`` ("fine") through a tunnel; stop everything on the way out."""
+    """Serve ``GET /`` ("fine") through a tunnel; stop everything on the way out.
+
+    Also ``/chunked`` ("one two three" in chunks), ``/empty`` (204) and
+    ``/late`` ("late", its body a moment after its head).
+    """
     app = web.Application()
     app.router.add_get("/", _fine)
+    app.router.add_get("/chunked", _chunked)
+    app.router.add_get("/empty", _empty)
+    app.router.add_get("/late", _late_body)
     runner = web.AppRunner(app)
     await runner.setup()
     try:
