@@ -114,3 +114,12 @@ def test_an_even_count_of_rounds_shows_the_lower_middle() -> None:
         measure.Measured(_result(rate), {}, None, {}, True, {}) for rate in (4.0, 1.0, 3.0, 2.0)
     ]
     assert measure.median_round(runs).result.requests_per_s == 2.0
+
+
+def test_the_access_log_run_takes_as_many_rounds_and_keeps_the_median(
+    wrk_calls: list[tuple[int, int]],
+) -> None:
+    homeport = _targets()[1]
+    point = measure.measure_access_log(_plan(3), cast(ToolPaths, None), homeport, 100)
+    assert wrk_calls == [(2, 1), (2, 5), (2, 5), (2, 5)]
+    assert point.tunnel.result.requests_per_s == 9_000.0
