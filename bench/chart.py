@@ -86,8 +86,12 @@ def _bars(
     values: dict[str, list[float | None]],
     tunnels: list[str],
     label_format: str,
+    spans: dict[str, list[tuple[float, float] | None]] | None = None,
 ) -> None:
-    """Grouped bars, one per tunnel in each group, each labelled with its value."""
+    """Grouped bars, one per tunnel in each group, each labelled with its value.
+
+    ``spans`` adds a whisker per bar from the lowest to the highest of its rounds.
+    """
     offsets = {
         target: (index - (len(tunnels) - 1) / 2) * _BAR_WIDTH
         for index, target in enumerate(tunnels)
@@ -96,6 +100,9 @@ def _bars(
         xs = [index + offsets[target] for index in range(len(groups))]
         heights = [value or 0.0 for value in values[target]]
         bars = axis.bar(xs, heights, _BAR_WIDTH, label=LABELS[target], color=COLORS[target])
+        for x, span in zip(xs, (spans or {}).get(target, []), strict=False):
+            if span is not None:
+                axis.vlines(x, span[0], span[1], colors="black", linewidth=1)
         labels = [label_format.format(v) if v is not None else "n/a" for v in values[target]]
         axis.bar_label(bars, labels=labels, fontsize=8, padding=2)
     axis.set_xticks(range(len(groups)), groups, fontsize=9)
@@ -128,6 +135,8 @@ def _throughput(axis: Any, report: Report, tunnels: list[str], goals: dict[str, 
     """Requests/s, new connections/s and MiB/s, as ratios to direct."""
     groups: list[str] = []
     values: dict[str, list[float | None]] = {target: [] for target in tunnels}
+    # the lowest and highest ratio of a wrk test's rounds, when it had several
+    spans: dict[str, list[tuple[float, float] | None]] = {target: [] for target in tunnels}
     limits: list[tuple[float, str] | None] = []
     points = [(f"req/s c={p.connections}", p, f"c{p.connections}") for p in report.http]
     if report.new_connection is not None:
@@ -140,6 +149,8 @@ def _throughput(axis: Any, report: Report, tunnels: list[str], goals: dict[str, 
             values[target].append(
                 _ratio(measured.result.requests_per_s, direct) if measured else None
             )
+            rounds = point.round_ratios(target, DIRECT) if measured else []
+            spans[target].append((min(rounds), max(rounds)) if len(rounds) > 1 else None)
         goal = goals.get(f"{prefix}_requests_per_s_ratio")
         limits.append((goal.spec.limit, goal.spec.key) if goal else None)
     for transfers in (report.downloads, report.uploads):
@@ -147,14 +158,17 @@ def _throughput(axis: Any, report: Report, tunnels: list[str], goals: dict[str, 
         direct = transfers.median_mib_per_s(DIRECT)
         for target in tunnels:
             values[target].append(_ratio(transfers.median_mib_per_s(target), direct))
+            spans[target].append(None)
         goal = goals.get(f"{transfers.kind}_mib_per_s_ratio")
         limits.append((goal.spec.limit, goal.spec.key) if goal else None)
-    _bars(axis, groups, values, tunnels, "{:.2f}")
+    _bars(axis, groups, values, tunnels, "{:.2f}", spans)
     for index, limit in enumerate(limits):
         if limit is not None:
             _target_line(axis, index, limit[0], goals.get(limit[1]))
     axis.axhline(1.0, color="black", linewidth=0.6, linestyle=":")
-    axis.set_title("throughput, ratio to direct nginx (higher is better)")
+    axis.set_title(
+        "throughput, ratio to direct nginx (higher is better; whiskers: lowest to highest round)"
+    )
     axis.set_ylabel("tunnel / direct")
     axis.tick_params(axis="x", labelrotation=15)
 
