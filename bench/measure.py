@@ -182,7 +182,7 @@ def measure_http(
         BenchError: wrk failed, a process exited, or a tunnel did not go idle.
     """
     threads = wrk_threads(connections, plan.max_wrk_threads)
-    headers = [CLOSE_HEADER] if kind == NEW_CONNECTION else []
+    load = _Load(connections, threads, (CLOSE_HEADER,) if kind == NEW_CONNECTION else ())
     what = "new connection per request" if kind == NEW_CONNECTION else "keep-alive"
     rounds: dict[str, list[Measured]] = {target.key: [] for target in targets}
     for number in range(plan.rounds):
@@ -193,10 +193,8 @@ def measure_http(
                 f"round {number + 1}/{plan.rounds}"
             )
             if number == 0:
-                _warm_up(plan, tools, target, connections, threads, headers)
-            rounds[target.key].append(
-                _measure_target(plan, tools, target, connections, threads, headers)
-            )
+                _warm_up(plan, tools, target, load)
+            rounds[target.key].append(_measure_target(plan, tools, target, load))
     return HttpPoint(
         kind,
         connections,
@@ -228,14 +226,15 @@ def measure_access_log(
         BenchError: wrk failed, a process exited, or the tunnel did not go idle.
     """
     threads = wrk_threads(connections, plan.max_wrk_threads)
-    _warm_up(plan, tools, target, connections, threads, [])
+    load = _Load(connections, threads)
+    _warm_up(plan, tools, target, load)
     runs = []
     for number in range(plan.rounds):
         progress(
             f"GET {SMALL_PATH} c={connections} {target.label}, access log on, "
             f"round {number + 1}/{plan.rounds}"
         )
-        runs.append(_measure_target(plan, tools, target, connections, threads, []))
+        runs.append(_measure_target(plan, tools, target, load))
     return AccessLogPoint(connections, threads, median_round(runs))
 
 
@@ -301,34 +300,29 @@ def upload_body(upstream: Upstream) -> Path:
     return upstream.root / "www" / LARGE_PATH.lstrip("/")
 
 
-def _warm_up(
-    plan: Plan,
-    tools: ToolPaths,
-    target: Target,
-    connections: int,
-    threads: int,
-    headers: Sequence[str],
-) -> None:
+@dataclass(frozen=True)
+class _Load:
+    """What wrk sends: how many connections, from how many threads, with which extra headers."""
+
+    connections: int
+    threads: int
+    headers: tuple[str, ...] = ()
+
+
+def _warm_up(plan: Plan, tools: ToolPaths, target: Target, load: _Load) -> None:
     """An unmeasured wrk run through ``target``, starting with it idle."""
     target.wait_idle()
-    _wrk(tools, target.port, connections, threads, plan.warmup_s, headers)
+    _wrk(tools, target.port, load, plan.warmup_s)
 
 
-def _measure_target(
-    plan: Plan,
-    tools: ToolPaths,
-    target: Target,
-    connections: int,
-    threads: int,
-    headers: Sequence[str],
-) -> Measured:
+def _measure_target(plan: Plan, tools: ToolPaths, target: Target, load: _Load) -> Measured:
     """A measured wrk run through ``target``, starting with it idle."""
     target.wait_idle()
     resets = [side.reset_tree_peak_rss() for side in target.sides.values()]
     watched = target.watched()
     before = _CpuReading.take(watched)
     started = time.monotonic()
-    result = _wrk(tools, target.port, connections, threads, plan.duration_s, headers)
+    result = _wrk(tools, target.port, load, plan.duration_s)
     wall_s = time.monotonic() - started
     after = _CpuReading.take(watched)
     peak_rss = {name: side.tree_peak_rss_bytes() for name, side in target.sides.items()}
@@ -361,14 +355,9 @@ class _CpuReading:
         return _CpuReading(CpuTimes.read(), ours_s + sum(processes_s.values()), processes_s)
 
 
-def _wrk(
-    tools: ToolPaths,
-    port: int,
-    connections: int,
-    threads: int,
-    duration_s: int,
-    headers: Sequence[str],
-) -> WrkResult:
+def _wrk(tools: ToolPaths, port: int, load: _Load, duration_s: int) -> WrkResult:
     """wrk against ``http://127.0.0.1:PORT/1k``."""
     url = f"http://{LOOPBACK}:{port}{SMALL_PATH}"
-    return run_wrk(tools.wrk, url, connections, threads, duration_s, REPO_ROOT, headers)
+    return run_wrk(
+        tools.wrk, url, load.connections, load.threads, duration_s, REPO_ROOT, load.headers
+    )

@@ -65,9 +65,7 @@ def wrk_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
     # port -> the req/s of its measured rounds, in order
     rates = {1: [30_000.0, 20_000.0, 25_000.0], 2: [9_000.0, 8_000.0, 10_000.0], 3: [3.0, 2.0, 1.0]}
 
-    def fake_wrk(
-        tools: ToolPaths, port: int, connections: int, threads: int, seconds: int, headers: Any
-    ) -> WrkResult:
+    def fake_wrk(tools: ToolPaths, port: int, load: Any, seconds: int) -> WrkResult:
         calls.append((port, seconds))
         measured = sum(1 for p, s in calls if p == port and s == 5)
         return _result(rates[port][measured - 1] if seconds == 5 else 1.0)
