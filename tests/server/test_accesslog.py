@@ -20,14 +20,14 @@ LINE = re.compile(
 )
 
 
-def logged(path: bytes, *, host: str | None = "example.com") -> str:
-    """The one line the access log writes for a GET of ``path``."""
+def logged(path: bytes, *, host: str | None = "example.com", ago_s: float = 0.0) -> str:
+    """The one line the access log writes for a GET of ``path`` begun ``ago_s`` ago."""
     read_end, write_end = os.pipe()
     try:
 
         async def record() -> None:
             log = AccessLog(write_end, enabled=True)
-            log.record("pi", b"GET", path, host, 200, 12, 1024, time.monotonic())
+            log.record("pi", b"GET", path, host, 200, 12, 1024, time.monotonic() - ago_s)
             await asyncio.sleep(0)  # the line leaves at the end of the loop iteration
 
         asyncio.run(record())
@@ -49,6 +49,12 @@ def test_a_line_names_the_client_request_host_status_and_sizes() -> None:
         "pi", "GET", "/function/figlet", "example.com", "200", "12", "1024",
     )  # fmt: skip
     assert float(match.group("ms")) < 60_000
+
+
+def test_the_duration_is_in_milliseconds_to_a_tenth() -> None:
+    match = LINE.match(logged(b"/", ago_s=2.5))
+    assert match is not None
+    assert 2500.0 <= float(match.group("ms")) < 2600.0  # the line is written microseconds later
 
 
 def test_a_request_without_a_host_is_logged_with_a_dash() -> None:
