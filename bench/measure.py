@@ -71,6 +71,9 @@ class Plan:
     #: the exit server's build: compiled (HOMEPORT_COMPILE=1, as the exit node
     #: installs it) unless --pure; the client is pure Python, as on the Pi
     compiled: bool = True
+    #: the concurrency at which a second tunnel, its control channel over TLS,
+    #: takes its turn too (and in the transfers); None to leave it out
+    wss_connections: int | None = None
 
 
 @dataclass(frozen=True)

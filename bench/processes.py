@@ -20,6 +20,7 @@ import os
 import resource
 import signal
 import socket
+import ssl
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -307,15 +308,26 @@ def free_port() -> int:
 
 
 def http_get(
-    port: int, path: str, headers: dict[str, str] | None = None, timeout_s: float = 2.0
+    port: int,
+    path: str,
+    headers: dict[str, str] | None = None,
+    timeout_s: float = 2.0,
+    *,
+    tls: ssl.SSLContext | None = None,
 ) -> tuple[int, bytes]:
     """GET ``path`` from 127.0.0.1:``port`` (never through a proxy); return status and body.
+
+    With ``tls``, over TLS with that context.
 
     Raises:
         OSError: the connection failed or timed out.
         http.client.HTTPException: the answer was not HTTP.
     """
-    connection = http.client.HTTPConnection(LOOPBACK, port, timeout=timeout_s)
+    connection = (
+        http.client.HTTPConnection(LOOPBACK, port, timeout=timeout_s)
+        if tls is None
+        else http.client.HTTPSConnection(LOOPBACK, port, timeout=timeout_s, context=tls)
+    )
     try:
         connection.request("GET", path, headers=headers or {})
         response = connection.getresponse()

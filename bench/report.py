@@ -28,7 +28,7 @@ from bench.measure import (
     Transfers,
 )
 from bench.streams import StreamsResult
-from bench.targets import DIRECT, HOMEPORT, LABELS, SIDES, SSH_R
+from bench.targets import DIRECT, HOMEPORT, HOMEPORT_WSS, LABELS, SIDES, SSH_R
 from bench.transfer import MIB
 from bench.upstream import LARGE_BYTES, LARGE_PATH, SMALL_BYTES, SMALL_PATH, UPLOAD_PATH
 from bench.wrk import REQUEST_TIMEOUT_S, WrkResult
@@ -452,6 +452,8 @@ def format_table(report: Report) -> str:
     table = _Table(tunnels, goals)
     for point in report.http:
         table.wrk_rows(point, peak_rss=point.connections == 100)
+        if HOMEPORT_WSS in point.by_target:
+            table.wss_rows(point)
     if report.access_log is not None:
         table.access_log_rows(report.access_log, _same_concurrency(report.http, 100))
     if report.new_connection is not None:
@@ -596,6 +598,43 @@ class _Table:
                 {t: _server_client_mib(m.peak_rss_bytes) for t, m in tunnels.items()},
             )
 
+    def wss_rows(self, point: HttpPoint) -> None:
+        """The same test through the tunnel whose control channel is TLS, in homeport's column."""
+        direct = point.by_target[DIRECT].result
+        measured = point.by_target[HOMEPORT_WSS]
+        result = measured.result
+        plain = point.by_target[HOMEPORT].result
+        self.row(
+            "  over wss (TLS)",
+            "req/s",
+            "",
+            {HOMEPORT: f"{result.requests_per_s:,.0f}"},
+            {HOMEPORT: ratio(result.requests_per_s, direct.requests_per_s)},
+        )
+        if len(point.rounds[DIRECT]) > 1:
+            self.row(
+                "",
+                "ratio by round",
+                "",
+                {HOMEPORT: " ".join(map(_ratio_text, point.round_ratios(HOMEPORT_WSS, DIRECT)))},
+            )
+        self.row(
+            "",
+            "p99",
+            "",
+            {HOMEPORT: _ms(result.latency_p99_s)},
+            {HOMEPORT: ratio(result.latency_p99_s, direct.latency_p99_s)},
+        )
+        self.row("", "errors", "", {HOMEPORT: errors_text(result)})
+        self.row("", "cpu us/req", "", {HOMEPORT: _per_request(measured)})
+        self.row(
+            "",
+            "req/s vs ws",
+            "",
+            {},
+            {HOMEPORT: ratio(result.requests_per_s, plain.requests_per_s)},
+        )
+
     def access_log_rows(self, point: AccessLogPoint, same: HttpPoint | None) -> None:
         """The c=100 run through homeport with its access log on."""
         result = point.tunnel.result
@@ -646,6 +685,22 @@ class _Table:
                 "",
                 {t: _seconds(transfers.cpu_s_per_gib(t, side)) for t in self.tunnels},
             )
+        if HOMEPORT_WSS in transfers.by_target:
+            over_tls = transfers.median_mib_per_s(HOMEPORT_WSS)
+            self.row(
+                "  over wss (TLS)",
+                "MiB/s",
+                "",
+                {HOMEPORT: f"{over_tls:,.1f}" if over_tls is not None else "-"},
+                {HOMEPORT: ratio(over_tls, direct)},
+            )
+            for side in SIDES:
+                self.row(
+                    "",
+                    f"{side} cpu s/GiB",
+                    "",
+                    {HOMEPORT: _seconds(transfers.cpu_s_per_gib(HOMEPORT_WSS, side))},
+                )
 
     def memory_rows(self, report: Report) -> None:
         """RSS idle, and per idle stream at each count, of each tunnel side."""
@@ -657,6 +712,15 @@ class _Table:
                 {t: _mib(report.idle_rss_bytes.get(t, {}).get(side)) for t in self.tunnels},
                 goal_key=f"idle_rss_{side}_bytes",
             )
+        over_tls = report.idle_rss_bytes.get(HOMEPORT_WSS)
+        if over_tls is not None:
+            for side in SIDES:
+                self.row(
+                    "  over wss (TLS)" if side == "server" else "",
+                    side,
+                    "",
+                    {HOMEPORT: _mib(over_tls.get(side))},
+                )
         for count in report.plan.stream_counts:
             points = {
                 t: next((p for p in result.points if p.count == count), None)

@@ -7,7 +7,9 @@ subprocesses), and our own sshd with an ``ssh -N -R`` client, put both behind
 a tunnel on 127.0.0.1. The steps, each through every target in turn (direct,
 homeport, ssh -R): wrk loads ``/1k`` at each concurrency, kept alive, and at
 c=10 with a new connection per request, each run after an unmeasured warm-up;
-curl downloads ``/100m`` and uploads 100 MiB a few times. The RSS of each
+curl downloads ``/100m`` and uploads 100 MiB a few times. A second homeport
+tunnel, its control channel over TLS (``wss://``, as deployed), takes its
+turn at c=100 and in the transfers: what the encryption costs. The RSS of each
 tunnel's two sides is read once it is up (idle) and at its peak during the
 c=100 run. A fresh homeport tunnel, with the exit server's access log on, gives
 the log's cost at c=100. Last, fresh tunnels of each kind carry 1,000 and then
@@ -56,7 +58,15 @@ from bench.processes import raise_open_files_limit
 from bench.report import BUSY_CPU_PERCENT, Report, format_table, to_json, write_results
 from bench.ssh_tunnel import SshTunnel, run_ssh_tunnel
 from bench.streams import IDLE_HOST, StreamsResult, measure_streams
-from bench.targets import HOMEPORT, SSH_R, direct_target, homeport_target, ssh_target
+from bench.targets import (
+    HOMEPORT,
+    HOMEPORT_WSS,
+    SSH_R,
+    Target,
+    direct_target,
+    homeport_target,
+    ssh_target,
+)
 from bench.tools import ToolPaths, ensure_tools
 from bench.tunnel import REPO_ROOT, Tunnel, compile_bytecode, compiled_tree, run_tunnel
 from bench.upstream import LARGE_PATH, SMALL_PATH, Upstream, run_nginx, write_site
@@ -75,6 +85,7 @@ QUICK_TRANSFERS: Final = 1
 CONCURRENCIES: Final = (1, 10, 100)
 NEW_CONNECTION_CONNECTIONS: Final = 10
 ACCESS_LOG_CONNECTIONS: Final = 100
+WSS_CONNECTIONS: Final = 100
 STREAM_COUNTS: Final = (1_000, 10_000)
 QUICK_STREAM_COUNTS: Final = (200, 1_000)
 # Sockets each process may need beyond one per stream (listeners, logs, wrk's 100).
@@ -200,6 +211,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help=f"skip the c={ACCESS_LOG_CONNECTIONS} run with the exit server's access log on",
     )
     parser.add_argument(
+        "--no-wss",
+        action="store_true",
+        help=f"leave out the tunnel over wss:// (TLS) at c={WSS_CONNECTIONS} and in the transfers",
+    )
+    parser.add_argument(
         "--results-dir",
         type=Path,
         default=RESULTS_DIR,
@@ -239,6 +255,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         ssh=not args.no_ssh,
         quick=quick,
         compiled=not args.pure,
+        wss_connections=None if args.no_wss else WSS_CONNECTIONS,
     )
 
 
@@ -340,7 +357,11 @@ def _measure_throughput(
     idle: IdleUpstream,
     server_tree: Path,
 ) -> _Throughput:
-    """Everything measured with all three targets up: wrk, transfers, RSS idle and at c=100."""
+    """Everything measured with every target up: wrk, transfers, RSS idle and at c=100.
+
+    The tunnel over wss joins the others at ``plan.wss_connections`` only, and
+    in the transfers.
+    """
     with contextlib.ExitStack() as stack:
         tunnel: Tunnel = stack.enter_context(
             run_tunnel(
@@ -360,23 +381,43 @@ def _measure_throughput(
             )
             targets.append(ssh_target(upstream, ssh))
             progress(f"ssh -R up: visitors on port {targets[-1].port}")
+        wss: list[Target] = []
+        if plan.wss_connections is not None:
+            over_tls: Tunnel = stack.enter_context(
+                run_tunnel(
+                    workdir,
+                    upstream.url,
+                    upstream.small_body,
+                    label="wss",
+                    server_tree=server_tree,
+                    tls=True,
+                )
+            )
+            wss.append(homeport_target(upstream, over_tls, HOMEPORT_WSS))
+            progress(f"homeport over wss up: visitors on port {over_tls.visitor_port}")
         # Connected, and one GET /1k through each: before any load.
         idle_rss = {
             target.key: {name: side.tree_rss_bytes() for name, side in target.sides.items()}
-            for target in targets
+            for target in [*targets, *wss]
             if target.sides
         }
         http = [
-            measure_http(plan, tools, targets, connections) for connections in plan.concurrencies
+            measure_http(
+                plan,
+                tools,
+                [*targets, *wss] if connections == plan.wss_connections else targets,
+                connections,
+            )
+            for connections in plan.concurrencies
         ]
         new_connection = measure_http(
             plan, tools, targets, plan.new_connection_connections, NEW_CONNECTION
         )
-        downloads = measure_transfers(plan, tools, targets, upstream, DOWNLOAD)
-        uploads = measure_transfers(plan, tools, targets, upstream, UPLOAD)
+        downloads = measure_transfers(plan, tools, [*targets, *wss], upstream, DOWNLOAD)
+        uploads = measure_transfers(plan, tools, [*targets, *wss], upstream, UPLOAD)
         status_after = tunnel.wait_idle()
     return _Throughput(
-        targets=tuple(target.key for target in targets),
+        targets=tuple(target.key for target in [*targets, *wss]),
         http=http,
         new_connection=new_connection,
         downloads=downloads,

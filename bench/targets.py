@@ -1,7 +1,8 @@
 """The columns of the table: where a visitor connects to reach the same nginx.
 
 ``direct`` is nginx itself. ``homeport`` is a real exit server and client in
-front of it, ``ssh_r`` sshd and ``ssh -R``. Each tunnel has a *server* side
+front of it, ``homeport_wss`` the same with the control channel over TLS
+(``wss://``, as deployed), ``ssh_r`` sshd and ``ssh -R``. Each tunnel has a *server* side
 (the exit server, or sshd with its process for the connection: the public VM)
 and a *client* side (the homeport client, or ssh: the machine at home), whose
 CPU and memory the benchmark records.
@@ -20,8 +21,14 @@ from bench.upstream import Upstream
 
 DIRECT: Final = "direct"
 HOMEPORT: Final = "homeport"
+HOMEPORT_WSS: Final = "homeport_wss"
 SSH_R: Final = "ssh_r"
-LABELS: Final = {DIRECT: "direct", HOMEPORT: "homeport", SSH_R: "ssh -R"}
+LABELS: Final = {
+    DIRECT: "direct",
+    HOMEPORT: "homeport",
+    HOMEPORT_WSS: "homeport over wss",
+    SSH_R: "ssh -R",
+}
 SIDES: Final = ("server", "client")
 IDLE_TIMEOUT_S: Final = 10.0
 
@@ -52,10 +59,10 @@ def direct_target(upstream: Upstream) -> Target:
     return Target(DIRECT, upstream.port, upstream.process)
 
 
-def homeport_target(upstream: Upstream, tunnel: Tunnel) -> Target:
+def homeport_target(upstream: Upstream, tunnel: Tunnel, key: str = HOMEPORT) -> Target:
     """nginx through the homeport tunnel; idle when the exit server has no request in flight."""
     sides = {"server": tunnel.server, "client": tunnel.client}
-    return Target(HOMEPORT, tunnel.visitor_port, upstream.process, sides, tunnel.wait_idle)
+    return Target(key, tunnel.visitor_port, upstream.process, sides, tunnel.wait_idle)
 
 
 def ssh_target(upstream: Upstream, ssh: SshTunnel) -> Target:

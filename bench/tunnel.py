@@ -13,6 +13,7 @@ import contextlib
 import http.client
 import json
 import os
+import ssl
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from typing import Any, Final
 from bench.errors import BenchError
 from bench.processes import LOOPBACK, Child, free_port, http_get, run_bounded, running, wait_until
 from bench.upstream import SMALL_PATH, serves
+from tunnel.tls import client_context, ensure_self_signed
 
 REPO_ROOT: Final = Path(__file__).resolve().parents[1]
 # The checkout's packages, as pyproject.toml lists them (homeport.exitnode is inside homeport).
@@ -48,6 +50,8 @@ class Tunnel:
     access_log: bool
     server: Child
     client: Child
+    #: how to reach the control port when it serves TLS (``wss://``), else None
+    control_tls: ssl.SSLContext | None = None
 
     def status(self) -> dict[str, Any]:
         """The exit server's ``GET /status`` (clients, streams, requests in flight).
@@ -60,7 +64,7 @@ class Tunnel:
         self.client.check_running()
         headers = {"Authorization": f"Bearer {self.token}"}
         try:
-            code, body = http_get(self.control_port, "/status", headers)
+            code, body = http_get(self.control_port, "/status", headers, tls=self.control_tls)
             status: dict[str, Any] = json.loads(body)
         except (OSError, ValueError, http.client.HTTPException) as exc:
             raise BenchError(f"GET /status on the control port failed: {exc}") from None
@@ -161,6 +165,7 @@ def run_tunnel(
     routes: Sequence[tuple[str, str]] = (),
     max_streams: int | None = None,
     server_tree: Path = REPO_ROOT,
+    tls: bool = False,
 ) -> Iterator[Tunnel]:
     """Run an exit server and a client for ``upstream_url``; stop both on the way out.
 
@@ -172,6 +177,8 @@ def run_tunnel(
     streams per client (both 1024 by default) to that many. The exit server
     runs from ``server_tree`` (:func:`compiled_tree` for the compiled build),
     the client from this checkout, pure Python, as the Pi installs it.
+    With ``tls`` the control channel is ``wss://``, as deployed: the exit
+    server's self-signed certificate (``--auto-tls``), pinned by the client.
 
     Raises:
         BenchError: a process exited, or ``GET /1k`` through the tunnel did not
@@ -195,10 +202,19 @@ def run_tunnel(
             f"--max-connections={max_streams}",
             f"--max-streams-per-client={max_streams}",
         ]
+    control_tls = None
+    client_tls_args = []
+    if tls:
+        data_dir = workdir / f"tls-{label}"
+        certificate = ensure_self_signed(data_dir, [LOOPBACK])
+        server_args += ["--auto-tls", f"--data-dir={data_dir}"]
+        client_tls_args.append(f"--fingerprint={certificate.fingerprint}")
+        control_tls = client_context(pinned=True)
     client_args = [
         *homeport_command(),
         "client",
-        f"--url=ws://{LOOPBACK}:{control_port}",
+        f"--url={'wss' if tls else 'ws'}://{LOOPBACK}:{control_port}",
+        *client_tls_args,
         f"--token-file={token_file}",
         f"--upstream={upstream_url}",
         *(f"--upstream={host}={url}" for host, url in routes),
@@ -212,7 +228,7 @@ def run_tunnel(
     client = Child("homeport client", client_args, workdir / f"client-{label}.log", cwd=REPO_ROOT)
     env = clean_environment()
     with running(server, env), running(client, env):
-        tunnel = Tunnel(visitor_port, control_port, token, access_log, server, client)
+        tunnel = Tunnel(visitor_port, control_port, token, access_log, server, client, control_tls)
         wait_until(
             lambda: serves(visitor_port, small_body, server, client),
             READY_TIMEOUT_S,

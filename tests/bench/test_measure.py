@@ -10,7 +10,8 @@ import pytest
 from bench import measure
 from bench.measure import Plan, measure_http
 from bench.processes import Child
-from bench.targets import DIRECT, HOMEPORT, SSH_R, Target
+from bench.report import _Table
+from bench.targets import DIRECT, HOMEPORT, HOMEPORT_WSS, SSH_R, Target
 from bench.tools import ToolPaths
 from bench.wrk import WrkResult
 
@@ -63,7 +64,12 @@ def wrk_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
     """Every wrk run as (port, seconds); a measured run's rate is scripted by port and round."""
     calls: list[tuple[int, int]] = []
     # port -> the req/s of its measured rounds, in order
-    rates = {1: [30_000.0, 20_000.0, 25_000.0], 2: [9_000.0, 8_000.0, 10_000.0], 3: [3.0, 2.0, 1.0]}
+    rates = {
+        1: [30_000.0, 20_000.0, 25_000.0],
+        2: [9_000.0, 8_000.0, 10_000.0],
+        3: [3.0, 2.0, 1.0],
+        4: [6_000.0, 8_000.0, 7_000.0],
+    }
 
     def fake_wrk(tools: ToolPaths, port: int, load: Any, seconds: int) -> WrkResult:
         calls.append((port, seconds))
@@ -121,3 +127,25 @@ def test_the_access_log_run_takes_as_many_rounds_and_keeps_the_median(
     point = measure.measure_access_log(_plan(3), cast(ToolPaths, None), homeport, 100)
     assert wrk_calls == [(2, 1), (2, 5), (2, 5), (2, 5)]
     assert point.tunnel.result.requests_per_s == 9_000.0
+
+
+def test_the_tunnel_over_wss_takes_its_turn_and_shows_under_homeport(
+    wrk_calls: list[tuple[int, int]],
+) -> None:
+    nginx = cast(Child, _StillChild())
+    targets = [*_targets(), Target(HOMEPORT_WSS, 4, nginx)]
+    point = measure_http(_plan(3), cast(ToolPaths, None), targets, 100)
+    assert [port for port, seconds in wrk_calls if seconds == 5] == [
+        1, 2, 3, 4,  # every round measures every target, the tunnel over wss included
+        2, 3, 4, 1,
+        3, 4, 1, 2,
+    ]  # fmt: skip
+    assert point.by_target[HOMEPORT_WSS].result.requests_per_s == 7_000.0
+    table = _Table([HOMEPORT, SSH_R], {})
+    table.wrk_rows(point, peak_rss=False)
+    table.wss_rows(point)
+    over_wss = "\n".join(table.lines).split("over wss")[1]
+    req_s = over_wss.splitlines()[0]
+    assert "7,000" in req_s  # its req/s, in homeport's column,
+    assert f"{7_000 / 25_000:.2f}" in req_s  # its ratio to direct's median round,
+    assert f"{7_000 / 9_000:.2f}" in over_wss.split("req/s vs ws")[1]  # and to homeport over ws
