@@ -17,10 +17,10 @@ import ipaddress
 import os
 import re
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, cast
 
 from tunnel.errors import ConfigError, TunnelError
 
@@ -86,22 +86,30 @@ def ensure_self_signed(data_dir: Path, sans: list[str]) -> Certificate:
     """The server's self-signed certificate: made on first use, then always the same.
 
     It is never replaced automatically, since clients pin its fingerprint;
-    delete the two files to make a new one.
+    delete the two files to make a new one. cryptography never loads in
+    this process: a forked child makes the key and certificate, and an
+    existing certificate is read with the ``ssl`` module. The exit server
+    runs for months after this, and cryptography would hold ~10 MiB of
+    it all that time (docs/performance.md).
 
     Raises:
         ConfigError: the directory or files cannot be written or read.
     """
-    from cryptography import x509
+    cert_path, key_path = data_dir / CERT_FILE, data_dir / KEY_FILE
+    created = not (cert_path.exists() and key_path.exists())
+    if created:
+        _in_child(_make_self_signed, data_dir, sans)
+    der, names = _read_certificate(cert_path)
+    return Certificate(cert_path, key_path, fingerprint(der), names, created=created)
+
+
+def _make_self_signed(data_dir: Path, sans: list[str]) -> None:
+    """Write a new private key and a self-signed certificate for it into ``data_dir``."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
     cert_path, key_path = data_dir / CERT_FILE, data_dir / KEY_FILE
     try:
-        if cert_path.exists() and key_path.exists():
-            der = x509.load_pem_x509_certificate(cert_path.read_bytes()).public_bytes(
-                serialization.Encoding.DER
-            )
-            return Certificate(cert_path, key_path, fingerprint(der), _sans_of(der), created=False)
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         key = ec.generate_private_key(ec.SECP256R1())
         cert = self_signed(key, sans)
@@ -113,12 +121,73 @@ def ensure_self_signed(data_dir: Path, sans: list[str]) -> Certificate:
         _write_private(cert_path, cert.public_bytes(serialization.Encoding.PEM))
     except OSError as exc:
         raise ConfigError(f"cannot keep the TLS key in {data_dir}: {exc.strerror}") from None
-    except ValueError:
+
+
+def _in_child(work: Callable[[Path, list[str]], None], data_dir: Path, sans: list[str]) -> None:
+    """Run ``work`` in a forked child and wait for it; its ConfigError is raised here.
+
+    Raises:
+        ConfigError: what the child raised, or that it failed otherwise.
+    """
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns
+        os.close(read_end)
+        status = 0
+        try:
+            work(data_dir, sans)
+        except ConfigError as exc:
+            os.write(write_end, str(exc).encode())
+            status = 1
+        except BaseException as exc:  # noqa: BLE001 - the child must never run on as the parent
+            os.write(write_end, f"making the TLS certificate failed: {exc!r}".encode())
+            status = 1
+        finally:
+            os._exit(status)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        message = pipe.read().decode(errors="replace")
+    _, status = os.waitpid(pid, 0)
+    if status != 0:
+        raise ConfigError(message or f"making the TLS certificate failed (status {status})")
+
+
+def _read_certificate(cert_path: Path) -> tuple[bytes, tuple[str, ...]]:
+    """A PEM certificate's DER bytes and the names it lists, read with the ``ssl`` module.
+
+    ``SSLContext.get_ca_certs`` decodes the certificates a context trusts
+    (ours is its own CA); one that is not a CA comes back as DER alone,
+    with no names known.
+
+    Raises:
+        ConfigError: the file cannot be read or holds no PEM certificate.
+    """
+    try:
+        text = cert_path.read_text()
+        der = ssl.PEM_cert_to_DER_cert(text)
+    except (OSError, UnicodeDecodeError, ValueError):
         raise ConfigError(
             f"{cert_path} is not a PEM certificate; delete it to make a new one"
         ) from None
-    der = cert.public_bytes(serialization.Encoding.DER)
-    return Certificate(cert_path, key_path, fingerprint(der), tuple(sans), created=True)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        context.load_verify_locations(cadata=der)
+    except ssl.SSLError:
+        raise ConfigError(
+            f"{cert_path} is not a PEM certificate; delete it to make a new one"
+        ) from None
+    decoded = context.get_ca_certs()
+    if not decoded:
+        return der, ()
+    # ("DNS", name) and ("IP Address", address) pairs, as _ssl decodes them.
+    alt_names = cast(tuple[tuple[str, str], ...], decoded[0].get("subjectAltName", ()))
+    names = []
+    for kind, value in alt_names:
+        if kind == "DNS":
+            names.append(value)
+        elif kind == "IP Address":
+            names.append(str(ipaddress.ip_address(value.strip())))
+    return der, tuple(names)
 
 
 def self_signed(
@@ -157,21 +226,6 @@ def self_signed(
     if names:
         builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
     return builder.sign(key, hashes.SHA256())
-
-
-def _sans_of(der: bytes) -> tuple[str, ...]:
-    from cryptography import x509
-
-    cert = x509.load_der_x509_certificate(der)
-    try:
-        extension = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-    except x509.ExtensionNotFound:
-        return ()
-    names = extension.value
-    return (
-        *names.get_values_for_type(x509.DNSName),
-        *(str(ip) for ip in names.get_values_for_type(x509.IPAddress)),
-    )
 
 
 def _write_private(path: Path, data: bytes) -> None:

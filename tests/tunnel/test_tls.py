@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -39,6 +42,46 @@ def test_a_self_signed_certificate_is_made_once_with_private_files(tmp_path: Pat
     assert not again.created
     assert again.fingerprint == first.fingerprint  # pinned clients keep working
     server_context(first.cert_path, first.key_path)  # loads
+
+
+def test_the_certificate_is_made_and_read_without_loading_cryptography(tmp_path: Path) -> None:
+    # The exit server runs for months after this: cryptography would hold ~10 MiB.
+    script = (
+        "import sys; from pathlib import Path; from tunnel.tls import ensure_self_signed\n"
+        "sans = ['203.0.113.10', '2001:db8::7', 'exit.example.com']\n"
+        "made = ensure_self_signed(Path(sys.argv[1]), sans)\n"
+        "read = ensure_self_signed(Path(sys.argv[1]), sans)\n"
+        "assert (made.created, read.created) == (True, False)\n"
+        "assert made.fingerprint == read.fingerprint\n"
+        "assert set(made.sans) == set(read.sans) == set(sans), read.sans\n"
+        "assert not [name for name in sys.modules if name.startswith('cryptography')]\n"
+        "print(read.fingerprint)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "state")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert done.returncode == 0, done.stderr
+    # The fingerprint is the certificate's own, as cryptography computes it.
+    der = der_of(tmp_path / "state" / "tls.crt")
+    assert done.stdout.strip() == "sha256:" + hashlib.sha256(der).hexdigest()
+
+
+def test_a_certificate_that_cannot_be_made_or_read_is_a_clear_config_error(
+    tmp_path: Path,
+) -> None:
+    in_the_way = tmp_path / "file"
+    in_the_way.write_text("not a directory")
+    with pytest.raises(ConfigError, match="cannot keep the TLS key in"):
+        ensure_self_signed(in_the_way / "state", [])  # the forked child's error, raised here
+    state = tmp_path / "state"
+    ensure_self_signed(state, [])
+    (state / "tls.crt").write_text("-----BEGIN CERTIFICATE-----\nnot base64!\n")
+    with pytest.raises(ConfigError, match="is not a PEM certificate"):
+        ensure_self_signed(state, [])
 
 
 def test_fingerprints_parse_in_the_printed_form_and_common_variants() -> None:
