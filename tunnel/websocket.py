@@ -79,6 +79,10 @@ MAX_EARLY_MESSAGES: Final = 16
 #: Smaller masked messages are joined, then masked in one call; larger ones
 #: are masked part by part, which spares copying every payload byte once.
 MASK_JOIN_BELOW_BYTES: Final = 64 * 1024
+#: Over TLS, smaller messages leave as one write: the TLS transport encrypts
+#: each part it is given as a record of its own (a header of 10 bytes, a
+#: payload of 1 KiB), where one record holds up to 16 KiB.
+TLS_JOIN_BELOW_BYTES: Final = 64 * 1024
 #: Masking keys are read from the kernel's CSPRNG this many bytes at a time
 #: and used four by four: a system call per 1,024 messages, not one each.
 MASK_KEY_POOL_BYTES: Final = 4096
@@ -206,6 +210,8 @@ class WebSocketConnection(asyncio.BufferedProtocol):
         self._mask_key_at = 0
         #: whether we failed the connection for a frame it sent
         self._refused = False
+        #: whether the transport is TLS (wss://), set once connected
+        self._tls = False
 
     @property
     def handler(self) -> MessageHandler | None:
@@ -240,13 +246,19 @@ class WebSocketConnection(asyncio.BufferedProtocol):
             return
         length = sum(map(len, parts))
         if not self._masked:
-            transport.writelines((_binary_frame_head(length, b""), *parts))
+            if self._tls and length < TLS_JOIN_BELOW_BYTES:
+                transport.write(b"".join((_binary_frame_head(length, b""), *parts)))
+            else:
+                transport.writelines((_binary_frame_head(length, b""), *parts))
             return
         key = self._next_mask_key()
         head = _binary_frame_head(length, key)
         if len(parts) == 1 or length < MASK_JOIN_BELOW_BYTES:
             payload = parts[0] if len(parts) == 1 else b"".join(parts)
-            transport.writelines((head, apply_mask(payload, key)))
+            if self._tls and length < TLS_JOIN_BELOW_BYTES:
+                transport.write(head + apply_mask(payload, key))
+            else:
+                transport.writelines((head, apply_mask(payload, key)))
             return
         # Mask each part where it lies in the payload: the key turns by its offset.
         masked = [head]
@@ -290,6 +302,7 @@ class WebSocketConnection(asyncio.BufferedProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
+        self._tls = transport.get_extra_info("ssl_object") is not None
         self.transport.set_write_buffer_limits(WRITE_HIGH_WATER_BYTES, WRITE_LOW_WATER_BYTES)
         peer = transport.get_extra_info("peername")
         if peer:

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Sequence
 
 from tunnel.errors import ErrorCode
 from tunnel.session import Channel
+from tunnel.tls import Certificate, client_context, parse_fingerprint, server_context
 from tunnel.websocket import ClientConnection, MessageHandler, ServerConnection
 
 
@@ -79,19 +80,28 @@ class MemoryChannel:
 
 
 @contextlib.asynccontextmanager
-async def websocket_pair() -> AsyncIterator[tuple[ClientConnection, ServerConnection]]:
-    """A client and a server connection over a real websocket on 127.0.0.1."""
+async def websocket_pair(
+    tls: Certificate | None = None,
+) -> AsyncIterator[tuple[ClientConnection, ServerConnection]]:
+    """A client and a server connection over a real websocket on 127.0.0.1.
+
+    With ``tls``, over TLS (``wss://``) with that certificate, pinned by the client.
+    """
     loop = asyncio.get_running_loop()
     opened: asyncio.Future[ServerConnection] = loop.create_future()
     server = await loop.create_server(
         lambda: ServerConnection(lambda c, r: None, lambda c, r: opened.set_result(c)),
         "127.0.0.1",
         0,
+        ssl=server_context(tls.cert_path, tls.key_path) if tls else None,
     )
     port = server.sockets[0].getsockname()[1]
     handshake: asyncio.Future[None] = loop.create_future()
-    client = ClientConnection(f"ws://127.0.0.1:{port}/connect", {}, None, handshake)
-    await loop.create_connection(lambda: client, "127.0.0.1", port)
+    scheme, pin = ("wss", parse_fingerprint(tls.fingerprint)) if tls else ("ws", None)
+    client = ClientConnection(f"{scheme}://127.0.0.1:{port}/connect", {}, pin, handshake)
+    await loop.create_connection(
+        lambda: client, "127.0.0.1", port, ssl=client_context(pinned=True) if tls else None
+    )
     await handshake
     server_side = await opened
     try:

@@ -5,12 +5,19 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+from pathlib import Path
 
 import pytest
 
 from tests.support.channels import websocket_pair
 from tunnel.errors import ErrorCode
-from tunnel.websocket import MASK_KEY_POOL_BYTES
+from tunnel.tls import Certificate, ensure_self_signed
+from tunnel.websocket import MASK_KEY_POOL_BYTES, TLS_JOIN_BELOW_BYTES
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> Certificate:
+    return ensure_self_signed(Path(tmp_path_factory.mktemp("tls")), ["127.0.0.1"])
 
 
 class Collector:
@@ -48,11 +55,14 @@ def split(payload: bytes, rng: random.Random) -> list[bytes | memoryview]:
 SIZES = [1, 2, 125, 126, 127, 65_535, 65_536, 65_537, 300_000]
 
 
+@pytest.mark.parametrize("tls", [False, True], ids=["ws", "wss"])
 @pytest.mark.parametrize("sender", ["client", "server"])
-async def test_messages_arrive_whole_and_in_order_in_both_directions(sender: str) -> None:
+async def test_messages_arrive_whole_and_in_order_in_both_directions(
+    sender: str, tls: bool, certificate: Certificate
+) -> None:
     rng = random.Random(sender)
     payloads = [rng.randbytes(size) for size in SIZES]
-    async with websocket_pair() as (client, server):
+    async with websocket_pair(certificate if tls else None) as (client, server):
         source, sink = (client, server) if sender == "client" else (server, client)
         collector = Collector()
         sink.handler = collector
@@ -111,3 +121,48 @@ async def test_a_client_masks_each_message_with_the_next_four_bytes_of_the_csprn
     assert [len(read) for read in reads] == [MASK_KEY_POOL_BYTES, MASK_KEY_POOL_BYTES]
     pool = b"".join(reads)
     assert recording.keys == [pool[at : at + 4] for at in range(0, 4 * len(messages), 4)]
+
+
+class CountingTransport:
+    """A transport that counts the writes it is asked for: each is a TLS record or more."""
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self.writes: list[int] = []  # how many parts each write call carried
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(1)
+        self._transport.write(data)
+
+    def writelines(self, parts: list[bytes]) -> None:
+        parts = list(parts)
+        self.writes.append(len(parts))
+        self._transport.writelines(parts)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._transport, name)
+
+
+@pytest.mark.parametrize("sender", ["client", "server"])
+async def test_over_tls_a_small_message_leaves_in_one_write(
+    sender: str, certificate: Certificate
+) -> None:
+    # The TLS transport makes a record of each part it is given: a message of
+    # 32 frames would be 65 records of a few bytes to 1 KiB each.
+    small = [b"h" * 10, b"x" * 1024] * 32
+    large = [b"h" * 10, b"y" * TLS_JOIN_BELOW_BYTES]
+    async with websocket_pair(certificate) as (client, server):
+        source, sink = (client, server) if sender == "client" else (server, client)
+        counting = CountingTransport(source.transport)
+        source.transport = counting
+        collector = Collector()
+        sink.handler = collector
+        source.send_message(small)
+        source.send_message(large)
+        async with asyncio.timeout(10):
+            while len(collector.messages) < 2:
+                collector.arrived.clear()
+                await collector.arrived.wait()
+    assert collector.messages == [b"".join(small), b"".join(large)]
+    assert counting.writes[0] == 1  # the small one: frame head and payload in one write
+    assert counting.writes[1] > 1  # the large one: its parts as they are, not copied again
