@@ -109,18 +109,19 @@ def _bars(
     axis.margins(y=0.12)  # room for the labels above the bars
 
 
-def _target_line(axis: Any, index: int, limit: float, goal: Goal | None) -> None:
-    """A red line across group ``index`` at ``limit``, with homeport's verdict."""
+def _target_line(axis: Any, index: int, limit: float) -> None:
+    """A red line across group ``index`` at ``limit`` (its label says the target)."""
     axis.hlines(limit, index - 0.45, index + 0.45, colors=TARGET_COLOR, linewidth=2)
-    verdict = goal.verdict if goal is not None else ""
-    axis.annotate(
-        f"{limit:g} {verdict}",
-        (index + 0.45, limit),
-        fontsize=8,
-        color=TARGET_COLOR,
-        xytext=(2, 2),
-        textcoords="offset points",
-    )
+
+
+def _with_target(group: str, goal: Goal | None) -> str:
+    """``group``'s label with the target under it, and homeport's verdict.
+
+    Under the axis, not beside the line, where it would cover the next group's bars.
+    """
+    if goal is None:
+        return group
+    return f"{group}\n{goal.spec.text.removeprefix('ratio ')} {goal.verdict}"
 
 
 def _ratio(value: float | None, direct: float | None) -> float | None:
@@ -137,7 +138,7 @@ def _throughput(axis: Any, report: Report, tunnels: list[str], goals: dict[str, 
     values: dict[str, list[float | None]] = {target: [] for target in tunnels}
     # the lowest and highest ratio of a wrk test's rounds, when it had several
     spans: dict[str, list[tuple[float, float] | None]] = {target: [] for target in tunnels}
-    limits: list[tuple[float, str] | None] = []
+    limits: list[float | None] = []
     points = [(f"req/s c={p.connections}", p, f"c{p.connections}") for p in report.http]
     if report.new_connection is not None:
         points.append(("new conn/s c=10", report.new_connection, "new_connection"))
@@ -152,7 +153,8 @@ def _throughput(axis: Any, report: Report, tunnels: list[str], goals: dict[str, 
             rounds = point.round_ratios(target, DIRECT) if measured else []
             spans[target].append((min(rounds), max(rounds)) if len(rounds) > 1 else None)
         goal = goals.get(f"{prefix}_requests_per_s_ratio")
-        limits.append((goal.spec.limit, goal.spec.key) if goal else None)
+        groups[-1] = _with_target(name, goal)
+        limits.append(goal.spec.limit if goal else None)
     for transfers in (report.downloads, report.uploads):
         groups.append(f"{transfers.kind} MiB/s")
         direct = transfers.median_mib_per_s(DIRECT)
@@ -160,11 +162,12 @@ def _throughput(axis: Any, report: Report, tunnels: list[str], goals: dict[str, 
             values[target].append(_ratio(transfers.median_mib_per_s(target), direct))
             spans[target].append(None)
         goal = goals.get(f"{transfers.kind}_mib_per_s_ratio")
-        limits.append((goal.spec.limit, goal.spec.key) if goal else None)
+        groups[-1] = _with_target(groups[-1], goal)
+        limits.append(goal.spec.limit if goal else None)
     _bars(axis, groups, values, tunnels, "{:.2f}", spans)
     for index, limit in enumerate(limits):
         if limit is not None:
-            _target_line(axis, index, limit[0], goals.get(limit[1]))
+            _target_line(axis, index, limit)
     axis.axhline(1.0, color="black", linewidth=0.6, linestyle=":")
     axis.set_title(
         "throughput, ratio to direct nginx (higher is better; whiskers: lowest to highest round)"
@@ -191,12 +194,16 @@ def _latency(axis: Any, report: Report, tunnels: list[str], goals: dict[str, Goa
         ]
         for target in tunnels
     }
+    goal = goals.get("c100_latency_p99_ratio")
+    at = next(
+        (i for i, p in enumerate(points) if p.kind == "keep-alive" and p.connections == 100),
+        None,
+    )
+    if at is not None:
+        groups[at] = _with_target(groups[at], goal)
     _bars(axis, groups, values, tunnels, "{:.1f}")
-    for index, point in enumerate(points):
-        if point.kind == "keep-alive" and point.connections == 100:
-            goal = goals.get("c100_latency_p99_ratio")
-            if goal is not None:
-                _target_line(axis, index, goal.spec.limit, goal)
+    if at is not None and goal is not None:
+        _target_line(axis, at, goal.spec.limit)
     axis.axhline(1.0, color="black", linewidth=0.6, linestyle=":")
     axis.set_yscale("log")  # ssh -R's p99 can be hundreds of times direct's
     axis.set_title("p99 latency, times direct nginx's (lower is better; log scale)")
@@ -209,14 +216,16 @@ def _memory(axis: Any, report: Report, tunnels: list[str]) -> None:
     values: dict[str, list[float | None]] = {target: [] for target in tunnels}
     limits: list[float] = []
     for side in SIDES:
-        groups.append(f"{side} idle\nMiB")
+        limit = IDLE_RSS[side].limit / MIB
+        groups.append(f"{side} idle\nMiB <= {limit:g}")
         for target in tunnels:
             rss = report.idle_rss_bytes.get(target, {}).get(side)
             values[target].append(rss / MIB if rss is not None else None)
-        limits.append(IDLE_RSS[side].limit / MIB)
+        limits.append(limit)
     for count in report.plan.stream_counts:
         for side in SIDES:
-            groups.append(f"{side} per\nstream @{count:,}\nKiB")
+            limit = STREAM_LIMIT_BYTES[side] / KIB
+            groups.append(f"{side} per\nstream @{count:,}\nKiB <= {limit:g}")
             for target in tunnels:
                 result = report.streams.get(target)
                 point = (
@@ -224,10 +233,10 @@ def _memory(axis: Any, report: Report, tunnels: list[str]) -> None:
                 )
                 per_stream = point.per_stream_bytes.get(side) if point else None
                 values[target].append(per_stream / KIB if per_stream is not None else None)
-            limits.append(STREAM_LIMIT_BYTES[side] / KIB)
+            limits.append(limit)
     _bars(axis, groups, values, tunnels, "{:.1f}")
     for index, limit in enumerate(limits):
-        _target_line(axis, index, limit, None)
+        _target_line(axis, index, limit)
     axis.set_title("memory: idle RSS (MiB) and RSS per idle open stream (KiB); lower is better")
     axis.tick_params(axis="x", labelsize=8)
 
