@@ -138,12 +138,14 @@ def _throughput(axis: Any, report: Report, tunnels: list[str], goals: dict[str, 
     values: dict[str, list[float | None]] = {target: [] for target in tunnels}
     # the lowest and highest ratio of a wrk test's rounds, when it had several
     spans: dict[str, list[tuple[float, float] | None]] = {target: [] for target in tunnels}
-    limits: list[float | None] = []
+    group_goals: list[Goal | None] = []
     points = [(f"req/s c={p.connections}", p, f"c{p.connections}") for p in report.http]
     if report.new_connection is not None:
         points.append(("new conn/s c=10", report.new_connection, "new_connection"))
     for name, point, prefix in points:
-        groups.append(name)
+        goal = goals.get(f"{prefix}_requests_per_s_ratio")
+        groups.append(_with_target(name, goal))
+        group_goals.append(goal)
         direct = point.by_target[DIRECT].result.requests_per_s
         for target in tunnels:
             measured = point.by_target.get(target)
@@ -152,22 +154,18 @@ def _throughput(axis: Any, report: Report, tunnels: list[str], goals: dict[str, 
             )
             rounds = point.round_ratios(target, DIRECT) if measured else []
             spans[target].append((min(rounds), max(rounds)) if len(rounds) > 1 else None)
-        goal = goals.get(f"{prefix}_requests_per_s_ratio")
-        groups[-1] = _with_target(name, goal)
-        limits.append(goal.spec.limit if goal else None)
     for transfers in (report.downloads, report.uploads):
-        groups.append(f"{transfers.kind} MiB/s")
+        goal = goals.get(f"{transfers.kind}_mib_per_s_ratio")
+        groups.append(_with_target(f"{transfers.kind} MiB/s", goal))
+        group_goals.append(goal)
         direct = transfers.median_mib_per_s(DIRECT)
         for target in tunnels:
             values[target].append(_ratio(transfers.median_mib_per_s(target), direct))
             spans[target].append(None)
-        goal = goals.get(f"{transfers.kind}_mib_per_s_ratio")
-        groups[-1] = _with_target(groups[-1], goal)
-        limits.append(goal.spec.limit if goal else None)
     _bars(axis, groups, values, tunnels, "{:.2f}", spans)
-    for index, limit in enumerate(limits):
-        if limit is not None:
-            _target_line(axis, index, limit)
+    for index, goal in enumerate(group_goals):
+        if goal is not None:
+            _target_line(axis, index, goal.spec.limit)
     axis.axhline(1.0, color="black", linewidth=0.6, linestyle=":")
     axis.set_title(
         "throughput, ratio to direct nginx (higher is better; whiskers: lowest to highest round)"
@@ -179,8 +177,13 @@ def _throughput(axis: Any, report: Report, tunnels: list[str], goals: dict[str, 
 def _latency(axis: Any, report: Report, tunnels: list[str], goals: dict[str, Goal]) -> None:
     """p99 latency as a multiple of direct's."""
     points = [*report.http, *([report.new_connection] if report.new_connection else [])]
+    c100_goal = goals.get("c100_latency_p99_ratio")
+    point_goals = [
+        c100_goal if p.kind == "keep-alive" and p.connections == 100 else None for p in points
+    ]
     groups = [
-        f"c={p.connections}" + (" new conn" if p.kind != "keep-alive" else "") for p in points
+        _with_target(f"c={p.connections}" + (" new conn" if p.kind != "keep-alive" else ""), goal)
+        for p, goal in zip(points, point_goals, strict=True)
     ]
     values: dict[str, list[float | None]] = {
         target: [
@@ -194,16 +197,10 @@ def _latency(axis: Any, report: Report, tunnels: list[str], goals: dict[str, Goa
         ]
         for target in tunnels
     }
-    goal = goals.get("c100_latency_p99_ratio")
-    at = next(
-        (i for i, p in enumerate(points) if p.kind == "keep-alive" and p.connections == 100),
-        None,
-    )
-    if at is not None:
-        groups[at] = _with_target(groups[at], goal)
     _bars(axis, groups, values, tunnels, "{:.1f}")
-    if at is not None and goal is not None:
-        _target_line(axis, at, goal.spec.limit)
+    for index, goal in enumerate(point_goals):
+        if goal is not None:
+            _target_line(axis, index, goal.spec.limit)
     axis.axhline(1.0, color="black", linewidth=0.6, linestyle=":")
     axis.set_yscale("log")  # ssh -R's p99 can be hundreds of times direct's
     axis.set_title("p99 latency, times direct nginx's (lower is better; log scale)")

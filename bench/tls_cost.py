@@ -170,7 +170,7 @@ class _Counting(asyncio.BufferedProtocol):
         self._buffer = memoryview(bytearray(READ_BUFFER_BYTES))
         self._left = total
         self._done = done
-        self.closed: asyncio.Future[None] = done.get_loop().create_future()
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self._buffer
