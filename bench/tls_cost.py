@@ -8,13 +8,18 @@ system) per GiB. Three ways, taking turns for ``--rounds`` rounds:
   buffer of its own (``asyncio.BufferedProtocol``), as homeport's websocket;
 - ``uvloop TLS``: the same over TLS 1.3, uvloop's TLS transport (OpenSSL
   working on memory BIOs that the transport fills and drains), as homeport's
-  control channel over ``wss://``;
+  control channel over ``wss://``, with the cipher OpenSSL picks first
+  (AES-256-GCM);
+- ``uvloop ChaCha20``: the same with ChaCha20-Poly1305, which a homeport
+  client on a CPU with no AES instructions asks for (``tunnel.tls``). Run
+  with ``OPENSSL_ia32cap=~0x200000000000000`` (OpenSSL then ignores x86's
+  AES-NI) to see what such a CPU, a Raspberry Pi 4's, spends on each;
 - ``SSLSocket``: blocking ``ssl.SSLSocket`` calls with no event loop at all,
   OpenSSL reading and writing the socket itself: the least a TLS transport
   of our own could spend.
 
 docs/performance.md reads the difference between the first two as what TLS
-adds to each side of the tunnel, and the third as what a different TLS
+adds to each side of the tunnel, and the last as what a different TLS
 transport could save of it.
 """
 
@@ -44,7 +49,13 @@ from tunnel.tls import client_context, ensure_self_signed, server_context
 WRITE_BYTES: Final = 256 * 1024
 READ_BUFFER_BYTES: Final = 1024 * 1024
 WRITE_BUFFER_HIGH_BYTES: Final = 1024 * 1024
-MODES: Final = ("plain", "uvloop TLS", "SSLSocket")
+MODES: Final = ("plain", "uvloop TLS", "uvloop ChaCha20", "SSLSocket")
+#: The cipher each TLS mode must have agreed on (checked on every transfer).
+EXPECTED_CIPHER: Final = {
+    "uvloop TLS": "TLS_AES_256_GCM_SHA384",
+    "uvloop ChaCha20": "TLS_CHACHA20_POLY1305_SHA256",
+    "SSLSocket": "TLS_AES_256_GCM_SHA384",
+}
 
 
 @dataclass(slots=True)
@@ -79,26 +90,41 @@ def main(argv: Sequence[str] | None = None) -> int:
             for mode in MODES:
                 results[mode].append(measure(mode, total, contexts))
     print(f"{args.gib:g} GiB per transfer in 256 KiB writes, median of {args.rounds}")
-    print(f"{'mode':<12} {'MiB/s':>7} {'sender CPU-s/GiB':>17} {'receiver CPU-s/GiB':>19}")
+    print(f"{'mode':<16} {'MiB/s':>7} {'sender CPU-s/GiB':>17} {'receiver CPU-s/GiB':>19}")
     for mode, transfers in results.items():
         rate = statistics.median(t.total_bytes / 2**20 / t.wall_s for t in transfers)
         sender = statistics.median(t.per_gib(t.sender_cpu_s) for t in transfers)
         receiver = statistics.median(t.per_gib(t.receiver_cpu_s) for t in transfers)
-        print(f"{mode:<12} {rate:>7,.0f} {sender:>17.2f} {receiver:>19.2f}")
+        print(f"{mode:<16} {rate:>7,.0f} {sender:>17.2f} {receiver:>19.2f}")
     return 0
 
 
-def make_contexts(workdir: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
-    """A server context on a fresh self-signed certificate, and a client pinning nothing."""
+@dataclass(frozen=True, slots=True)
+class Contexts:
+    """The receiver's server context and a sender's client context per TLS mode."""
+
+    server: ssl.SSLContext
+    clients: dict[str, ssl.SSLContext]
+
+
+def make_contexts(workdir: Path) -> Contexts:
+    """A server context on a fresh self-signed certificate, and clients pinning nothing.
+
+    The server as on a machine with AES instructions: AES-GCM unless the
+    client asks for ChaCha20 first, as the ChaCha20 mode's client does.
+    """
     ensure_self_signed(workdir, [LOOPBACK])
-    server = server_context(workdir / "tls.crt", workdir / "tls.key")
-    client = client_context(pinned=True)  # the pinned mode verifies nothing by itself
-    return server, client
+    server = server_context(workdir / "tls.crt", workdir / "tls.key", aes_hardware=True)
+    # The pinned mode verifies nothing by itself.
+    aes = client_context(pinned=True, aes_hardware=True)
+    chacha20 = client_context(pinned=True, aes_hardware=False)
+    clients = {"uvloop TLS": aes, "uvloop ChaCha20": chacha20, "SSLSocket": aes}
+    return Contexts(server, clients)
 
 
-def measure(mode: str, total: int, contexts: tuple[ssl.SSLContext, ssl.SSLContext]) -> Transfer:
+def measure(mode: str, total: int, contexts: Contexts) -> Transfer:
     """One transfer of ``total`` bytes in ``mode``; the receiver runs in a forked child."""
-    server, client = contexts
+    server, client = contexts.server, contexts.clients.get(mode)
     sender_sock, receiver_sock = _tcp_pair()
     read_end, write_end = os.pipe()
     started = time.perf_counter()
@@ -115,11 +141,12 @@ def measure(mode: str, total: int, contexts: tuple[ssl.SSLContext, ssl.SSLContex
     try:
         with os.fdopen(read_end, "rb") as report:
             if mode == "SSLSocket":
+                assert client is not None
                 sock = client.wrap_socket(sender_sock, server_hostname=LOOPBACK)
+                _check_cipher(mode, sock.cipher())
                 _send_blocking(sock, total, report)
             else:
-                tls = client if mode == "uvloop TLS" else None
-                uvloop.run(_send(sender_sock, tls, total, report))
+                uvloop.run(_send(sender_sock, client, total, report, mode))
             sender_cpu = time.process_time() - cpu
             received = report.read()
     finally:
@@ -144,7 +171,8 @@ def _be_the_receiver(
         if mode == "SSLSocket":
             _receive_blocking(server.wrap_socket(sock, server_side=True), total, report)
         else:
-            uvloop.run(_receive(sock, server if mode == "uvloop TLS" else None, total, report))
+            tls = server if mode in EXPECTED_CIPHER else None
+            uvloop.run(_receive(sock, tls, total, report))
         status = 0
     except BaseException:  # noqa: BLE001 -- whatever it is, told before the child exits
         traceback.print_exc()
@@ -222,7 +250,7 @@ async def _receive(
 
 
 async def _send(
-    sock: socket.socket, tls: ssl.SSLContext | None, total: int, report: BinaryIO
+    sock: socket.socket, tls: ssl.SSLContext | None, total: int, report: BinaryIO, mode: str
 ) -> None:
     loop = asyncio.get_running_loop()
     protocol = _Paced()
@@ -230,6 +258,8 @@ async def _send(
         lambda: protocol, sock=sock, ssl=tls, server_hostname=LOOPBACK if tls else None
     )
     try:
+        if tls is not None:
+            _check_cipher(mode, transport.get_extra_info("cipher"))
         transport.set_write_buffer_limits(WRITE_BUFFER_HIGH_BYTES)
         chunk = os.urandom(WRITE_BYTES)
         for _ in range(total // WRITE_BYTES):
@@ -240,6 +270,12 @@ async def _send(
         await _readable(report)
     finally:
         await _abort(transport, protocol.closed)
+
+
+def _check_cipher(mode: str, cipher: tuple[str, str, int] | None) -> None:
+    """Refuse to measure a mode whose handshake agreed on another cipher than its own."""
+    if cipher is None or cipher[0] != EXPECTED_CIPHER[mode]:
+        raise RuntimeError(f"the {mode} handshake agreed on {cipher}, not {EXPECTED_CIPHER[mode]}")
 
 
 async def _readable(file: BinaryIO) -> None:

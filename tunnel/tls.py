@@ -17,6 +17,7 @@ import ipaddress
 import os
 import re
 import ssl
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,22 @@ if TYPE_CHECKING:
 # cryptography is imported where a certificate is made or read, not here:
 # every homeport process imports this module, and cryptography alone would
 # add ~15 MiB to a client's resident memory (docs/performance.md).
+
+#: The TLS 1.3 suites of a side whose CPU has no AES instructions, ChaCha20
+#: first, then OpenSSL's own order. A Raspberry Pi 4, 3 or Zero 2 has none:
+#: its AES-GCM runs in software, several times slower than ChaCha20-Poly1305
+#: (docs/performance.md).
+CHACHA20_FIRST_SUITES: Final = (
+    "TLS_CHACHA20_POLY1305_SHA256:TLS_AES_256_GCM_SHA384:TLS_AES_128_GCM_SHA256"
+)
+#: The same order for TLS 1.2: Python's default cipher string, ChaCha20 first.
+CHACHA20_FIRST_CIPHERS: Final = (
+    "@SECLEVEL=2:ECDH+CHACHA20:ECDH+AESGCM:ECDH+AES:DHE+AES:!aNULL:!eNULL:!aDSS:!SHA1:!AESCCM"
+)
+#: OpenSSL's SSL_OP_PRIORITIZE_CHACHA, which Python names no constant for:
+#: a server choosing by its own order (Python's default) still gives
+#: ChaCha20-Poly1305 to a client that lists it first.
+OP_PRIORITIZE_CHACHA: Final = 1 << 21
 
 CERT_FILE: Final = "tls.crt"
 KEY_FILE: Final = "tls.key"
@@ -234,14 +251,25 @@ def _write_private(path: Path, data: bytes) -> None:
         file.write(data)
 
 
-def server_context(cert_path: Path, key_path: Path) -> ssl.SSLContext:
+def server_context(
+    cert_path: Path, key_path: Path, *, aes_hardware: bool | None = None
+) -> ssl.SSLContext:
     """A TLS 1.2+ server context for the control port.
+
+    It gives ChaCha20-Poly1305 to a client that asks for it first (a client
+    on a CPU with no AES instructions: :func:`client_context`), AES-GCM to
+    the others, and ChaCha20-Poly1305 to all when this CPU itself has no AES
+    instructions (``aes_hardware``: detected by :func:`aes_in_hardware`
+    unless given).
 
     Raises:
         ConfigError: the certificate or key cannot be loaded.
     """
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.options |= OP_PRIORITIZE_CHACHA
+    if not (aes_in_hardware() if aes_hardware is None else aes_hardware):
+        prefer_chacha20(context)
     try:
         context.load_cert_chain(cert_path, key_path)
     except (OSError, ssl.SSLError) as exc:
@@ -251,17 +279,24 @@ def server_context(cert_path: Path, key_path: Path) -> ssl.SSLContext:
     return context
 
 
-def client_context(*, ca_file: Path | None = None, pinned: bool = False) -> ssl.SSLContext:
+def client_context(
+    *, ca_file: Path | None = None, pinned: bool = False, aes_hardware: bool | None = None
+) -> ssl.SSLContext:
     """A client context: the system's CAs, a given CA, or none at all when pinning.
 
     A pinned connection verifies nothing here; :func:`check_pin` then compares
-    the certificate's fingerprint, before anything is sent.
+    the certificate's fingerprint, before anything is sent. On a CPU with no
+    AES instructions (``aes_hardware``: detected by :func:`aes_in_hardware`
+    unless given) the client asks for ChaCha20-Poly1305 first, which
+    :func:`server_context` grants.
 
     Raises:
         ConfigError: the CA file cannot be loaded.
     """
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if not (aes_in_hardware() if aes_hardware is None else aes_hardware):
+        prefer_chacha20(context)
     if pinned:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
@@ -274,6 +309,71 @@ def client_context(*, ca_file: Path | None = None, pinned: bool = False) -> ssl.
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"cannot load the CA file {ca_file}: {exc}") from None
     return context
+
+
+def aes_in_hardware(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU has AES instructions (x86's AES-NI, Arm's crypto extension).
+
+    Read from the first ``flags`` (x86) or ``Features`` (Arm) line of
+    ``/proc/cpuinfo``, or of ``cpuinfo`` when given. Where Linux does not
+    say (another system, another line), assume it has them and keep
+    OpenSSL's order, which puts AES-GCM first.
+    """
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return True
+    for line in cpuinfo.splitlines():
+        key, colon, value = line.partition(":")
+        if colon and key.strip() in ("flags", "Features"):
+            return "aes" in value.split()
+    return True
+
+
+def prefer_chacha20(context: ssl.SSLContext) -> bool:
+    """Put ChaCha20-Poly1305 first in ``context``'s TLS 1.3 and 1.2 lists; return whether it is.
+
+    Python has a setter for TLS 1.3's suites only from 3.15
+    (``SSLContext.set_ciphersuites``). Before, OpenSSL's
+    ``SSL_CTX_set_ciphersuites`` is called on the context's ``SSL_CTX``,
+    which CPython keeps right after the object's header; the pointer is
+    used only once ``SSL_CTX_get_options`` read the context's own options
+    through it. Where none of that is possible the order stays OpenSSL's:
+    slower on a CPU with no AES instructions, never wrong.
+    """
+    context.set_ciphers(CHACHA20_FIRST_CIPHERS)
+    setter = getattr(context, "set_ciphersuites", None)
+    if setter is not None:
+        setter(CHACHA20_FIRST_SUITES)
+    elif not _set_ciphersuites_via_openssl(context, CHACHA20_FIRST_SUITES):
+        return False
+    first = context.get_ciphers()[0]["name"]
+    return bool(first == CHACHA20_FIRST_SUITES.split(":")[0])
+
+
+def _set_ciphersuites_via_openssl(context: ssl.SSLContext, suites: str) -> bool:
+    """``SSL_CTX_set_ciphersuites`` on ``context`` through ctypes (CPython before 3.15)."""
+    if sys.implementation.name != "cpython":
+        return False
+    import _ssl
+    import ctypes
+
+    try:
+        # The _ssl module's handle also finds the libssl it was linked with.
+        openssl = ctypes.CDLL(_ssl.__file__)
+        get_options = openssl.SSL_CTX_get_options
+        set_ciphersuites = openssl.SSL_CTX_set_ciphersuites
+    except (OSError, AttributeError):
+        return False
+    get_options.argtypes = (ctypes.c_void_p,)
+    get_options.restype = ctypes.c_uint64
+    set_ciphersuites.argtypes = (ctypes.c_void_p, ctypes.c_char_p)
+    set_ciphersuites.restype = ctypes.c_int
+    ssl_ctx = ctypes.c_void_p.from_address(id(context) + object.__basicsize__).value
+    if not ssl_ctx or get_options(ssl_ctx) != int(context.options):
+        return False
+    return bool(set_ciphersuites(ssl_ctx, suites.encode()))
 
 
 def check_pin(der: bytes | None, expected: bytes) -> None:

@@ -32,3 +32,12 @@ def test_the_table_has_a_row_per_way(capsys: pytest.CaptureFixture[str]) -> None
 def test_a_transfer_smaller_than_one_write_is_refused() -> None:
     with pytest.raises(SystemExit):
         tls_cost.main(["--gib", "0.0000001"])
+
+
+def test_a_mode_whose_handshake_agreed_on_another_cipher_is_not_measured(tmp_path: Path) -> None:
+    contexts = tls_cost.make_contexts(tmp_path)
+    aes_only = tls_cost.Contexts(
+        contexts.server, {**contexts.clients, "uvloop ChaCha20": contexts.clients["uvloop TLS"]}
+    )
+    with pytest.raises(RuntimeError, match="agreed on"):
+        tls_cost.measure("uvloop ChaCha20", 4 * tls_cost.WRITE_BYTES, aes_only)
