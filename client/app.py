@@ -131,10 +131,11 @@ class TunnelClient:
             raise
         self.sessions_started += 1
         logger.info(
-            "connected to %s as %s (session %s); serving %s",
+            "connected to %s as %s (session %s)%s; serving %s",
             self.url,
             config.name,
             hello.get("session_id", "?"),
+            _tls_in_use(connection.transport),
             "; ".join(u.describe() for u in config.upstreams),
         )
         self._connected.set()
@@ -163,3 +164,12 @@ class TunnelClient:
             stream.reset(ErrorCode.NO_SUCH_ROUTE)
             return StreamHandler()
         return Forwarder(stream, upstream, connect_timeout_s=self.config.upstream_connect_timeout_s)
+
+
+def _tls_in_use(transport: asyncio.BaseTransport | None) -> str:
+    """`` over TLSv1.3 with TLS_…`` on a wss:// connection, else nothing."""
+    cipher = transport.get_extra_info("cipher") if transport is not None else None
+    if not cipher:
+        return ""
+    name, protocol, _bits = cipher
+    return f" over {protocol} with {name}"

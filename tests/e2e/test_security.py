@@ -29,7 +29,7 @@ from tests.e2e.test_edge_corpus import BAD_HEADS, deliver
 from tests.support.rawhttp import ResponseReader, request
 from tunnel.auth import token_digest
 from tunnel.frames import Data, Hello, Open, encode
-from tunnel.tls import ensure_self_signed
+from tunnel.tls import aes_in_hardware, ensure_self_signed
 
 Server = Callable[..., ExitServerProcess]
 Client = Callable[..., ClientProcess]
@@ -473,7 +473,12 @@ async def test_auto_tls_prints_a_fingerprint_that_the_client_pins(
     assert f"--fingerprint {fingerprint}" in command
     url = f"wss://127.0.0.1:{server.control_port}"
     client = start_client(server, upstream.url, url=url, flags=("--fingerprint", fingerprint))
-    assert "connected to wss://" in client.process.output
+    # The client says which TLS it got: this CPU's cipher (tunnel.tls, ChaCha20 without AES).
+    cipher = "TLS_AES_256_GCM_SHA384" if aes_in_hardware() else "TLS_CHACHA20_POLY1305_SHA256"
+    assert re.search(
+        rf"connected to wss://\S+ as \S+ \(session \w+\) over TLSv1\.3 with {cipher}; serving",
+        client.process.output,
+    )
     response = await request("127.0.0.1", server.port, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
     assert response.status == 200
     # A restart keeps the same certificate, so the pin still holds.
