@@ -24,9 +24,24 @@ have credit round-robin, one frame each per round, so one busy stream never
 starves the others. Credit returns when the consumer calls
 :meth:`acknowledge`, not when bytes arrive.
 
+A window grows when it, not the reader, holds a stream back (protocol.md
+§6): once a PING has measured a round trip of at least
+:data:`AUTOTUNE_FROM_ROUND_TRIP_S`, a stream whose consumer read a quarter
+of its window within two round trips gets its window doubled with its next
+WINDOW_UPDATE, up to :data:`MAX_AUTOTUNED_WINDOW_BYTES`, and
+all of a session's windows together grow by at most
+:data:`SESSION_WINDOW_GROWTH_BYTES`. A reader that stalls never grows its
+window, so what a stalled stream holds stays bounded.
+
 Liveness. Every ``heartbeat_interval_s`` a PING goes out; a peer that sends
 nothing at all for ``heartbeat_timeout_s`` is declared dead with a
-:class:`~tunnel.events.HeartbeatTimedOut` event.
+:class:`~tunnel.events.HeartbeatTimedOut` event. The answers give the
+round trip (:attr:`Multiplexer.round_trip_s`, the shortest of the last
+:data:`ROUND_TRIP_SAMPLES`).
+
+Time. The multiplexer reads no clock: :attr:`Multiplexer.now` is the
+caller's time, set before each message it is fed and at each
+:meth:`~Multiplexer.handle_timer`.
 
 Closed streams. Frames can cross an RST on the wire, so frames for streams
 closed recently are ignored, except DATA the peer could not legally have
@@ -37,6 +52,7 @@ from __future__ import annotations
 
 import collections
 import enum
+import math
 import struct
 from dataclasses import dataclass
 from typing import Any, Final
@@ -60,7 +76,7 @@ from tunnel.frames import (
     data_header,
     encode,
 )
-from tunnel.window import ReceiveWindow
+from tunnel.window import UPDATE_THRESHOLD_DIVISOR, ReceiveWindow
 
 PROTOCOL_VERSION: Final = 1
 
@@ -76,6 +92,19 @@ DEFAULT_HEARTBEAT_INTERVAL_S: Final = 10.0
 DEFAULT_HEARTBEAT_TIMEOUT_S: Final = 20.0
 #: Rapid-reset guard: more streams refused or reset by the peer than this in
 #: one rate window ends the session with ENHANCE_YOUR_CALM (protocol.md §9).
+#: Auto-tuning (module docstring): the largest a stream's receive window grows
+#: to, and how much a session's windows may grow in all. 16 MiB carries 130
+#: Mbit/s over a 1 s round trip; 64 MiB is the most this side holds beyond
+#: the initial windows when fast readers stall.
+MAX_AUTOTUNED_WINDOW_BYTES: Final = 16 * 1024 * 1024
+SESSION_WINDOW_GROWTH_BYTES: Final = 64 * 1024 * 1024
+#: Windows grow only over a round trip at least this long: below it the
+#: initial window already carries more than a gigabit per second.
+AUTOTUNE_FROM_ROUND_TRIP_S: Final = 0.005
+#: The round trip is the shortest of the last this many PINGs (30 s of
+#: heartbeats): one queued behind a transfer measures the queue, not the
+#: path, but a path that changed is followed within a few heartbeats.
+ROUND_TRIP_SAMPLES: Final = 3
 DEFAULT_MAX_RESETS_PER_WINDOW: Final = 2000
 RATE_WINDOW_S: Final = 10.0
 #: How many closed stream ids are remembered to tell a race from a violation.
@@ -288,6 +317,13 @@ class Multiplexer:
         self._max_resets_per_window = max_resets_per_window
         self._resets_in_window = 0
         self._rate_window_ends_at = now + RATE_WINDOW_S
+        #: the caller's clock as of the last message fed or timer handled
+        self.now = now
+        #: the shortest round trip of the last PINGs, in seconds; inf before one
+        self.round_trip_s = math.inf
+        self._round_trips: collections.deque[float] = collections.deque(maxlen=ROUND_TRIP_SAMPLES)
+        #: what the windows of this session may still grow by (auto-tuning)
+        self._growth_left = SESSION_WINDOW_GROWTH_BYTES
 
     # ------------------------------------------------------------------ intents
 
@@ -397,9 +433,33 @@ class Multiplexer:
             recv.unacknowledged = unacknowledged
             return
         recv.unacknowledged = 0
-        recv.available += unacknowledged
         if stream.state in _PEER_MAY_SEND:
+            if AUTOTUNE_FROM_ROUND_TRIP_S <= self.round_trip_s < math.inf:
+                unacknowledged += self._grow(recv)
             self._control.append(_window_update(stream_id, unacknowledged))
+        recv.available += unacknowledged
+
+    def _grow(self, recv: ReceiveWindow) -> int:
+        """Extra credit for a window that, not its reader, holds the stream back.
+
+        A quarter of the window read within two round trips since the last
+        update means the window is under eight times what the path carries
+        per round trip, and the sender may wait for credit: the window doubles (the
+        increment carries the difference), within the per-stream and the
+        session's limits. Returns the extra credit, 0 for none.
+        """
+        now = self.now
+        quick = now - recv.updated_at < 2.0 * self.round_trip_s
+        recv.updated_at = now
+        extra = recv.size
+        if not quick or recv.size + extra > MAX_AUTOTUNED_WINDOW_BYTES:
+            return 0
+        if extra > self._growth_left:
+            return 0
+        self._growth_left -= extra
+        recv.size += extra
+        recv.threshold = recv.size // UPDATE_THRESHOLD_DIVISOR
+        return extra
 
     def go_away(self, code: ErrorCode = ErrorCode.NO_ERROR, reason: str = "") -> None:
         """Tell the peer we open no new streams and accept none; open ones go on."""
@@ -625,6 +685,8 @@ class Multiplexer:
         (counter,) = _PING_OPAQUE.unpack(frame.opaque)
         sent_at = self._pings_sent_at.pop(counter, None)
         if sent_at is not None:
+            self._round_trips.append(max(0.0, self.now - sent_at))
+            self.round_trip_s = min(self._round_trips)
             events.append(ev.PingAcknowledged(sent_at))
 
     def _receive_go_away(self, frame: GoAway, events: list[ev.Event]) -> None:
@@ -669,6 +731,7 @@ class Multiplexer:
 
     def handle_timer(self, now: float) -> list[ev.Event]:
         """Send heartbeats, detect a silent peer, roll the rate window."""
+        self.now = now
         if self._frames_received != self._frames_seen_at_last_timer:
             self._frames_seen_at_last_timer = self._frames_received
             self._last_received_at = now
@@ -676,14 +739,25 @@ class Multiplexer:
         if silent_s >= self._heartbeat_timeout_s:
             return [ev.HeartbeatTimedOut(silent_s)]
         if now >= self._next_ping_at and self._hello_sent:
-            self._ping_counter += 1
-            self._pings_sent_at = {self._ping_counter: now}  # only the latest is waited for
-            self._control.append(encode(Ping(_PING_OPAQUE.pack(self._ping_counter))))
+            self.measure_round_trip()
             self._next_ping_at = now + self._heartbeat_interval_s
         if now >= self._rate_window_ends_at:
             self._resets_in_window = 0
             self._rate_window_ends_at = now + RATE_WINDOW_S
         return []
+
+    def measure_round_trip(self) -> None:
+        """Send a PING now; its answer may lower :attr:`round_trip_s`.
+
+        The heartbeat sends one every interval; the session sends one more as
+        it starts, so that windows can grow (auto-tuning) from the first
+        transfer rather than one heartbeat interval later.
+        """
+        if not self._hello_sent:
+            return
+        self._ping_counter += 1
+        self._pings_sent_at = {self._ping_counter: self.now}  # only the latest is waited for
+        self._control.append(encode(Ping(_PING_OPAQUE.pack(self._ping_counter))))
 
     # --------------------------------------------------------------- queries
 
@@ -691,6 +765,11 @@ class Multiplexer:
         """Bytes queued on a stream and not yet sent (0 for unknown streams)."""
         stream = self._streams.get(stream_id)
         return stream.outbox_bytes if stream is not None else 0
+
+    def receive_window_size(self, stream_id: int) -> int:
+        """The window we grant the peer on a stream, as grown (0 for unknown streams)."""
+        stream = self._streams.get(stream_id)
+        return stream.recv.size if stream is not None else 0
 
     def send_window(self, stream_id: int) -> int:
         """Credit the peer has granted us on a stream (0 for unknown streams)."""
@@ -739,6 +818,7 @@ class Multiplexer:
     def _forget(self, stream: _Stream, *, peer_may_send_data: bool) -> None:
         if self._streams.pop(stream.stream_id, None) is None:
             return
+        self._growth_left += stream.recv.size - self.local_settings.initial_window_bytes
         if not stream.local:
             self._remote_streams -= 1
         self._ready.pop(stream.stream_id, None)

@@ -215,8 +215,10 @@ class Stream:
         if not self._reading_paused:
             return
         self._reading_paused = False
+        session = self._session
+        session.mux.now = session._loop.time()  # the credit it returns may grow the window
         self._drain_inbox()
-        self._session.flush_soon()
+        session.flush_soon()
 
     def get_write_buffer_size(self) -> int:
         """Bytes queued on this stream and not yet sent."""
@@ -360,8 +362,10 @@ class Session:
         if self.end is not None:
             return
         self.messages_received += 1
+        mux = self.mux
+        mux.now = self._loop.time()
         try:
-            events = self.mux.receive_data(message)
+            events = mux.receive_data(message)
         except ProtocolError as exc:
             logger.warning("! session %s: protocol error %s", self.name, exc)
             self._protocol_error = exc
@@ -502,6 +506,7 @@ class Session:
             for event in pending:
                 self._dispatch(event)
             self._on_timer()
+            self.mux.measure_round_trip()  # for the windows' auto-tuning, at once
             self.flush_soon()
             await self._done.wait()
             assert self.end is not None

@@ -8,6 +8,8 @@ its sender after at most one window, and nothing else on the session waits.
 
 from __future__ import annotations
 
+import math
+
 from tunnel.errors import ErrorCode, ProtocolError
 from tunnel.frames import MAX_WINDOW_BYTES
 
@@ -20,7 +22,7 @@ UPDATE_THRESHOLD_DIVISOR = 4
 class ReceiveWindow:
     """Credit granted to the peer on one stream, and consumed bytes not yet returned."""
 
-    __slots__ = ("available", "held", "size", "threshold", "unacknowledged")
+    __slots__ = ("available", "held", "size", "threshold", "unacknowledged", "updated_at")
 
     def __init__(self, size: int) -> None:
         if not 0 < size <= MAX_WINDOW_BYTES:
@@ -33,6 +35,9 @@ class ReceiveWindow:
         #: bytes consumed and not yet returned to the peer
         self.unacknowledged = 0
         self.threshold = max(1, size // UPDATE_THRESHOLD_DIVISOR)
+        #: when the last WINDOW_UPDATE went out, in the multiplexer's clock
+        #: (auto-tuning, :meth:`tunnel.mux.Multiplexer.acknowledge`); never yet
+        self.updated_at = -math.inf
 
     def receive(self, stream_id: int, length: int) -> None:
         """Account for ``length`` bytes arriving.

@@ -19,7 +19,9 @@ from tunnel.errors import ErrorCode, ProtocolError, StreamClosed
 from tunnel.frames import Data, Hello, Open, Ping, Rst, WindowUpdate, encode
 from tunnel.mux import (
     DEFAULT_WINDOW_BYTES,
+    MAX_AUTOTUNED_WINDOW_BYTES,
     PROTOCOL_VERSION,
+    SESSION_WINDOW_GROWTH_BYTES,
     Multiplexer,
     Role,
     Settings,
@@ -294,6 +296,113 @@ def test_credit_returns_only_when_the_consumer_reads() -> None:
     assert pair.server.send_window(sid) == DEFAULT_WINDOW_BYTES // 4
 
 
+def measured_round_trip(pair: MuxPair, receiver: Multiplexer, rtt_s: float) -> None:
+    """Let ``receiver`` time a PING that its peer answers ``rtt_s`` later."""
+    receiver.now = 100.0
+    receiver.measure_round_trip()
+    pair.deliver(receiver, pair.peer(receiver))
+    receiver.now = 100.0 + rtt_s
+    assert of_type(pair.deliver(pair.peer(receiver), receiver), ev.PingAcknowledged)
+    assert receiver.round_trip_s == pytest.approx(rtt_s)
+
+
+def consume_quarters(
+    pair: MuxPair, sid: int, quarters: int, *, every_s: float, start_s: float = 200.0
+) -> list[int]:
+    """The server sends, the client reads a quarter window at a time ``every_s`` apart.
+
+    Returns the increments of the WINDOW_UPDATEs the server received, in order.
+    """
+    client, server = pair.client, pair.server
+    increments: list[int] = []
+    now = start_s
+    for _ in range(quarters):
+        quarter = client.receive_window_size(sid) // 4
+        server.send_data(sid, b"x" * quarter)
+        pair.deliver(server, client)
+        now += every_s
+        client.now = now
+        client.acknowledge(sid, quarter)
+        updates = of_type(pair.deliver(client, server), ev.WindowUpdated)
+        increments += [u.increment for u in updates]
+    return increments
+
+
+def test_a_window_that_holds_a_fast_reader_back_doubles_up_to_its_limit() -> None:
+    pair = MuxPair()
+    sid = pair.server.open_stream("")
+    pair.exchange()
+    measured_round_trip(pair, pair.client, 0.2)
+    # A quarter of the window read every 0.1 s: faster than credit's round trip.
+    increments = consume_quarters(pair, sid, 24, every_s=0.1)
+    assert increments[0] == DEFAULT_WINDOW_BYTES // 4  # the first update only times the reader
+    assert increments[1] == DEFAULT_WINDOW_BYTES // 4 + DEFAULT_WINDOW_BYTES  # and doubles
+    assert pair.client.receive_window_size(sid) == MAX_AUTOTUNED_WINDOW_BYTES
+    # The sender may use all of it: the credit it holds is the grown window.
+    pair.server.send_data(sid, b"y" * (2 * MAX_AUTOTUNED_WINDOW_BYTES))
+    pair.deliver(pair.server, pair.client, max_bytes=1 << 30)
+    assert pair.server.buffered_bytes(sid) == MAX_AUTOTUNED_WINDOW_BYTES
+    assert pair.server.send_window(sid) == 0
+
+
+def test_a_slow_reader_and_an_unmeasured_link_keep_the_window() -> None:
+    slow = MuxPair()
+    sid = slow.server.open_stream("")
+    slow.exchange()
+    measured_round_trip(slow, slow.client, 0.2)
+    # A quarter every 0.5 s: the reader, not the window, sets the pace.
+    assert set(consume_quarters(slow, sid, 12, every_s=0.5)) == {DEFAULT_WINDOW_BYTES // 4}
+    assert slow.client.receive_window_size(sid) == DEFAULT_WINDOW_BYTES
+
+    unmeasured = MuxPair()  # no PING answered yet: no round trip to judge by
+    sid = unmeasured.server.open_stream("")
+    unmeasured.exchange()
+    assert set(consume_quarters(unmeasured, sid, 12, every_s=0.001)) == {DEFAULT_WINDOW_BYTES // 4}
+
+    lan = MuxPair()  # 1 ms: the initial window already carries gigabits
+    sid = lan.server.open_stream("")
+    lan.exchange()
+    measured_round_trip(lan, lan.client, 0.001)
+    assert set(consume_quarters(lan, sid, 12, every_s=0.0001)) == {DEFAULT_WINDOW_BYTES // 4}
+
+
+def test_the_round_trip_is_the_shortest_of_the_last_pings() -> None:
+    pair = MuxPair()
+    measured_round_trip(pair, pair.client, 0.2)
+
+    def ping(at: float, answered_after: float) -> float:
+        pair.client.now = at
+        pair.client.measure_round_trip()
+        pair.deliver(pair.client, pair.server)
+        pair.client.now = at + answered_after
+        pair.deliver(pair.server, pair.client)
+        return pair.client.round_trip_s
+
+    assert ping(300.0, 1.5) == pytest.approx(0.2)  # queued behind a transfer, say
+    assert ping(310.0, 0.8) == pytest.approx(0.2)
+    assert ping(320.0, 0.9) == pytest.approx(0.8)  # the path itself got longer
+
+
+def test_the_windows_of_a_session_grow_within_its_budget_and_give_it_back() -> None:
+    pair = MuxPair()
+    measured_round_trip(pair, pair.client, 0.2)
+    grown = SESSION_WINDOW_GROWTH_BYTES // (MAX_AUTOTUNED_WINDOW_BYTES - DEFAULT_WINDOW_BYTES)
+    sids = [pair.server.open_stream("") for _ in range(grown + 1)]
+    pair.exchange()
+    for sid in sids:
+        consume_quarters(pair, sid, 24, every_s=0.1)
+    sizes = [pair.client.receive_window_size(sid) for sid in sids]
+    assert sum(size - DEFAULT_WINDOW_BYTES for size in sizes) <= SESSION_WINDOW_GROWTH_BYTES
+    assert sizes[-1] < MAX_AUTOTUNED_WINDOW_BYTES  # the budget ran out before the last one
+    # A stream that ends gives its growth back for the next one.
+    pair.server.reset_stream(sids[0], ErrorCode.CANCEL)
+    pair.exchange()
+    late = pair.server.open_stream("")
+    pair.exchange()
+    consume_quarters(pair, late, 24, every_s=0.1)
+    assert pair.client.receive_window_size(late) == MAX_AUTOTUNED_WINDOW_BYTES
+
+
 def test_data_beyond_window_raises_flow_control_error() -> None:
     pair = MuxPair(client_settings=Settings(initial_window_bytes=4096))
     sid = pair.server.open_stream("")
@@ -422,6 +531,8 @@ class MuxModel(RuleBasedStateMachine):
         self.unacked: dict[tuple[int, str], int] = {}
         self.ended: set[tuple[int, str]] = set()
         self.reset: set[int] = set()
+        for mux in (self.pair.client, self.pair.server):
+            mux.round_trip_s = 0.05  # as if a PING had been answered: windows may grow
 
     def mux(self, side: str) -> Multiplexer:
         return self.pair.client if side == "client" else self.pair.server
@@ -473,6 +584,12 @@ class MuxModel(RuleBasedStateMachine):
             self.mux(receiver).acknowledge(sid, amount)
             self.unacked[key] -= amount
 
+    @rule(seconds=st.sampled_from([0.0, 0.01, 0.1]))
+    def time_passes(self, seconds: float) -> None:
+        # Quick reads (less than the round trip since the last update) grow windows.
+        for mux in (self.pair.client, self.pair.server):
+            mux.now += seconds
+
     @rule(budget=st.integers(20, 5000))
     def deliver_some(self, budget: int) -> None:
         message = self.pair.server.data_to_send(budget)
@@ -486,6 +603,13 @@ class MuxModel(RuleBasedStateMachine):
     def bytes_arrive_in_order_and_never_beyond_what_was_sent(self) -> None:
         for key, got in self.got.items():
             assert self.sent[key].startswith(got)
+
+    @invariant()
+    def windows_grow_only_within_the_sessions_budget(self) -> None:
+        for mux in (self.pair.client, self.pair.server):
+            initial = mux.local_settings.initial_window_bytes
+            grown = sum(stream.recv.size - initial for stream in mux._streams.values())
+            assert 0 <= grown == SESSION_WINDOW_GROWTH_BYTES - mux._growth_left
 
     def teardown(self) -> None:
         # Drain everything: read all, deliver all, end all; then nothing may remain.
