@@ -28,15 +28,15 @@ A window grows when it, not the reader, holds a stream back (protocol.md
 §6): once a PING has measured a round trip of at least
 :data:`AUTOTUNE_FROM_ROUND_TRIP_S`, a stream whose consumer read a quarter
 of its window within two round trips gets its window doubled with its next
-WINDOW_UPDATE, up to :data:`MAX_AUTOTUNED_WINDOW_BYTES`, and
-all of a session's windows together grow by at most
+WINDOW_UPDATE, up to :data:`MAX_AUTOTUNED_WINDOW_BYTES`, and all of a
+session's windows together grow by at most
 :data:`SESSION_WINDOW_GROWTH_BYTES`. A reader that stalls never grows its
 window, so what a stalled stream holds stays bounded.
 
 Liveness. Every ``heartbeat_interval_s`` a PING goes out; a peer that sends
 nothing at all for ``heartbeat_timeout_s`` is declared dead with a
 :class:`~tunnel.events.HeartbeatTimedOut` event. The answers give the
-round trip (:attr:`Multiplexer.round_trip_s`, the shortest of the last
+round trip (:attr:`Multiplexer.path_round_trip_s`, the shortest of the last
 :data:`ROUND_TRIP_SAMPLES`).
 
 Time. The multiplexer reads no clock: :attr:`Multiplexer.now` is the
@@ -90,8 +90,6 @@ DEFAULT_MAX_MESSAGE_BYTES: Final = 1024 * 1024
 DEFAULT_MAX_CONCURRENT_STREAMS: Final = 16384
 DEFAULT_HEARTBEAT_INTERVAL_S: Final = 10.0
 DEFAULT_HEARTBEAT_TIMEOUT_S: Final = 20.0
-#: Rapid-reset guard: more streams refused or reset by the peer than this in
-#: one rate window ends the session with ENHANCE_YOUR_CALM (protocol.md §9).
 #: Auto-tuning (module docstring): the largest a stream's receive window grows
 #: to, and how much a session's windows may grow in all. 16 MiB carries 130
 #: Mbit/s over a 1 s round trip; 64 MiB is the most this side holds beyond
@@ -105,6 +103,8 @@ AUTOTUNE_FROM_ROUND_TRIP_S: Final = 0.005
 #: heartbeats): one queued behind a transfer measures the queue, not the
 #: path, but a path that changed is followed within a few heartbeats.
 ROUND_TRIP_SAMPLES: Final = 3
+#: Rapid-reset guard: more streams refused or reset by the peer than this in
+#: one rate window ends the session with ENHANCE_YOUR_CALM (protocol.md §9).
 DEFAULT_MAX_RESETS_PER_WINDOW: Final = 2000
 RATE_WINDOW_S: Final = 10.0
 #: How many closed stream ids are remembered to tell a race from a violation.
@@ -320,7 +320,7 @@ class Multiplexer:
         #: the caller's clock as of the last message fed or timer handled
         self.now = now
         #: the shortest round trip of the last PINGs, in seconds; inf before one
-        self.round_trip_s = math.inf
+        self.path_round_trip_s = math.inf
         self._round_trips: collections.deque[float] = collections.deque(maxlen=ROUND_TRIP_SAMPLES)
         #: what the windows of this session may still grow by (auto-tuning)
         self._growth_left = SESSION_WINDOW_GROWTH_BYTES
@@ -434,7 +434,7 @@ class Multiplexer:
             return
         recv.unacknowledged = 0
         if stream.state in _PEER_MAY_SEND:
-            if AUTOTUNE_FROM_ROUND_TRIP_S <= self.round_trip_s < math.inf:
+            if AUTOTUNE_FROM_ROUND_TRIP_S <= self.path_round_trip_s < math.inf:
                 unacknowledged += self._grow(recv)
             self._control.append(_window_update(stream_id, unacknowledged))
         recv.available += unacknowledged
@@ -444,12 +444,13 @@ class Multiplexer:
 
         A quarter of the window read within two round trips since the last
         update means the window is under eight times what the path carries
-        per round trip, and the sender may wait for credit: the window doubles (the
-        increment carries the difference), within the per-stream and the
-        session's limits. Returns the extra credit, 0 for none.
+        per round trip, and the sender may wait for credit: the window
+        doubles (the increment carries the difference), within the
+        per-stream and the session's limits. Returns the extra credit, 0
+        for none.
         """
         now = self.now
-        quick = now - recv.updated_at < 2.0 * self.round_trip_s
+        quick = now - recv.updated_at < 2.0 * self.path_round_trip_s
         recv.updated_at = now
         extra = recv.size
         if not quick or recv.size + extra > MAX_AUTOTUNED_WINDOW_BYTES:
@@ -686,7 +687,7 @@ class Multiplexer:
         sent_at = self._pings_sent_at.pop(counter, None)
         if sent_at is not None:
             self._round_trips.append(max(0.0, self.now - sent_at))
-            self.round_trip_s = min(self._round_trips)
+            self.path_round_trip_s = min(self._round_trips)
             events.append(ev.PingAcknowledged(sent_at))
 
     def _receive_go_away(self, frame: GoAway, events: list[ev.Event]) -> None:
@@ -747,7 +748,7 @@ class Multiplexer:
         return []
 
     def measure_round_trip(self) -> None:
-        """Send a PING now; its answer may lower :attr:`round_trip_s`.
+        """Send a PING now; its answer may lower :attr:`path_round_trip_s`.
 
         The heartbeat sends one every interval; the session sends one more as
         it starts, so that windows can grow (auto-tuning) from the first

@@ -303,7 +303,7 @@ def measured_round_trip(pair: MuxPair, receiver: Multiplexer, rtt_s: float) -> N
     pair.deliver(receiver, pair.peer(receiver))
     receiver.now = 100.0 + rtt_s
     assert of_type(pair.deliver(pair.peer(receiver), receiver), ev.PingAcknowledged)
-    assert receiver.round_trip_s == pytest.approx(rtt_s)
+    assert receiver.path_round_trip_s == pytest.approx(rtt_s)
 
 
 def consume_quarters(
@@ -376,7 +376,7 @@ def test_the_round_trip_is_the_shortest_of_the_last_pings() -> None:
         pair.deliver(pair.client, pair.server)
         pair.client.now = at + answered_after
         pair.deliver(pair.server, pair.client)
-        return pair.client.round_trip_s
+        return pair.client.path_round_trip_s
 
     assert ping(300.0, 1.5) == pytest.approx(0.2)  # queued behind a transfer, say
     assert ping(310.0, 0.8) == pytest.approx(0.2)
@@ -532,7 +532,7 @@ class MuxModel(RuleBasedStateMachine):
         self.ended: set[tuple[int, str]] = set()
         self.reset: set[int] = set()
         for mux in (self.pair.client, self.pair.server):
-            mux.round_trip_s = 0.05  # as if a PING had been answered: windows may grow
+            mux.path_round_trip_s = 0.05  # as if a PING had been answered: windows may grow
 
     def mux(self, side: str) -> Multiplexer:
         return self.pair.client if side == "client" else self.pair.server
