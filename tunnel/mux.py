@@ -25,7 +25,7 @@ starves the others. Credit returns when the consumer calls
 :meth:`acknowledge`, not when bytes arrive.
 
 A window grows when it, not the reader, holds a stream back (protocol.md
-§6): once a PING has measured a round trip of at least
+§6): once two PINGs have measured a round trip of at least
 :data:`AUTOTUNE_FROM_ROUND_TRIP_S`, a stream whose consumer read a quarter
 of its window within two round trips gets its window doubled with its next
 WINDOW_UPDATE, up to :data:`MAX_AUTOTUNED_WINDOW_BYTES`, and all of a
@@ -37,7 +37,7 @@ Liveness. Every ``heartbeat_interval_s`` a PING goes out; a peer that sends
 nothing at all for ``heartbeat_timeout_s`` is declared dead with a
 :class:`~tunnel.events.HeartbeatTimedOut` event. The answers give the
 round trip (:attr:`Multiplexer.path_round_trip_s`, the shortest of the last
-:data:`ROUND_TRIP_SAMPLES`).
+:data:`ROUND_TRIP_SAMPLES`, once two are in).
 
 Time. The multiplexer reads no clock: :attr:`Multiplexer.now` is the
 caller's time, set before each message it is fed and at each
@@ -97,11 +97,13 @@ DEFAULT_HEARTBEAT_TIMEOUT_S: Final = 20.0
 MAX_AUTOTUNED_WINDOW_BYTES: Final = 16 * 1024 * 1024
 SESSION_WINDOW_GROWTH_BYTES: Final = 64 * 1024 * 1024
 #: Windows grow only over a round trip at least this long: below it the
-#: initial window already carries more than a gigabit per second.
-AUTOTUNE_FROM_ROUND_TRIP_S: Final = 0.005
+#: initial window already carries 400 Mbit/s, and two processes on one
+#: busy machine can take a few milliseconds to answer each other.
+AUTOTUNE_FROM_ROUND_TRIP_S: Final = 0.020
 #: The round trip is the shortest of the last this many PINGs (30 s of
-#: heartbeats): one queued behind a transfer measures the queue, not the
-#: path, but a path that changed is followed within a few heartbeats.
+#: heartbeats), and known once two have been answered: one queued behind a
+#: transfer, or answered by a peer still busy starting, measures the queue,
+#: not the path; a path that changed is followed within a few heartbeats.
 ROUND_TRIP_SAMPLES: Final = 3
 #: Rapid-reset guard: more streams refused or reset by the peer than this in
 #: one rate window ends the session with ENHANCE_YOUR_CALM (protocol.md §9).
@@ -319,7 +321,7 @@ class Multiplexer:
         self._rate_window_ends_at = now + RATE_WINDOW_S
         #: the caller's clock as of the last message fed or timer handled
         self.now = now
-        #: the shortest round trip of the last PINGs, in seconds; inf before one
+        #: the shortest round trip of the last PINGs, in seconds; inf until two
         self.path_round_trip_s = math.inf
         self._round_trips: collections.deque[float] = collections.deque(maxlen=ROUND_TRIP_SAMPLES)
         #: what the windows of this session may still grow by (auto-tuning)
@@ -686,8 +688,12 @@ class Multiplexer:
         (counter,) = _PING_OPAQUE.unpack(frame.opaque)
         sent_at = self._pings_sent_at.pop(counter, None)
         if sent_at is not None:
-            self._round_trips.append(max(0.0, self.now - sent_at))
-            self.path_round_trip_s = min(self._round_trips)
+            samples = self._round_trips
+            samples.append(max(0.0, self.now - sent_at))
+            if len(samples) < 2:
+                self.measure_round_trip()  # a second opinion, at once
+            else:
+                self.path_round_trip_s = min(samples)
             events.append(ev.PingAcknowledged(sent_at))
 
     def _receive_go_away(self, frame: GoAway, events: list[ev.Event]) -> None:
@@ -751,8 +757,9 @@ class Multiplexer:
         """Send a PING now; its answer may lower :attr:`path_round_trip_s`.
 
         The heartbeat sends one every interval; the session sends one more as
-        it starts, so that windows can grow (auto-tuning) from the first
-        transfer rather than one heartbeat interval later.
+        it starts, and the first answer sends a second, so that windows can
+        grow (auto-tuning) from the first transfer rather than two heartbeat
+        intervals later.
         """
         if not self._hello_sent:
             return

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -297,13 +299,30 @@ def test_credit_returns_only_when_the_consumer_reads() -> None:
 
 
 def measured_round_trip(pair: MuxPair, receiver: Multiplexer, rtt_s: float) -> None:
-    """Let ``receiver`` time a PING that its peer answers ``rtt_s`` later."""
+    """Let ``receiver`` time a PING, and the second one it sends, answered ``rtt_s`` later."""
     receiver.now = 100.0
     receiver.measure_round_trip()
-    pair.deliver(receiver, pair.peer(receiver))
-    receiver.now = 100.0 + rtt_s
-    assert of_type(pair.deliver(pair.peer(receiver), receiver), ev.PingAcknowledged)
+    for answered_at in (100.0 + rtt_s, 100.0 + 2 * rtt_s):
+        pair.deliver(receiver, pair.peer(receiver))
+        receiver.now = answered_at
+        assert of_type(pair.deliver(pair.peer(receiver), receiver), ev.PingAcknowledged)
     assert receiver.path_round_trip_s == pytest.approx(rtt_s)
+
+
+def test_the_path_round_trip_needs_a_second_ping_which_goes_out_at_once() -> None:
+    pair = MuxPair()
+    pair.client.now = 50.0
+    pair.client.measure_round_trip()
+    pair.deliver(pair.client, pair.server)
+    pair.client.now = 50.4  # a peer still busy starting answers late
+    pair.deliver(pair.server, pair.client)
+    assert pair.client.path_round_trip_s == math.inf
+    assert pair.client.has_data_to_send  # the second PING
+    pair.deliver(pair.client, pair.server)
+    pair.client.now = 50.45
+    pair.deliver(pair.server, pair.client)
+    assert pair.client.path_round_trip_s == pytest.approx(0.05)
+    assert not pair.client.has_data_to_send
 
 
 def consume_quarters(
@@ -359,10 +378,10 @@ def test_a_slow_reader_and_an_unmeasured_link_keep_the_window() -> None:
     unmeasured.exchange()
     assert set(consume_quarters(unmeasured, sid, 12, every_s=0.001)) == {DEFAULT_WINDOW_BYTES // 4}
 
-    lan = MuxPair()  # 1 ms: the initial window already carries gigabits
+    lan = MuxPair()  # 10 ms: the initial window already carries 800 Mbit/s
     sid = lan.server.open_stream("")
     lan.exchange()
-    measured_round_trip(lan, lan.client, 0.001)
+    measured_round_trip(lan, lan.client, 0.010)
     assert set(consume_quarters(lan, sid, 12, every_s=0.0001)) == {DEFAULT_WINDOW_BYTES // 4}
 
 
