@@ -268,8 +268,7 @@ def server_context(
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.options |= OP_PRIORITIZE_CHACHA
-    if not (aes_in_hardware() if aes_hardware is None else aes_hardware):
-        prefer_chacha20(context)
+    _order_ciphers_for_this_cpu(context, aes_hardware)
     try:
         context.load_cert_chain(cert_path, key_path)
     except (OSError, ssl.SSLError) as exc:
@@ -295,8 +294,7 @@ def client_context(
     """
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    if not (aes_in_hardware() if aes_hardware is None else aes_hardware):
-        prefer_chacha20(context)
+    _order_ciphers_for_this_cpu(context, aes_hardware)
     if pinned:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
@@ -309,6 +307,12 @@ def client_context(
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"cannot load the CA file {ca_file}: {exc}") from None
     return context
+
+
+def _order_ciphers_for_this_cpu(context: ssl.SSLContext, aes_hardware: bool | None) -> None:
+    """ChaCha20-Poly1305 first where the CPU (``aes_hardware``, else detected) lacks AES."""
+    if not (aes_in_hardware() if aes_hardware is None else aes_hardware):
+        prefer_chacha20(context)
 
 
 def aes_in_hardware(cpuinfo: str | None = None) -> bool:
