@@ -1,10 +1,17 @@
-"""The client: keeps one session to the exit server up, forever, and serves its streams."""
+"""The client: keeps its sessions to the exit server up, forever, and serves their streams.
+
+One session by default; ``--connections N`` keeps N, each on a websocket
+of its own with its own reconnect backoff. The exit server gives each
+request to the least busy of them (server/registry.py), so over a lossy
+uplink a download on one does not hold back what the others carry.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import random
+import secrets
 import signal
 
 from client.config import ClientConfig, control_url
@@ -33,17 +40,20 @@ class TunnelClient:
             else None
         )
         self.routes: dict[str, Upstream] = {u.route: u for u in config.upstreams}
-        self.session: Session | None = None
+        #: this run of the client: a session of another instance is a ghost to replace
+        self.instance = secrets.token_hex(8)
+        #: the live session of each connection, by connection number
+        self.sessions: dict[int, Session] = {}
         self.sessions_started = 0
-        self._backoff = Backoff(max_s=config.reconnect_max_delay_s, rng=rng)
+        self._rng = rng
         self._stop = asyncio.Event()
         self._connected = asyncio.Event()
 
     def stop(self) -> None:
-        """Close the session politely and make :meth:`run` return."""
+        """Close the sessions politely and make :meth:`run` return."""
         self._stop.set()
-        if self.session is not None:
-            self.session.close(ErrorCode.GOING_AWAY, "client shutting down")
+        for session in list(self.sessions.values()):
+            session.close(ErrorCode.GOING_AWAY, "client shutting down")
 
     async def wait_connected(self) -> None:
         """Wait until a session is up (for the demo and tests)."""
@@ -61,13 +71,21 @@ class TunnelClient:
                 loop.remove_signal_handler(signum)
 
     async def run(self) -> None:
+        """Keep every connection up until :meth:`stop`."""
+        async with asyncio.TaskGroup() as connections:
+            for index in range(self.config.connections):
+                connections.create_task(self._keep_up(index), name=f"connection-{index}")
+        logger.info("client stopped")
+
+    async def _keep_up(self, index: int) -> None:
         """Connect, serve, and reconnect with backoff until :meth:`stop`."""
         loop = asyncio.get_running_loop()
+        backoff = Backoff(max_s=self.config.reconnect_max_delay_s, rng=self._rng)
         while not self._stop.is_set():
             started = loop.time()
             delay: float | None = None
             try:
-                await self._connect_and_serve()
+                await self._connect_and_serve(index)
             except AuthRejected as exc:
                 logger.error("%s: check the token (--token-file) matches the exit server's", exc)
                 delay = AUTH_FAILURE_DELAY_S * random.uniform(0.8, 1.2)  # noqa: S311
@@ -82,23 +100,28 @@ class TunnelClient:
             except (ProtocolError, SessionClosed) as exc:
                 logger.warning("session failed: %s", exc)
             finally:
-                self.session = None
-                self._connected.clear()
+                self.sessions.pop(index, None)
+                if not self.sessions:
+                    self._connected.clear()
             if self._stop.is_set():
                 break
             if loop.time() - started >= DEFAULT_STABLE_AFTER_S:
-                self._backoff.reset()
+                backoff.reset()
             if delay is None:
-                delay = self._backoff.next_delay()
-            logger.info("reconnecting in %.1f s", delay)
+                delay = backoff.next_delay()
+            logger.info("reconnecting%s in %.1f s", self._which(index, " connection "), delay)
             try:
                 async with asyncio.timeout(delay):
                     await self._stop.wait()
             except TimeoutError:
                 pass
-        logger.info("client stopped")
 
-    async def _connect_and_serve(self) -> None:
+    def _which(self, index: int, before: str) -> str:
+        """``before`` and ``N of M`` when the client keeps several connections, else nothing."""
+        connections = self.config.connections
+        return f"{before}{index + 1} of {connections}" if connections > 1 else ""
+
+    async def _connect_and_serve(self, index: int) -> None:
         config = self.config
         loop = asyncio.get_running_loop()
         connection = await dial(
@@ -112,7 +135,7 @@ class TunnelClient:
             now=loop.time(),
         )
         session = Session(connection, mux, name=config.name, accept_stream=self._accept)
-        self.session = session
+        self.sessions[index] = session
         routes = [
             {
                 "host": u.route,
@@ -123,7 +146,14 @@ class TunnelClient:
         ]
         try:
             await session.send_hello(
-                {"client_name": config.name, "routes": routes, "software": SOFTWARE}
+                {
+                    "client_name": config.name,
+                    "routes": routes,
+                    "instance": self.instance,
+                    "connection": index,
+                    "connections": config.connections,
+                    "software": SOFTWARE,
+                }
             )
             hello = await session.wait_hello()
         except BaseException:
@@ -131,11 +161,12 @@ class TunnelClient:
             raise
         self.sessions_started += 1
         logger.info(
-            "connected to %s as %s (session %s)%s; serving %s",
+            "connected to %s as %s (session %s)%s%s; serving %s",
             self.url,
             config.name,
             hello.get("session_id", "?"),
             _tls_in_use(connection.transport),
+            self._which(index, "; connection "),
             "; ".join(u.describe() for u in config.upstreams),
         )
         self._connected.set()

@@ -23,7 +23,9 @@ class ClientConfig:
     name: str
     #: dialling an upstream that takes longer than this fails the stream (504)
     upstream_connect_timeout_s: float = 10.0
-    #: streams the exit server may have open to us at once
+    #: websocket connections kept to the exit server, each a session of its own
+    connections: int = 1
+    #: streams the exit server may have open to us at once, per connection
     max_streams: int = 16384
     heartbeat_interval_s: float = 10.0
     heartbeat_timeout_s: float = 20.0

@@ -460,7 +460,7 @@ def token(output: Path | None) -> None:
     show_default=True,
     show_envvar=True,
     envvar="HOMEPORT_MAX_STREAMS_PER_CLIENT",
-    help="Concurrent streams to one client at most (503 beyond).",
+    help="Concurrent streams to one client connection at most (503 beyond).",
 )
 @click.option(
     "--max-body",
@@ -656,13 +656,23 @@ def server(
     help="Seconds to wait for an upstream to accept a connection.",
 )
 @click.option(
+    "--connections",
+    type=click.IntRange(1, 8),
+    default=1,
+    show_default=True,
+    show_envvar=True,
+    envvar="HOMEPORT_CONNECTIONS",
+    help="Websocket connections to keep to the exit server; requests go to the least busy. "
+    "Over a lossy uplink, 2 keep a download from holding back other visitors.",
+)
+@click.option(
     "--max-streams",
     type=click.IntRange(min=1),
     default=16384,
     show_default=True,
     show_envvar=True,
     envvar="HOMEPORT_MAX_STREAMS",
-    help="Concurrent streams the exit server may open to this client.",
+    help="Concurrent streams the exit server may open to this client, per connection.",
 )
 @click.option(
     "--heartbeat-interval",
@@ -724,6 +734,7 @@ def client(
     allow_paths: tuple[str, ...],
     name: str | None,
     upstream_connect_timeout: float,
+    connections: int,
     max_streams: int,
     heartbeat_interval: float,
     heartbeat_timeout: float,
@@ -767,6 +778,7 @@ def client(
             ),
             name=client_name,
             upstream_connect_timeout_s=upstream_connect_timeout,
+            connections=connections,
             max_streams=max_streams,
             heartbeat_interval_s=heartbeat_interval,
             heartbeat_timeout_s=heartbeat_timeout,

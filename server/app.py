@@ -50,6 +50,8 @@ class ExitServer:
                 {
                     "name": client.name,
                     "session_id": client.session_id,
+                    "connection": client.connection,
+                    "connections": client.connections,
                     "remote_addr": client.remote_addr,
                     "routes": [route or "*" for route in client.routes],
                     "connected_s": round(now - client.connected_at, 1),

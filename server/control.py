@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import secrets
 from collections.abc import Callable
 from typing import Any, Final
@@ -38,6 +39,9 @@ CONNECT_PATH: Final = "/connect"
 HEALTH_PATH: Final = "/healthz"
 STATUS_PATH: Final = "/status"
 MAX_ROUTES: Final = 64
+#: connections one client may keep (``homeport client --connections``)
+MAX_CONNECTIONS: Final = 8
+_INSTANCE: Final = re.compile(r"[0-9a-f]{8,64}")
 
 
 class ControlServer:
@@ -167,6 +171,7 @@ class ControlServer:
         try:
             hello = await session.wait_hello()
             name, routes = _read_client_hello(hello)
+            instance, index, connections = _read_connection(hello)
         except (ProtocolError, SessionClosed) as exc:
             reason = exc.message if isinstance(exc, ProtocolError) else exc.reason
             logger.warning("client from %s failed its HELLO: %s", address, reason)
@@ -182,22 +187,27 @@ class ControlServer:
             remote_addr=address,
             session_id=session_id,
             max_streams=config.max_streams_per_client,
+            instance=instance,
+            connection=index,
+            connections=connections,
         )
         await session.send_hello({"session_id": session_id, "software": SOFTWARE})
-        replaced = self.registry.add(client)
-        if replaced is not None:
+        which = f"connection {index + 1} of {connections}" if connections > 1 else ""
+        for replaced in self.registry.add(client):
             logger.info(
-                "client %s reconnected from %s; closing its previous session from %s",
+                "client %s%s reconnected from %s; closing its previous session from %s",
                 name,
+                f" ({which})" if which else "",
                 address,
                 replaced.remote_addr,
             )
             replaced.session.close(ErrorCode.REPLACED, "replaced by a newer session")
         logger.info(
-            "client %s connected from %s (session %s), serving %s",
+            "client %s connected from %s (session %s%s), serving %s",
             name,
             address,
             session_id,
+            f", {which}" if which else "",
             ", ".join(_describe(route) for route in routes.values()),
         )
         self.sessions.add(session)
@@ -252,6 +262,33 @@ def _read_client_hello(hello: dict[str, Any]) -> tuple[str, dict[str, Route]]:
             raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "a host is routed twice")
         routes[host] = Route(host, rewrite.encode() if rewrite else None, tuple(allow))
     return name, routes
+
+
+def _read_connection(hello: dict[str, Any]) -> tuple[str, int, int]:
+    """The client's instance, this connection's number and how many it keeps.
+
+    A client that sends no ``instance`` (an older one) gets one of its own
+    for this session, so it replaces whatever its name had, as before.
+
+    Raises:
+        ProtocolError: a field is malformed.
+    """
+    instance = hello.get("instance")
+    connection = hello.get("connection", 0)
+    connections = hello.get("connections", 1)
+    if instance is None:
+        instance = secrets.token_hex(8)
+    elif not (isinstance(instance, str) and _INSTANCE.fullmatch(instance)):
+        raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "instance must be 8 to 64 hex digits")
+    if not (type(connections) is int and 1 <= connections <= MAX_CONNECTIONS):
+        raise ProtocolError(
+            ErrorCode.PROTOCOL_ERROR, f"connections must be an integer from 1 to {MAX_CONNECTIONS}"
+        )
+    if not (type(connection) is int and 0 <= connection < connections):
+        raise ProtocolError(
+            ErrorCode.PROTOCOL_ERROR, "connection must be an integer from 0 to connections - 1"
+        )
+    return instance, connection, connections
 
 
 def _describe(route: Route) -> str:

@@ -3,10 +3,18 @@
 Routing (docs/architecture.md): a request's ``Host`` is normalised (lower
 case, no port, no trailing dot) and matched exactly against the host names
 clients registered; when none matches, a client that registered a default
-route serves it. Several clients may serve the same name: requests are
-spread over them round-robin, and when one goes away the others carry on. A
-client that connects with the name of one already connected replaces it
-(after a power cut the old session is a ghost).
+route serves it. Several sessions may serve the same name, those of
+different clients and a client's own connections (``--connections``): each
+request goes to the session with the fewest exchanges under way, ties taken
+in turn, and when one goes away the others carry on. So a download that
+holds one of a client's connections does not hold back the requests that
+come while it runs: they go to the others, and over a lossy uplink they do
+not wait behind its lost packets.
+
+A session replaces the one already connected with its client's name and
+connection number, and every session of an older run of that client (a
+different ``instance`` in its HELLO): after a power cut the old sessions
+are ghosts.
 
 Streams are reused like an HTTP proxy's upstream keep-alive connections: a
 stream whose exchange ended cleanly goes back to its route's pool, most
@@ -151,6 +159,11 @@ class ConnectedClient:
     remote_addr: str
     session_id: str
     max_streams: int
+    #: the client process this session belongs to, unique per run (its HELLO's ``instance``)
+    instance: str = ""
+    #: which of the client's connections this is, and how many it keeps
+    connection: int = 0
+    connections: int = 1
     connected_at: float = field(default_factory=time.time)
     #: per route, idle streams and since when (loop time), oldest first
     _idle: dict[str, dict[Stream, float]] = field(default_factory=dict)
@@ -226,6 +239,10 @@ class ConnectedClient:
     def idle_streams(self) -> int:
         return sum(len(idle) for idle in self._idle.values())
 
+    def busy_streams(self) -> int:
+        """Streams carrying an exchange now (open ones that are not pooled)."""
+        return len(self.session.streams) - self.idle_streams()
+
     def close_pool(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
@@ -237,36 +254,56 @@ class ConnectedClient:
 
 
 class Registry:
-    """The connected clients, by name and by the hosts they serve."""
+    """The connected clients' sessions, by client name and by the hosts they serve."""
 
     def __init__(self) -> None:
-        self._by_name: dict[str, ConnectedClient] = {}
+        self._by_name: dict[str, list[ConnectedClient]] = {}
         self._by_host: dict[str, list[ConnectedClient]] = {}
         self._turn = itertools.count()
 
     def __len__(self) -> int:
-        return len(self._by_name)
+        return sum(len(sessions) for sessions in self._by_name.values())
 
     def clients(self) -> list[ConnectedClient]:
-        return list(self._by_name.values())
+        """Every session, a client's in the order of its connection numbers."""
+        return [
+            client
+            for sessions in self._by_name.values()
+            for client in sorted(sessions, key=lambda c: c.connection)
+        ]
 
-    def get(self, name: str) -> ConnectedClient | None:
-        return self._by_name.get(name)
+    def get(self, name: str, connection: int = 0) -> ConnectedClient | None:
+        for client in self._by_name.get(name, ()):
+            if client.connection == connection:
+                return client
+        return None
 
-    def add(self, client: ConnectedClient) -> ConnectedClient | None:
-        """Register a client; return the one it replaces (same name), if any."""
-        replaced = self._by_name.get(client.name)
-        if replaced is not None:
-            self.remove(replaced)
-        self._by_name[client.name] = client
+    def add(self, client: ConnectedClient) -> list[ConnectedClient]:
+        """Register a session; return those it replaces.
+
+        It replaces its client's session with the same connection number,
+        and every session of another instance with its client's name.
+        """
+        sessions = self._by_name.get(client.name, [])
+        replaced = [
+            old
+            for old in sessions
+            if old.instance != client.instance or old.connection == client.connection
+        ]
+        for old in replaced:
+            self.remove(old)
+        self._by_name.setdefault(client.name, []).append(client)
         for host in client.routes:
             self._by_host.setdefault(host, []).append(client)
         return replaced
 
     def remove(self, client: ConnectedClient) -> None:
-        """Forget a client (its session ended); others serving its hosts carry on."""
-        if self._by_name.get(client.name) is client:
-            del self._by_name[client.name]
+        """Forget a session (it ended); others serving its hosts carry on."""
+        sessions = self._by_name.get(client.name)
+        if sessions and client in sessions:
+            sessions.remove(client)
+            if not sessions:
+                del self._by_name[client.name]
         for host in client.routes:
             serving = self._by_host.get(host)
             if serving and client in serving:
@@ -275,7 +312,11 @@ class Registry:
                     del self._by_host[host]
 
     def lookup(self, host: str | None) -> tuple[ConnectedClient, str] | None:
-        """The client and route for a normalised host; the default route if none matches."""
+        """The session and route for a normalised host; the default route if none matches.
+
+        Of several sessions serving it, the one with the fewest exchanges
+        under way; of those, the next in turn.
+        """
         for key in (host, DEFAULT_ROUTE) if host else (DEFAULT_ROUTE,):
             serving = self._by_host.get(key)
             if not serving:
@@ -285,6 +326,9 @@ class Registry:
                     return serving[0], key
                 continue
             live = [c for c in serving if not c.session.is_closing]
-            if live:
-                return live[next(self._turn) % len(live)], key
+            if not live:
+                continue
+            fewest = min(c.busy_streams() for c in live)
+            least_busy = [c for c in live if c.busy_streams() == fewest]
+            return least_busy[next(self._turn) % len(least_busy)], key
         return None

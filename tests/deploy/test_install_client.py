@@ -60,6 +60,7 @@ def test_install_writes_token_settings_and_unit_and_starts_it(
         'HOMEPORT_UPSTREAM="http://127.0.0.1:8080 fn.example.com=http://10.0.0.5:80"\n'
         'HOMEPORT_ALLOW_PATH="default=/function/ default=/async-function/"\n'
         "HOMEPORT_NAME=garden-pi\n"
+        "HOMEPORT_CONNECTIONS=2\n"
     )
     assert written["/etc/homeport/client.env"] == Written(0o600, uid, gid, env.encode())
     unit = written[f"/etc/systemd/system/{UNIT}"]
@@ -130,6 +131,8 @@ def test_install_installs_venv_support_when_python_lacks_it(
         (("--upstream", "http://127.0.0.1:8080\nHOMEPORT_INSECURE=1"), "--upstream is malformed"),
         (("--allow-path", "default=/f/$(touch {pwned})"), "--allow-path is malformed"),
         (("--name", "a b"), "--name is malformed"),
+        (("--connections", "9"), "--connections is malformed"),
+        (("--connections", "2\nHOMEPORT_INSECURE=1"), "--connections is malformed"),
         (("--package", "homeport==1;touch {pwned}"), "--package is malformed"),
     ],
 )

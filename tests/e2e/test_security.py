@@ -557,10 +557,11 @@ async def test_handshakes_that_never_complete_are_closed_at_10_s(
     assert all(9 < elapsed < 15 for elapsed in times), times
 
 
-def client_hello(name: str = "rogue") -> bytes:
+def client_hello(name: str = "rogue", **extra: object) -> bytes:
     return encode(Hello({
         "version": 1, "initial_window_bytes": 262144, "max_frame_bytes": 65536,
         "max_concurrent_streams": 100, "client_name": name, "routes": [{"host": f"{name}.example"}],
+        **extra,
     }))  # fmt: skip
 
 
@@ -601,6 +602,10 @@ ROGUE_MESSAGES = {
     "an oversized message": (client_hello(), b"\x00" * (3 * 1024 * 1024), 1009),
     "no HELLO first": (None, encode(Data(1, b"x")), 1002),
     "a HELLO with a bad name": (None, client_hello("bad name!"), 1002),
+    "a connection number beyond its count": (None, client_hello(connection=2, connections=2), 1002),
+    "too many connections": (None, client_hello(connection=0, connections=9), 1002),
+    "a connection count that is no integer": (None, client_hello(connections="2"), 1002),
+    "an instance that is no hex": (None, client_hello(instance="not hex!"), 1002),
 }
 
 

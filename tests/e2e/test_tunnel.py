@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import signal
 import socket
 import time
@@ -18,6 +19,7 @@ import pytest
 
 from tests.e2e.conftest import ClientProcess, ExitServerProcess, Upstream
 from tests.support.upstream import pattern_body, pattern_sha256
+from tests.support.waiting import wait_until
 from tunnel.auth import write_secret_file
 
 MIB = 1024 * 1024
@@ -322,3 +324,78 @@ async def test_status_needs_the_token(tunnel: tuple[ExitServerProcess, ClientPro
     status, body, _ = await fetch(f"http://127.0.0.1:{server.control_port}/status")
     assert status == 401
     assert b"clients" not in body
+
+
+# -- several connections per client ------------------------------------------------------
+
+
+def lines_matching(client: ClientProcess, pattern: str, since: int = 0) -> int:
+    return sum(1 for line in client.process.lines[since:] if re.search(pattern, line))
+
+
+async def test_a_client_with_two_connections_sends_requests_past_the_busy_one(
+    start_server: Callable[..., ExitServerProcess],
+    start_client: Callable[..., ClientProcess],
+    upstream: Upstream,
+    token: str,
+) -> None:
+    server = start_server()
+    client = start_client(server, upstream.url, flags=("--connections", "2"), wait=False)
+    for n in (1, 2):
+        await client.process.wait_for_async(rf"connected to .*; connection {n} of 2; serving")
+    sessions = (await server_status(server, token))["clients"]
+    assert [(s["name"], s["connection"], s["connections"]) for s in sessions] == [
+        ("pi", 0, 2),
+        ("pi", 1, 2),
+    ]
+
+    slow = asyncio.create_task(fetch(f"{server.url}/slow?seconds=3"))
+    deadline = time.monotonic() + 10
+    while True:  # until the slow request holds one of the two connections
+        sessions = (await server_status(server, token))["clients"]
+        held = [n for n, s in enumerate(sessions) if s["streams"] - s["idle_streams"] == 1]
+        if held:
+            break
+        assert time.monotonic() < deadline, sessions
+        await asyncio.sleep(0.05)
+    (busy,) = held
+    free = 1 - busy
+    for _ in range(10):
+        status, body, _ = await fetch(f"{server.url}/")
+        assert (status, body) == (200, b"hello from upstream\n")
+    after = (await server_status(server, token))["clients"]
+    assert after[busy]["bytes_to_client"] == sessions[busy]["bytes_to_client"]
+    assert after[free]["bytes_to_client"] > sessions[free]["bytes_to_client"]
+    status, body, _ = await slow
+    assert (status, body) == (200, b"slow but done\n")
+
+
+async def test_a_new_run_of_a_client_replaces_all_its_connections(
+    start_server: Callable[..., ExitServerProcess],
+    start_client: Callable[..., ClientProcess],
+    upstream: Upstream,
+    token: str,
+) -> None:
+    # After a power cut the Pi's new run finds its old sessions still
+    # registered (ghosts until the heartbeat times out): every one of them
+    # goes, not just the one with the new session's number.
+    server = start_server()
+    old = start_client(server, upstream.url, flags=("--connections", "2"), wait=False)
+    for n in (1, 2):
+        await old.process.wait_for_async(rf"connection {n} of 2; serving")
+    mark = old.process.mark()
+    new = start_client(server, upstream.url, name="pi", flags=("--reconnect-max-delay", "30"))
+    replaced = r"replaced this session with a newer one named pi"
+    await wait_until(lambda: lines_matching(old, replaced, mark) == 2)
+    new.process.stop()
+
+    async def old_back() -> bool:
+        sessions = (await server_status(server, token))["clients"]
+        return [(s["connection"], s["connections"]) for s in sessions] == [(0, 2), (1, 2)]
+
+    deadline = time.monotonic() + 20
+    while not await old_back():
+        assert time.monotonic() < deadline, "the old run did not come back with both connections"
+        await asyncio.sleep(0.1)
+    status, body, _ = await fetch(f"{server.url}/")
+    assert (status, body) == (200, b"hello from upstream\n")

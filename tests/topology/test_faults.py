@@ -13,7 +13,9 @@ import hashlib
 import json
 import re
 import signal
+import statistics
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -47,6 +49,7 @@ LINK_DEAD = r"nothing heard for [\d.]+ s, the link is dead"
 OUTAGE_S = 20.0
 #: an error answered at once: well under the heartbeat interval
 FAST_ANSWER_S = 1.0
+MAX_VISITS_DURING_A_DOWNLOAD = 200
 #: the bulk TCP sink's port on the exit node (the exit server uses 80 and 8123)
 BULK_PORT = 9000
 
@@ -358,3 +361,76 @@ def test_a_session_started_over_a_bad_uplink_grows_its_windows_and_stays_bit_exa
         f"TCP alone over the same path (three transfers on one connection from the Pi "
         f"to the exit node): {', '.join(f'{rate:.1f}' for rate in tcp)} Mbit/s"
     )
+
+
+def visits_during_a_download(
+    topology: Topology, server: ExitServer, path: Path
+) -> tuple[Answer, list[float], int | None, dict[int, int]]:
+    """Small requests, one after another, while a large download runs.
+
+    Returns the download, each small request's seconds, which of the
+    client's connections carried the download (None if it was over before
+    a status saw it), and the bytes each connection had carried to the
+    client just before the small requests began.
+    """
+    done: list[Answer] = []
+    downloading = threading.Thread(target=lambda: done.append(download(topology, path)))
+    downloading.start()
+    carrier = None
+    carried: dict[int, int] = {}
+    while carrier is None and downloading.is_alive():
+        sessions = server.status()["clients"]
+        carried = {s["connection"]: s["bytes_to_client"] for s in sessions}
+        for session in sessions:
+            if session["streams"] > session["idle_streams"]:
+                carrier = session["connection"]
+    seconds = []
+    while downloading.is_alive() and len(seconds) < MAX_VISITS_DURING_A_DOWNLOAD:
+        answer = topology.visit("/style.css", max_time=30)
+        assert answer.status == 200, answer
+        seconds.append(answer.seconds)
+    downloading.join()
+    return done[0], seconds, carrier, carried
+
+
+@pytest.mark.timeout(300)
+def test_with_two_connections_a_download_over_a_bad_uplink_holds_back_no_one(
+    topology: Topology, tmp_path: Path
+) -> None:
+    # One TCP connection delivers in order: while a download runs over a
+    # lossy link, whatever follows a lost packet waits for its repair, the
+    # small answers of other visitors too. With --connections 2 they take
+    # the connection the download is not on (the least busy one).
+    server = topology.start_server()
+    figures = []
+    with topology.bed.impaired_uplink(delay_ms=100, jitter_ms=20, loss_percent=1) as how:
+        for connections in (1, 2):
+            client = topology.start_client(server, "--connections", str(connections), wait=False)
+            wait_sessions(server, connections)
+            answer, seconds, carrier, before = visits_during_a_download(
+                topology, server, tmp_path / f"over-{connections}.bin"
+            )
+            digest = hashlib.sha256((tmp_path / f"over-{connections}.bin").read_bytes())
+            assert digest.hexdigest() == topology.pi.large_file_sha256, connections
+            assert seconds, "the download ended before any small request was made"
+            if connections == 2:
+                after = {s["connection"]: s["bytes_to_client"] for s in server.status()["clients"]}
+                assert carrier is not None
+                assert after[carrier] == before[carrier], "a small request took the busy connection"
+                assert after[1 - carrier] > before[1 - carrier]
+            figures.append(
+                f"{connections} connection{'s' if connections > 1 else ''}: "
+                f"{len(seconds)} small answers during a {LARGE_FILE_BYTES // 2**20} MiB download "
+                f"({float(answer.info['speed_download']) * 8 / 1e6:.1f} Mbit/s) in "
+                f"{statistics.median(seconds):.2f} s median, {max(seconds):.2f} s at most"
+            )
+            client.process.stop()
+            wait_sessions(server, 0)
+    record_figure(f"bad uplink ({how}): " + "; ".join(figures))
+
+
+def wait_sessions(server: ExitServer, count: int, within: float = 20.0) -> None:
+    deadline = time.monotonic() + within
+    while len(server.status()["clients"]) != count:
+        assert time.monotonic() < deadline, f"not {count} sessions within {within} s"
+        time.sleep(0.1)

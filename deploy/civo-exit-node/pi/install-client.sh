@@ -7,7 +7,10 @@
 #
 #   sudo bash install-client.sh --url wss://IP:8123 --fingerprint sha256:HEX \
 #        --token-file FILE [--upstream [HOST=]URL]... [--allow-path ROUTE=PREFIX]... \
-#        [--name NAME] [--package SPEC]
+#        [--name NAME] [--connections N] [--package SPEC]
+#
+# --connections: websocket connections the client keeps (default 2, so that a
+# download over a lossy home uplink does not hold back other visitors).
 #
 # `homeport exit-node create` prints this command with the values filled in.
 # Run it again to change a setting: it only rewrites what it owns. The token is
@@ -31,7 +34,7 @@ die() {
 }
 
 usage() {
-  sed -n '8,10p' "$0" >&2
+  sed -n '8,13p' "$0" >&2
   exit 2
 }
 
@@ -49,7 +52,7 @@ put() {
   mv -f "$tmp" "$path"
 }
 
-url='' fingerprint='' token_file='' name=''
+url='' fingerprint='' token_file='' name='' connections=2
 upstreams=() allow_paths=()
 while (($# > 0)); do
   (($# >= 2)) || usage
@@ -60,6 +63,7 @@ while (($# > 0)); do
     --upstream) upstreams+=("$2") ;;
     --allow-path) allow_paths+=("$2") ;;
     --name) name=$2 ;;
+    --connections) connections=$2 ;;
     --package) PACKAGE=$2 ;;
     *) usage ;;
   esac
@@ -79,6 +83,7 @@ for prefix in "${allow_paths[@]}"; do
   must_match --allow-path "$prefix" '^[A-Za-z0-9.-]+=/[A-Za-z0-9._~/-]*$'
 done
 [[ -z $name ]] || must_match --name "$name" '^[A-Za-z0-9._-]{1,63}$'
+must_match --connections "$connections" '^[1-8]$'
 must_match --package "$PACKAGE" '^(homeport==[0-9A-Za-z.+!-]+|(git\+)?https://[A-Za-z0-9._~:/@+%#=?&-]+)$'
 
 # The token: one line of printable ASCII, read without ever being echoed.
@@ -114,6 +119,7 @@ printf '%s\n' "$token" | put 0600 "$CONF/token"
   if [[ -n $name ]]; then
     echo "HOMEPORT_NAME=$name"
   fi
+  echo "HOMEPORT_CONNECTIONS=$connections"
 } | put 0600 "$CONF/client.env"
 put 0644 "/etc/systemd/system/$UNIT" <<'EOF_UNIT'
 # homeport client, on the machine at home (a Raspberry Pi): dials out to the exit
