@@ -333,6 +333,15 @@ def lines_matching(client: ClientProcess, pattern: str, since: int = 0) -> int:
     return sum(1 for line in client.process.lines[since:] if re.search(pattern, line))
 
 
+async def start_with_two_connections(
+    server: ExitServerProcess, start_client: Callable[..., ClientProcess], upstream: Upstream
+) -> ClientProcess:
+    client = start_client(server, upstream.url, flags=("--connections", "2"), wait=False)
+    for n in (1, 2):
+        await client.process.wait_for_async(rf"connected to .*; connection {n} of 2; serving")
+    return client
+
+
 async def test_a_client_with_two_connections_sends_requests_past_the_busy_one(
     start_server: Callable[..., ExitServerProcess],
     start_client: Callable[..., ClientProcess],
@@ -340,9 +349,7 @@ async def test_a_client_with_two_connections_sends_requests_past_the_busy_one(
     token: str,
 ) -> None:
     server = start_server()
-    client = start_client(server, upstream.url, flags=("--connections", "2"), wait=False)
-    for n in (1, 2):
-        await client.process.wait_for_async(rf"connected to .*; connection {n} of 2; serving")
+    await start_with_two_connections(server, start_client, upstream)
     sessions = (await server_status(server, token))["clients"]
     assert [(s["name"], s["connection"], s["connections"]) for s in sessions] == [
         ("pi", 0, 2),
@@ -380,9 +387,7 @@ async def test_a_new_run_of_a_client_replaces_all_its_connections(
     # registered (ghosts until the heartbeat times out): every one of them
     # goes, not just the one with the new session's number.
     server = start_server()
-    old = start_client(server, upstream.url, flags=("--connections", "2"), wait=False)
-    for n in (1, 2):
-        await old.process.wait_for_async(rf"connection {n} of 2; serving")
+    old = await start_with_two_connections(server, start_client, upstream)
     mark = old.process.mark()
     new = start_client(server, upstream.url, name="pi", flags=("--reconnect-max-delay", "30"))
     replaced = r"replaced this session with a newer one named pi"

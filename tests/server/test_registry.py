@@ -26,6 +26,14 @@ def connected(
     )
 
 
+def two_connections(registry: Registry) -> tuple[ConnectedClient, ConnectedClient]:
+    first = connected(connection=0, connections=2)
+    second = connected(connection=1, connections=2)
+    registry.add(first)
+    registry.add(second)
+    return first, second
+
+
 def busy(client: ConnectedClient, streams: int) -> None:
     """Give the client's session ``streams`` open streams that carry an exchange.
 
@@ -47,10 +55,7 @@ async def test_a_clients_connections_stand_side_by_side() -> None:
 
 async def test_a_connection_replaces_the_ghost_with_its_number() -> None:
     registry = Registry()
-    first = connected(connection=0, connections=2)
-    ghost = connected(connection=1, connections=2)
-    registry.add(first)
-    registry.add(ghost)
+    first, ghost = two_connections(registry)
     again = connected(connection=1, connections=2)
     assert registry.add(again) == [ghost]
     assert registry.clients() == [first, again]
@@ -58,9 +63,7 @@ async def test_a_connection_replaces_the_ghost_with_its_number() -> None:
 
 async def test_a_new_run_of_the_client_replaces_every_session_of_the_old() -> None:
     registry = Registry()
-    old = [connected(connection=n, connections=2) for n in range(2)]
-    for client in old:
-        registry.add(client)
+    old = list(two_connections(registry))
     new = connected(instance="bbbb1111", connection=0, connections=1)
     assert registry.add(new) == old
     assert registry.clients() == [new]
@@ -78,10 +81,7 @@ async def test_other_clients_serving_the_same_host_are_not_replaced() -> None:
 
 async def test_a_request_goes_to_the_least_busy_session() -> None:
     registry = Registry()
-    first = connected(connection=0, connections=2)
-    second = connected(connection=1, connections=2)
-    registry.add(first)
-    registry.add(second)
+    first, second = two_connections(registry)
     busy(first, 1)  # a download holds the first connection
     assert [registry.lookup(None) for _ in range(4)] == [(second, "")] * 4
     busy(second, 2)
@@ -99,10 +99,7 @@ async def test_equally_busy_sessions_take_requests_in_turn() -> None:
 
 async def test_pooled_streams_do_not_count_as_busy() -> None:
     registry = Registry()
-    first = connected(connection=0, connections=2)
-    second = connected(connection=1, connections=2)
-    registry.add(first)
-    registry.add(second)
+    first, second = two_connections(registry)
     busy(first, 1)
     busy(second, 1)
     pooled = cast(Stream, object())
@@ -113,10 +110,7 @@ async def test_pooled_streams_do_not_count_as_busy() -> None:
 
 async def test_a_closing_session_gets_no_requests() -> None:
     registry = Registry()
-    first = connected(connection=0, connections=2)
-    second = connected(connection=1, connections=2)
-    registry.add(first)
-    registry.add(second)
+    first, second = two_connections(registry)
     second.session.go_away()
     busy(first, 5)
     assert registry.lookup(None) == (first, "")
