@@ -460,7 +460,7 @@ def token(output: Path | None) -> None:
     show_default=True,
     show_envvar=True,
     envvar="HOMEPORT_MAX_STREAMS_PER_CLIENT",
-    help="Concurrent streams to one client connection at most (503 beyond).",
+    help="Concurrent streams to one client at most, all its connections together (503 beyond).",
 )
 @click.option(
     "--max-body",

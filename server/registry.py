@@ -164,6 +164,9 @@ class ConnectedClient:
     #: which of the client's connections this is, and how many it keeps
     connection: int = 0
     connections: int = 1
+    #: this client's sessions of the same instance, this one among them: they
+    #: share ``max_streams`` (set by :meth:`Registry.add`)
+    siblings: list[ConnectedClient] = field(default_factory=list)
     connected_at: float = field(default_factory=time.time)
     #: per route, idle streams and since when (loop time), oldest first
     _idle: dict[str, dict[Stream, float]] = field(default_factory=dict)
@@ -188,7 +191,7 @@ class ConnectedClient:
                 pooled = stream.handler
                 stream.set_handler(handler)
                 return stream, True, pooled.kept if isinstance(pooled, _Idle) else None
-        if len(self.session.streams) >= self.max_streams:
+        if self.open_streams() >= self.max_streams:
             raise StreamClosed(0, ErrorCode.REFUSED_STREAM, "stream limit for this client")
         return self.session.open_stream(route, handler), False, None
 
@@ -238,6 +241,13 @@ class ConnectedClient:
 
     def idle_streams(self) -> int:
         return sum(len(idle) for idle in self._idle.values())
+
+    def open_streams(self) -> int:
+        """Streams open on all of this client's connections."""
+        siblings = self.siblings
+        if len(siblings) < 2:
+            return len(self.session.streams)
+        return sum(len(sibling.session.streams) for sibling in siblings)
 
     def busy_streams(self) -> int:
         """Streams carrying an exchange now (open ones that are not pooled)."""
@@ -292,7 +302,10 @@ class Registry:
         ]
         for old in replaced:
             self.remove(old)
-        self._by_name.setdefault(client.name, []).append(client)
+        sessions = self._by_name.setdefault(client.name, [])
+        client.siblings = sessions[0].siblings if sessions else []  # all of one instance now
+        client.siblings.append(client)
+        sessions.append(client)
         for host in client.routes:
             self._by_host.setdefault(host, []).append(client)
         return replaced
@@ -302,6 +315,7 @@ class Registry:
         sessions = self._by_name.get(client.name)
         if sessions and client in sessions:
             sessions.remove(client)
+            client.siblings.remove(client)
             if not sessions:
                 del self._by_name[client.name]
         for host in client.routes:

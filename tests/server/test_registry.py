@@ -4,14 +4,22 @@ from __future__ import annotations
 
 from typing import cast
 
+import pytest
+
 from server.registry import ConnectedClient, Registry, Route
 from tests.support.channels import MemoryChannel
+from tunnel.errors import ErrorCode, StreamClosed
 from tunnel.mux import Multiplexer, Role, Settings
-from tunnel.session import Session, Stream
+from tunnel.session import Session, Stream, StreamHandler
 
 
 def connected(
-    name: str = "pi", *, instance: str = "aaaa0000", connection: int = 0, connections: int = 1
+    name: str = "pi",
+    *,
+    instance: str = "aaaa0000",
+    connection: int = 0,
+    connections: int = 1,
+    max_streams: int = 100,
 ) -> ConnectedClient:
     return ConnectedClient(
         name=name,
@@ -19,7 +27,7 @@ def connected(
         routes={"": Route("")},
         remote_addr=f"127.0.0.1:{1000 + connection}",
         session_id=f"{instance}-{connection}",
-        max_streams=100,
+        max_streams=max_streams,
         instance=instance,
         connection=connection,
         connections=connections,
@@ -118,3 +126,18 @@ async def test_a_closing_session_gets_no_requests() -> None:
     registry.remove(first)
     assert registry.lookup(None) is None
     assert len(registry) == 0
+
+
+async def test_a_clients_connections_share_its_stream_limit() -> None:
+    registry = Registry()
+    first = connected(connection=0, connections=2, max_streams=3)
+    second = connected(connection=1, connections=2, max_streams=3)
+    registry.add(first)
+    registry.add(second)
+    busy(first, 2)
+    busy(second, 1)
+    with pytest.raises(StreamClosed) as refused:
+        second.acquire("", StreamHandler())
+    assert refused.value.code is ErrorCode.REFUSED_STREAM
+    registry.remove(first)  # its streams are no longer the client's
+    assert second.open_streams() == 1
