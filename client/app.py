@@ -48,10 +48,14 @@ class TunnelClient:
         self._rng = rng
         self._stop = asyncio.Event()
         self._connected = asyncio.Event()
+        #: how many connections the exit server takes from one client, once a HELLO said
+        self._server_max_connections: int | None = None
+        self._heard_server = asyncio.Event()
 
     def stop(self) -> None:
         """Close the sessions politely and make :meth:`run` return."""
         self._stop.set()
+        self._heard_server.set()
         for session in list(self.sessions.values()):
             session.close(ErrorCode.GOING_AWAY, "client shutting down")
 
@@ -73,9 +77,32 @@ class TunnelClient:
     async def run(self) -> None:
         """Keep every connection up until :meth:`stop`."""
         async with asyncio.TaskGroup() as connections:
-            for index in range(self.config.connections):
-                connections.create_task(self._keep_up(index), name=f"connection-{index}")
+            connections.create_task(self._keep_up(0), name="connection-0")
+            if self.config.connections > 1:
+                connections.create_task(self._open_the_others(connections))
         logger.info("client stopped")
+
+    async def _open_the_others(self, connections: asyncio.TaskGroup) -> None:
+        """Start connections 2 to N once the exit server has said it takes them.
+
+        An older exit server would let each of our sessions replace the
+        other, over and over; it says nothing of ``max_connections``.
+        """
+        await self._heard_server.wait()
+        if self._stop.is_set():
+            return
+        allowed = min(self.config.connections, self._server_max_connections or 1)
+        if allowed < self.config.connections:
+            logger.warning(
+                "the exit server takes %d connection%s per client (an older homeport?); "
+                "keeping %d of --connections %d",
+                allowed,
+                "" if allowed == 1 else "s",
+                allowed,
+                self.config.connections,
+            )
+        for index in range(1, allowed):
+            connections.create_task(self._keep_up(index), name=f"connection-{index}")
 
     async def _keep_up(self, index: int) -> None:
         """Connect, serve, and reconnect with backoff until :meth:`stop`."""
@@ -99,6 +126,8 @@ class TunnelClient:
                 logger.warning("%s", exc)
             except (ProtocolError, SessionClosed) as exc:
                 logger.warning("session failed: %s", exc)
+            except _NotTaken:
+                return
             finally:
                 self.sessions.pop(index, None)
                 if not self.sessions:
@@ -159,6 +188,15 @@ class TunnelClient:
         except BaseException:
             session.channel.abort()
             raise
+        allowed = hello.get("max_connections", 1)
+        self._server_max_connections = allowed if type(allowed) is int and allowed > 0 else 1
+        self._heard_server.set()
+        if index >= self._server_max_connections:
+            # The exit server changed under us for one that takes fewer.
+            logger.warning("the exit server no longer takes connection %d; closing it", index + 1)
+            session.close(ErrorCode.GOING_AWAY, "connection not taken")
+            await session.run()
+            raise _NotTaken
         self.sessions_started += 1
         logger.info(
             "connected to %s as %s (session %s)%s%s; serving %s",
@@ -195,6 +233,10 @@ class TunnelClient:
             stream.reset(ErrorCode.NO_SUCH_ROUTE)
             return StreamHandler()
         return Forwarder(stream, upstream, connect_timeout_s=self.config.upstream_connect_timeout_s)
+
+
+class _NotTaken(Exception):
+    """The exit server does not take this connection number: stop keeping it up."""
 
 
 def _tls_in_use(transport: asyncio.BaseTransport | None) -> str:

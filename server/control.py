@@ -191,7 +191,7 @@ class ControlServer:
             connection=index,
             connections=connections,
         )
-        await session.send_hello({"session_id": session_id, "software": SOFTWARE})
+        await session.send_hello(server_hello(session_id))
         which = f"connection {index + 1} of {connections}" if connections > 1 else ""
         for replaced in self.registry.add(client):
             logger.info(
@@ -262,6 +262,16 @@ def _read_client_hello(hello: dict[str, Any]) -> tuple[str, dict[str, Route]]:
             raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "a host is routed twice")
         routes[host] = Route(host, rewrite.encode() if rewrite else None, tuple(allow))
     return name, routes
+
+
+def server_hello(session_id: str) -> dict[str, Any]:
+    """What the exit server says in its HELLO, besides the multiplexer's settings.
+
+    ``max_connections`` tells a client that several of its sessions may
+    stand side by side; one that does not see it (from an older exit
+    server, which would have each replace the other) keeps one.
+    """
+    return {"session_id": session_id, "max_connections": MAX_CONNECTIONS, "software": SOFTWARE}
 
 
 def _read_connection(hello: dict[str, Any]) -> tuple[str, int, int]:

@@ -71,7 +71,7 @@ async def _late_body(_request: web.Request) -> web.StreamResponse:
 
 
 @contextlib.asynccontextmanager
-async def running_world(client_name: str = "honest") -> AsyncIterator[World]:
+async def running_world(client_name: str = "honest", connections: int = 1) -> AsyncIterator[World]:
     """Serve ``GET /`` ("fine") through a tunnel; stop everything on the way out.
 
     Also ``/chunked`` ("one two three" in chunks), ``/empty`` (204) and
@@ -101,7 +101,7 @@ async def running_world(client_name: str = "honest") -> AsyncIterator[World]:
             client = TunnelClient(ClientConfig(
                 url=f"ws://127.0.0.1:{server.control_addresses[0][1]}", token=TOKEN,
                 upstreams=(parse_upstream(f"http://127.0.0.1:{upstream_port}"),),
-                name=client_name,
+                name=client_name, connections=connections,
             ))  # fmt: skip
             task = asyncio.create_task(client.run())
             try:
