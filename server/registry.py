@@ -164,8 +164,8 @@ class ConnectedClient:
     #: which of the client's connections this is, and how many it keeps
     connection: int = 0
     connections: int = 1
-    #: this client's sessions of the same instance, this one among them: they
-    #: share ``max_streams`` (set by :meth:`Registry.add`)
+    #: this client's sessions, this one among them, all of one instance: the
+    #: registry's own list for the name (:meth:`Registry.add`); they share ``max_streams``
     siblings: list[ConnectedClient] = field(default_factory=list)
     connected_at: float = field(default_factory=time.time)
     #: per route, idle streams and since when (loop time), oldest first
@@ -302,10 +302,9 @@ class Registry:
         ]
         for old in replaced:
             self.remove(old)
-        sessions = self._by_name.setdefault(client.name, [])
-        client.siblings = sessions[0].siblings if sessions else []  # all of one instance now
-        client.siblings.append(client)
+        sessions = self._by_name.setdefault(client.name, [])  # all of one instance now
         sessions.append(client)
+        client.siblings = sessions
         for host in client.routes:
             self._by_host.setdefault(host, []).append(client)
         return replaced
@@ -315,7 +314,6 @@ class Registry:
         sessions = self._by_name.get(client.name)
         if sessions and client in sessions:
             sessions.remove(client)
-            client.siblings.remove(client)
             if not sessions:
                 del self._by_name[client.name]
         for host in client.routes:
@@ -342,7 +340,8 @@ class Registry:
             live = [c for c in serving if not c.session.is_closing]
             if not live:
                 continue
-            fewest = min(c.busy_streams() for c in live)
-            least_busy = [c for c in live if c.busy_streams() == fewest]
+            busy = [c.busy_streams() for c in live]
+            fewest = min(busy)
+            least_busy = [live[i] for i, n in enumerate(busy) if n == fewest]
             return least_busy[next(self._turn) % len(least_busy)], key
         return None
