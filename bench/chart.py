@@ -1,4 +1,4 @@
-"""The chart: the report's figures as a PNG, homeport beside ssh -R, with issue 5's targets.
+"""The chart: the report's figures as a PNG, every tunnel side by side, with issue 5's targets.
 
 Four panels: throughput as a ratio to direct (higher is better), p99 latency as
 a multiple of direct (lower is better), memory (idle RSS and per idle stream)
@@ -18,13 +18,15 @@ from bench.errors import BenchError
 from bench.goals import IDLE_RSS, KIB, STREAM_LIMIT_BYTES, Goal
 from bench.measure import HttpPoint
 from bench.report import LATEST_NAME, TUNNELS, Report, iso_utc, stamp
-from bench.targets import DIRECT, HOMEPORT, LABELS, SIDES, SSH_R
+from bench.targets import DIRECT, HOMEPORT, LABELS, PAGEKITE, PIPENET, SIDES, SSH_R
 from bench.transfer import MIB
 
 LATEST_CHART: Final = Path(LATEST_NAME).with_suffix(".png").name
-COLORS: Final = {HOMEPORT: "#1f77b4", SSH_R: "#7f7f7f"}
+COLORS: Final = {HOMEPORT: "#1f77b4", SSH_R: "#7f7f7f", PIPENET: "#2ca02c", PAGEKITE: "#ff7f0e"}
 TARGET_COLOR: Final = "#d62728"
-_BAR_WIDTH: Final = 0.38
+#: the bars of one group together span at most this much of the space between groups
+_GROUP_WIDTH: Final = 0.8
+_MAX_BAR_WIDTH: Final = 0.38
 
 
 def write_chart(report: Report, results_dir: Path) -> list[Path]:
@@ -57,7 +59,8 @@ def write_chart(report: Report, results_dir: Path) -> list[Path]:
     )
     figure.suptitle(title, fontsize=13)
     handles, labels = axes[0][0].get_legend_handles_labels()
-    figure.legend(handles, labels, loc="upper right", ncols=len(tunnels), fontsize=10)
+    # Under the panels: four tunnels' names beside the title would run into it.
+    figure.legend(handles, labels, loc="lower center", ncols=len(tunnels), fontsize=10)
     if report.interfered():
         figure.text(
             0.5,
@@ -67,7 +70,7 @@ def write_chart(report: Report, results_dir: Path) -> list[Path]:
             color=TARGET_COLOR,
             fontsize=11,
         )
-    figure.tight_layout(rect=(0, 0, 1, 0.93))
+    figure.tight_layout(rect=(0, 0.04, 1, 0.93))
     results_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for name in (f"{stamp(iso_utc(report.started_at))}.png", LATEST_CHART):
@@ -92,14 +95,14 @@ def _bars(
 
     ``spans`` adds a whisker per bar from the lowest to the highest of its rounds.
     """
+    width = min(_MAX_BAR_WIDTH, _GROUP_WIDTH / len(tunnels))
     offsets = {
-        target: (index - (len(tunnels) - 1) / 2) * _BAR_WIDTH
-        for index, target in enumerate(tunnels)
+        target: (index - (len(tunnels) - 1) / 2) * width for index, target in enumerate(tunnels)
     }
     for target in tunnels:
         xs = [index + offsets[target] for index in range(len(groups))]
         heights = [value or 0.0 for value in values[target]]
-        bars = axis.bar(xs, heights, _BAR_WIDTH, label=LABELS[target], color=COLORS[target])
+        bars = axis.bar(xs, heights, width, label=LABELS[target], color=COLORS[target])
         for x, span in zip(xs, (spans or {}).get(target, []), strict=False):
             if span is not None:
                 axis.vlines(x, span[0], span[1], colors="black", linewidth=1)
@@ -162,7 +165,7 @@ def _throughput(axis: Any, report: Report, tunnels: list[str], goals: dict[str, 
         for target in tunnels:
             values[target].append(_ratio(transfers.median_mib_per_s(target), direct))
             spans[target].append(None)
-    _bars(axis, groups, values, tunnels, "{:.2f}", spans)
+    _bars(axis, groups, values, tunnels, "{:.2g}", spans)
     for index, goal in enumerate(group_goals):
         if goal is not None:
             _target_line(axis, index, goal.spec.limit)

@@ -5,7 +5,7 @@ figures are dropped: the first requests through a fresh tunnel open streams
 and fill caches, which is not what a steady visitor load sees. Before each
 tunnel measurement the tunnel must have no request in flight, so one run's
 leftovers never slow the next. The targets take turns at each step (direct,
-then homeport, then ssh -R), so a change in the machine's load between steps
+then homeport, then ssh -R and the peers), so a change in the machine's load between steps
 touches every column alike.
 
 A wrk test runs in rounds: each round measures every target once, the one
@@ -74,6 +74,8 @@ class Plan:
     #: the concurrency at which a second tunnel, its control channel over TLS,
     #: takes its turn too (and in the transfers); None to leave it out
     wss_connections: int | None = None
+    #: pipenet and PageKite measured beside homeport and ssh -R (bench/peers.py)
+    peers: bool = False
 
 
 @dataclass(frozen=True)
@@ -164,6 +166,33 @@ class Transfers:
         return sum(run.cpu_s[process] for run in runs) / (carried / GIB)
 
 
+class Dropouts:
+    """The peers that failed during the run, each with what went wrong; they are measured no more.
+
+    homeport, direct and ``ssh -R`` are not optional: their failure ends the run.
+    A peer is someone else's program, and one that crashes or stalls (they do:
+    bench/peers.py) must not cost the run every figure measured so far.
+    """
+
+    def __init__(self) -> None:
+        self.reasons: dict[str, str] = {}
+
+    def active(self, targets: Sequence[Target]) -> list[Target]:
+        """``targets`` without the ones that have dropped out."""
+        return [target for target in targets if target.key not in self.reasons]
+
+    def drop(self, target: Target, step: str, error: BenchError) -> None:
+        """Record that ``target`` failed in ``step``.
+
+        Raises:
+            BenchError: ``error`` again, when ``target`` is not optional.
+        """
+        if not target.optional:
+            raise error
+        self.reasons[target.key] = f"{step}: {error}"
+        progress(f"WARNING: {target.label} leaves the run, it failed in {step}: {error}")
+
+
 def progress(message: str) -> None:
     """A progress line on stderr, so that stdout holds only the table."""
     print(f"bench: {message}", file=sys.stderr, flush=True)
@@ -175,29 +204,40 @@ def measure_http(
     targets: Sequence[Target],
     connections: int,
     kind: str = KEEP_ALIVE,
+    dropouts: Dropouts | None = None,
 ) -> HttpPoint:
     """GET /1k at ``connections`` through each target in turn, each after a warm-up.
 
     With ``kind`` NEW_CONNECTION every request says ``Connection: close``, so
-    each one comes on a new connection.
+    each one comes on a new connection. A peer that has dropped out is left
+    out; one that fails here drops out, its rounds of this test discarded.
 
     Raises:
-        BenchError: wrk failed, a process exited, or a tunnel did not go idle.
+        BenchError: wrk failed, a process exited, or a tunnel did not go idle
+            (a peer's failure is recorded in ``dropouts`` instead).
     """
+    dropouts = dropouts or Dropouts()
     threads = wrk_threads(connections, plan.max_wrk_threads)
     load = _Load(connections, threads, (CLOSE_HEADER,) if kind == NEW_CONNECTION else ())
     what = "new connection per request" if kind == NEW_CONNECTION else "keep-alive"
+    targets = dropouts.active(targets)
     rounds: dict[str, list[Measured]] = {target.key: [] for target in targets}
     for number in range(plan.rounds):
         turn = number % len(targets)
         for target in [*targets[turn:], *targets[:turn]]:
+            if target.key in dropouts.reasons:
+                continue
             progress(
                 f"GET {SMALL_PATH} c={connections} {what}, {target.label}, "
                 f"round {number + 1}/{plan.rounds}"
             )
-            if number == 0:
-                _warm_up(plan, tools, target, load)
-            rounds[target.key].append(_measure_target(plan, tools, target, load))
+            try:
+                if number == 0:
+                    _warm_up(plan, tools, target, load)
+                rounds[target.key].append(_measure_target(plan, tools, target, load))
+            except BenchError as error:
+                dropouts.drop(target, f"GET {SMALL_PATH} c={connections} {what}", error)
+                del rounds[target.key]
     return HttpPoint(
         kind,
         connections,
@@ -242,7 +282,12 @@ def measure_access_log(
 
 
 def measure_transfers(
-    plan: Plan, tools: ToolPaths, targets: Sequence[Target], upstream: Upstream, kind: str
+    plan: Plan,
+    tools: ToolPaths,
+    targets: Sequence[Target],
+    upstream: Upstream,
+    kind: str,
+    dropouts: Dropouts | None = None,
 ) -> Transfers:
     """Download or upload 100 MiB ``plan.transfers`` times through each target, taking turns.
 
@@ -251,38 +296,56 @@ def measure_transfers(
     tunnel's buffers are warm. Every upload is checked in nginx's upload log:
     it must have answered 200 after reading the whole body.
 
+    A peer that has dropped out is left out; one that fails here drops out,
+    its transfers discarded.
+
     Raises:
         BenchError: a transfer failed, came back short, or nginx did not read
-            an upload whole.
+            an upload whole (a peer's failure is recorded in ``dropouts`` instead).
     """
-    progress(f"{kind} {LARGE_PATH} warm-up through each target")
-    for target in targets:
-        target.wait_idle()
-        _transfer(tools, target, upstream, kind)
-    by_target: dict[str, list[TransferRun]] = {target.key: [] for target in targets}
-    for number in range(1, plan.transfers + 1):
-        progress(f"{kind} {LARGE_PATH} {number}/{plan.transfers} through each target")
-        for target in targets:
+    dropouts = dropouts or Dropouts()
+    step = f"{kind} {LARGE_PATH}"
+    progress(f"{step} warm-up through each target")
+    for target in dropouts.active(targets):
+        try:
             target.wait_idle()
-            watched = target.watched()
-            before = _CpuReading.take(watched)
-            result = _transfer(tools, target, upstream, kind)
-            after = _CpuReading.take(watched)
-            cpu_s = {name: after.processes_s[name] - before.processes_s[name] for name in watched}
-            machine = MachineCpu.between(
-                before.machine, after.machine, after.ours_s - before.ours_s
-            )
-            by_target[target.key].append(TransferRun(result, cpu_s, machine))
+            _transfer(tools, target, upstream, kind)
+        except BenchError as error:
+            dropouts.drop(target, step, error)
+    by_target: dict[str, list[TransferRun]] = {t.key: [] for t in dropouts.active(targets)}
+    for number in range(1, plan.transfers + 1):
+        progress(f"{step} {number}/{plan.transfers} through each target")
+        for target in dropouts.active(targets):
+            try:
+                by_target[target.key].append(_measure_transfer(tools, target, upstream, kind))
+            except BenchError as error:
+                dropouts.drop(target, step, error)
+                del by_target[target.key]
     return Transfers(kind, by_target)
+
+
+def _measure_transfer(
+    tools: ToolPaths, target: Target, upstream: Upstream, kind: str
+) -> TransferRun:
+    """One measured transfer through ``target``, starting with it idle, and the CPU it took."""
+    target.wait_idle()
+    watched = target.watched()
+    before = _CpuReading.take(watched)
+    result = _transfer(tools, target, upstream, kind)
+    after = _CpuReading.take(watched)
+    cpu_s = {name: after.processes_s[name] - before.processes_s[name] for name in watched}
+    machine = MachineCpu.between(before.machine, after.machine, after.ours_s - before.ours_s)
+    return TransferRun(result, cpu_s, machine)
 
 
 def _transfer(tools: ToolPaths, target: Target, upstream: Upstream, kind: str) -> TransferResult:
     """One download of /100m, or one upload of it to /upload checked in nginx's log."""
+    headers = _host_header(target)
     if kind == DOWNLOAD:
-        return download(tools.curl, target.port, LARGE_PATH, LARGE_BYTES, REPO_ROOT)
+        return download(tools.curl, target.port, LARGE_PATH, LARGE_BYTES, REPO_ROOT, headers)
     logged = len(upload_records(upstream.upload_log))
     body = upload_body(upstream)
-    result = upload(tools.curl, target.port, UPLOAD_PATH, body, REPO_ROOT)
+    result = upload(tools.curl, target.port, UPLOAD_PATH, body, REPO_ROOT, headers)
     records = upload_records(upstream.upload_log)
     if len(records) != logged + 1:
         raise BenchError(
@@ -315,7 +378,7 @@ class _Load:
 def _warm_up(plan: Plan, tools: ToolPaths, target: Target, load: _Load) -> None:
     """An unmeasured wrk run through ``target``, starting with it idle."""
     target.wait_idle()
-    _wrk(tools, target.port, load, plan.warmup_s)
+    _wrk(tools, target, load, plan.warmup_s)
 
 
 def _measure_target(plan: Plan, tools: ToolPaths, target: Target, load: _Load) -> Measured:
@@ -325,7 +388,7 @@ def _measure_target(plan: Plan, tools: ToolPaths, target: Target, load: _Load) -
     watched = target.watched()
     before = _CpuReading.take(watched)
     started = time.monotonic()
-    result = _wrk(tools, target.port, load, plan.duration_s)
+    result = _wrk(tools, target, load, plan.duration_s)
     wall_s = time.monotonic() - started
     after = _CpuReading.take(watched)
     peak_rss = {name: side.tree_peak_rss_bytes() for name, side in target.sides.items()}
@@ -358,9 +421,13 @@ class _CpuReading:
         return _CpuReading(CpuTimes.read(), ours_s + sum(processes_s.values()), processes_s)
 
 
-def _wrk(tools: ToolPaths, port: int, load: _Load, duration_s: int) -> WrkResult:
-    """wrk against ``http://127.0.0.1:PORT/1k``."""
-    url = f"http://{LOOPBACK}:{port}{SMALL_PATH}"
-    return run_wrk(
-        tools.wrk, url, load.connections, load.threads, duration_s, REPO_ROOT, load.headers
-    )
+def _wrk(tools: ToolPaths, target: Target, load: _Load, duration_s: int) -> WrkResult:
+    """wrk against ``http://127.0.0.1:PORT/1k`` of ``target``, with the Host it routes by."""
+    url = f"http://{LOOPBACK}:{target.port}{SMALL_PATH}"
+    headers = (*load.headers, *_host_header(target))
+    return run_wrk(tools.wrk, url, load.connections, load.threads, duration_s, REPO_ROOT, headers)
+
+
+def _host_header(target: Target) -> tuple[str, ...]:
+    """``Host: NAME`` for a target that routes visitors by it; none for the others."""
+    return (f"Host: {target.host}",) if target.host else ()

@@ -1,10 +1,12 @@
 """The results: a table on stdout and the same figures as JSON under bench/results/.
 
-Ratios are tunnel / direct, for each tunnel (homeport and ssh -R) against the
-direct figure of the same run. For requests/s and MiB/s they are the share of
+Ratios are tunnel / direct, for each tunnel (homeport, ssh -R and the peers)
+against the direct figure of the same run. For requests/s and MiB/s they are the share of
 direct speed the tunnel keeps (1.0 is no loss); for latencies they are how
 many times longer a request takes through the tunnel (1.0 is no added delay).
-The target column holds issue 5's targets, checked for homeport.
+The target column holds issue 5's targets, checked for homeport. The main
+table shows homeport beside ``ssh -R``; a second one puts every tunnel's
+ratios side by side, the peers' among them.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import json
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
@@ -28,7 +30,7 @@ from bench.measure import (
     Transfers,
 )
 from bench.streams import StreamsResult
-from bench.targets import DIRECT, HOMEPORT, HOMEPORT_WSS, LABELS, SIDES, SSH_R
+from bench.targets import DIRECT, HOMEPORT, HOMEPORT_WSS, LABELS, PAGEKITE, PIPENET, SIDES, SSH_R
 from bench.transfer import MIB
 from bench.upstream import LARGE_BYTES, LARGE_PATH, SMALL_BYTES, SMALL_PATH, UPLOAD_PATH
 from bench.wrk import REQUEST_TIMEOUT_S, WrkResult
@@ -42,7 +44,10 @@ BUSY_CPU_PERCENT: Final = 10.0
 # hypervisor, during a measurement: its figures are low by an unknown amount.
 OTHERS_CPU_PERCENT: Final = 5.0
 STEAL_CPU_PERCENT: Final = 5.0
-TUNNELS: Final = (HOMEPORT, SSH_R)
+#: every tunnel compared, in the order of the side-by-side table and the chart
+TUNNELS: Final = (HOMEPORT, SSH_R, PIPENET, PAGEKITE)
+#: the main table's tunnels: homeport and the baseline every user has
+MAIN_TUNNELS: Final = (HOMEPORT, SSH_R)
 # label, figure, direct, homeport, ratio, ssh -R, ratio, target, verdict
 _COLUMNS: Final = "{:<27} {:<14} {:>11} {:>21} {:>6} {:>21} {:>6}  {:<14} {}"
 _SHORT: Final = {"nginx": "ngx", "server": "srv", "client": "cli"}
@@ -65,6 +70,8 @@ class Report:
     idle_rss_bytes: dict[str, dict[str, int | None]]  # tunnel -> server/client -> bytes
     streams: dict[str, StreamsResult]
     tunnel_status_after: dict[str, Any]
+    #: peers that failed and left the run: where and why
+    dropped: dict[str, str] = field(default_factory=dict)
 
     @property
     def figures(self) -> Figures:
@@ -102,7 +109,10 @@ class Report:
 
     def warnings(self) -> list[str]:
         """What a reader must not miss: errors, and CPU taken from what was measured."""
-        found = []
+        found = [
+            f"{LABELS[target]} left the run, its later figures missing: {reason}"
+            for target, reason in self.dropped.items()
+        ]
         for when in ("before", "after"):
             busy = self.machine.get(f"cpu_busy_percent_{when}")
             if busy is not None and busy > BUSY_CPU_PERCENT:
@@ -211,6 +221,7 @@ def to_json(report: Report) -> dict[str, Any]:
         "memory": _memory(report),
         "cpu_s_per_gib": _cpu_per_gib(report),
         "tunnel_status_after": report.tunnel_status_after,
+        "dropped": report.dropped,
         "warnings": report.warnings(),
     }
 
@@ -447,7 +458,7 @@ def _cpu_per_gib(report: Report) -> dict[str, Any]:
 
 def format_table(report: Report) -> str:
     """The figures as a text table, with a header saying when, how and on what."""
-    tunnels = [target for target in TUNNELS if target in report.targets]
+    tunnels = [target for target in MAIN_TUNNELS if target in report.targets]
     goals = {goal.spec.key: goal for goal in report.goals(HOMEPORT)}
     table = _Table(tunnels, goals)
     for point in report.http:
@@ -470,6 +481,8 @@ def format_table(report: Report) -> str:
             "!! amount (see WARNINGS at the end); re-run when `uptime` shows a quiet machine.",
         ]
     lines += ["", *table.lines]
+    if any(target not in MAIN_TUNNELS for target in report.targets if target in TUNNELS):
+        lines += ["", *side_by_side(report)]
     lines += [
         "",
         client_cpu_line(report),
@@ -480,6 +493,75 @@ def format_table(report: Report) -> str:
     if warnings:
         lines += ["", "WARNINGS:", *(f"  {warning}" for warning in warnings)]
     return "\n".join(lines)
+
+
+# label, then a ratio (or figure) for each tunnel
+_SIDE_LABEL: Final = "{:<34}"
+_SIDE_CELL: Final = " {:>13}"
+
+
+def side_by_side(report: Report) -> list[str]:
+    """Every tunnel's figures as ratios to direct in this run, one column per tunnel.
+
+    Rates (req/s, conn/s, MiB/s) are the share of direct's kept, higher is
+    better; the p99 is how many times direct's, lower is better; memory and CPU
+    are the tunnel's own, lower is better.
+    """
+    tunnels = [target for target in TUNNELS if target in report.targets]
+    lines = [
+        "every tunnel side by side (ratios to direct in this run; rates higher, "
+        "the rest lower is better)",
+        _SIDE_LABEL.format("") + "".join(_SIDE_CELL.format(LABELS[target]) for target in tunnels),
+    ]
+    lines.append("-" * len(lines[-1]))
+
+    def add(label: str, cells: list[str]) -> None:
+        lines.append(
+            (_SIDE_LABEL.format(label) + "".join(_SIDE_CELL.format(c) for c in cells)).rstrip()
+        )
+
+    points = [*report.http, *([report.new_connection] if report.new_connection else [])]
+    for point in points:
+        direct = point.by_target[DIRECT].result
+        label = (
+            f"c={point.connections} new conn, conn/s"
+            if point.kind != "keep-alive"
+            else f"GET {SMALL_PATH} c={point.connections}, req/s"
+        )
+        results = [point.by_target[t].result if t in point.by_target else None for t in tunnels]
+        add(
+            label,
+            [
+                _ratio_text(ratio(r.requests_per_s, direct.requests_per_s)) if r else "-"
+                for r in results
+            ],
+        )
+        if point.connections == 100 and point.kind == "keep-alive":
+            add(
+                "  p99, x direct",
+                [
+                    _ratio_text(ratio(r.latency_p99_s, direct.latency_p99_s)) if r else "-"
+                    for r in results
+                ],
+            )
+            add("  errors", [f"{r.errors:,}" if r else "-" for r in results])
+    for transfers in (report.downloads, report.uploads):
+        direct_mib = transfers.median_mib_per_s(DIRECT)
+        add(
+            f"{transfers.kind} 100 MiB, MiB/s",
+            [_ratio_text(ratio(transfers.median_mib_per_s(t), direct_mib)) for t in tunnels],
+        )
+    for side in SIDES:
+        add(
+            f"idle RSS, {side}",
+            [_mib(report.idle_rss_bytes.get(t, {}).get(side)) for t in tunnels],
+        )
+    for transfers in (report.downloads, report.uploads):
+        add(
+            f"client cpu per GiB, {transfers.kind}",
+            [_seconds(transfers.cpu_s_per_gib(t, "client")) for t in tunnels],
+        )
+    return lines
 
 
 class _Table:
@@ -851,7 +933,7 @@ def _ms(value_s: float) -> str:
 
 
 def _ratio_text(value: float | None) -> str:
-    """A ratio with two decimals (three below 0.1), or ``-``."""
+    """A ratio with two decimals (two significant digits below 0.1), or ``-``."""
     if value is None:
         return "-"
-    return f"{value:.3f}" if value < 0.1 else f"{value:.2f}"
+    return f"{value:.2g}" if value < 0.1 else f"{value:.2f}"

@@ -1,21 +1,24 @@
-"""``python -m bench``: one nginx directly, through homeport and through ``ssh -R``, in one run.
+"""``python -m bench``: one nginx directly, through homeport, ``ssh -R`` and the peers, in one run.
 
 Theory of operation. One nginx serves ``/1k`` and ``/100m`` and takes uploads
 on ``/upload``, from a temp directory; an idle upstream holds SSE streams open.
 A real exit server and client (``homeport server`` and ``homeport client``
 subprocesses), and our own sshd with an ``ssh -N -R`` client, put both behind
-a tunnel on 127.0.0.1. The steps, each through every target in turn (direct,
-homeport, ssh -R): wrk loads ``/1k`` at each concurrency, kept alive, and at
-c=10 with a new connection per request, each run after an unmeasured warm-up;
-curl downloads ``/100m`` and uploads 100 MiB a few times. A second homeport
+a tunnel on 127.0.0.1, and so do the peers, pipenet (Node.js) and PageKite
+(Python), the other self-hosted tunnels that run here (bench/peers.py). The
+steps, each through every target in turn (direct, homeport, ssh -R, the
+peers): wrk loads ``/1k`` at each concurrency, kept alive, and at c=10 with a
+new connection per request, each run after an unmeasured warm-up; curl
+downloads ``/100m`` and uploads 100 MiB a few times. A second homeport
 tunnel, its control channel over TLS (``wss://``, as deployed), takes its
 turn at c=100 and in the transfers: what the encryption costs. The RSS of each
 tunnel's two sides is read once it is up (idle) and at its peak during the
 c=100 run. A fresh homeport tunnel, with the exit server's access log on, gives
-the log's cost at c=100. Last, fresh tunnels of each kind carry 1,000 and then
-10,000 idle SSE visitors, for the memory each open stream costs. Every process
-is ended by its PID in ``finally`` blocks, Ctrl-C and SIGTERM included, and the
-temp directory goes with them.
+the log's cost at c=100. Last, fresh homeport and ``ssh -R`` tunnels carry
+1,000 and then 10,000 idle SSE visitors, for the memory each open stream
+costs (the peers are left out there: pipenet carries ten requests at a time).
+Every process is ended by its PID in ``finally`` blocks, Ctrl-C and SIGTERM
+included, and the temp directory goes with them.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from bench.measure import (
     NEW_CONNECTION,
     UPLOAD,
     AccessLogPoint,
+    Dropouts,
     HttpPoint,
     Plan,
     Transfers,
@@ -53,6 +57,13 @@ from bench.measure import (
     measure_http,
     measure_transfers,
     progress,
+)
+from bench.peers import (
+    PIPENET_VERSION,
+    ensure_pipenet,
+    peer_versions,
+    run_pagekite,
+    run_pipenet,
 )
 from bench.processes import raise_open_files_limit
 from bench.report import BUSY_CPU_PERCENT, Report, format_table, to_json, write_results
@@ -65,13 +76,16 @@ from bench.targets import (
     Target,
     direct_target,
     homeport_target,
+    peer_target,
     ssh_target,
 )
-from bench.tools import ToolPaths, ensure_tools
+from bench.tools import PeerToolPaths, ToolPaths, ensure_peer_tools, ensure_tools
 from bench.tunnel import REPO_ROOT, Tunnel, compile_bytecode, compiled_tree, run_tunnel
 from bench.upstream import LARGE_PATH, SMALL_PATH, Upstream, run_nginx, write_site
 
 RESULTS_DIR: Final = Path(__file__).resolve().parent / "results"
+#: where npm installs pipenet, kept between runs (build/ is not committed)
+PEERS_DIR: Final = REPO_ROOT / "build" / "bench-peers"
 DEFAULT_DURATION_S: Final = 5
 DEFAULT_WARMUP_S: Final = 2
 # Three rounds of 5 s, the targets taking turns, rather than one run of 10 s each:
@@ -200,6 +214,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--no-ssh", action="store_true", help="skip the ssh -R column (no sshd is started)"
     )
     parser.add_argument(
+        "--no-peers",
+        action="store_true",
+        help="skip the pipenet and PageKite columns (nothing installed from npm)",
+    )
+    parser.add_argument(
         "--pure",
         action="store_true",
         help="run the exit server pure Python, as HOMEPORT_COMPILE=0 installs it "
@@ -253,6 +272,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
             sorted(set(args.streams or (QUICK_STREAM_COUNTS if quick else STREAM_COUNTS)))
         ),
         ssh=not args.no_ssh,
+        peers=not args.no_peers,
         quick=quick,
         compiled=not args.pure,
         wss_connections=None if args.no_wss else WSS_CONNECTIONS,
@@ -271,6 +291,7 @@ def run(plan: Plan) -> Report:
         BenchError: a tool, a process or a measurement failed.
     """
     tools = ensure_tools()
+    peers = _prepare_peers() if plan.peers else None
     compile_bytecode()
     server_tree = REPO_ROOT
     if plan.compiled:
@@ -290,6 +311,8 @@ def run(plan: Plan) -> Report:
         )
     software = software_versions(tools, nginx_build, REPO_ROOT)
     software["exit_server_build"] = "compiled" if plan.compiled else "pure Python"
+    if peers is not None:
+        software.update(peer_versions(peers.tools, REPO_ROOT))
     with tempfile.TemporaryDirectory(prefix="homeport-bench-") as temp:
         workdir = Path(temp)
         progress(f"writing {SMALL_PATH} and {LARGE_PATH} under {workdir}")
@@ -299,7 +322,7 @@ def run(plan: Plan) -> Report:
             run_idle_upstream(workdir, REPO_ROOT) as idle,
         ):
             progress(f"nginx serving on {upstream.url}, the idle upstream on {idle.url}")
-            measured = _measure_throughput(plan, tools, workdir, upstream, idle, server_tree)
+            measured = _measure_throughput(plan, tools, peers, workdir, upstream, idle, server_tree)
             access_log: AccessLogPoint | None = None
             if plan.access_log_connections is not None:
                 with run_tunnel(
@@ -333,7 +356,23 @@ def run(plan: Plan) -> Report:
         idle_rss_bytes=measured.idle_rss_bytes,
         streams=streams,
         tunnel_status_after=measured.tunnel_status_after,
+        dropped=measured.dropped,
     )
+
+
+@dataclass(frozen=True)
+class _Peers:
+    """What the peers need: Node.js, npm and PageKite, and pipenet's entry point."""
+
+    tools: PeerToolPaths
+    pipenet: Path
+
+
+def _prepare_peers() -> _Peers:
+    """Install the peers' programs where missing: Debian's packages, then pipenet from npm."""
+    tools = ensure_peer_tools()
+    progress(f"pipenet {PIPENET_VERSION} from npm under {PEERS_DIR}")
+    return _Peers(tools, ensure_pipenet(tools, PEERS_DIR))
 
 
 @dataclass(frozen=True)
@@ -347,11 +386,13 @@ class _Throughput:
     uploads: Transfers
     idle_rss_bytes: dict[str, dict[str, int | None]]
     tunnel_status_after: dict[str, Any]
+    dropped: dict[str, str]  # peer -> where and why it failed
 
 
 def _measure_throughput(
     plan: Plan,
     tools: ToolPaths,
+    peers: _Peers | None,
     workdir: Path,
     upstream: Upstream,
     idle: IdleUpstream,
@@ -381,6 +422,15 @@ def _measure_throughput(
             )
             targets.append(ssh_target(upstream, ssh))
             progress(f"ssh -R up: visitors on port {targets[-1].port}")
+        if peers is not None:
+            for peer in (
+                run_pipenet(
+                    peers.tools, peers.pipenet, workdir, upstream.port, upstream.small_body
+                ),
+                run_pagekite(peers.tools, workdir, upstream.port, upstream.small_body),
+            ):
+                targets.append(peer_target(upstream, stack.enter_context(peer)))
+                progress(f"{targets[-1].label} up: visitors on port {targets[-1].port}")
         wss: list[Target] = []
         if plan.wss_connections is not None:
             over_tls: Tunnel = stack.enter_context(
@@ -401,20 +451,22 @@ def _measure_throughput(
             for target in [*targets, *wss]
             if target.sides
         }
+        dropouts = Dropouts()
         http = [
             measure_http(
                 plan,
                 tools,
                 [*targets, *wss] if connections == plan.wss_connections else targets,
                 connections,
+                dropouts=dropouts,
             )
             for connections in plan.concurrencies
         ]
         new_connection = measure_http(
-            plan, tools, targets, plan.new_connection_connections, NEW_CONNECTION
+            plan, tools, targets, plan.new_connection_connections, NEW_CONNECTION, dropouts
         )
-        downloads = measure_transfers(plan, tools, [*targets, *wss], upstream, DOWNLOAD)
-        uploads = measure_transfers(plan, tools, [*targets, *wss], upstream, UPLOAD)
+        downloads = measure_transfers(plan, tools, [*targets, *wss], upstream, DOWNLOAD, dropouts)
+        uploads = measure_transfers(plan, tools, [*targets, *wss], upstream, UPLOAD, dropouts)
         status_after = tunnel.wait_idle()
     return _Throughput(
         targets=tuple(target.key for target in [*targets, *wss]),
@@ -424,6 +476,7 @@ def _measure_throughput(
         uploads=uploads,
         idle_rss_bytes=idle_rss,
         tunnel_status_after=status_after,
+        dropped=dropouts.reasons,
     )
 
 

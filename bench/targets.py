@@ -2,9 +2,11 @@
 
 ``direct`` is nginx itself. ``homeport`` is a real exit server and client in
 front of it, ``homeport_wss`` the same with the control channel over TLS
-(``wss://``, as deployed), ``ssh_r`` sshd and ``ssh -R``. Each tunnel has a *server* side
-(the exit server, or sshd with its process for the connection: the public VM)
-and a *client* side (the homeport client, or ssh: the machine at home), whose
+(``wss://``, as deployed), ``ssh_r`` sshd and ``ssh -R``, ``pipenet`` and
+``pagekite`` the peers (bench/peers.py), which route visitors by their Host
+header. Each tunnel has a *server* side (the exit server, sshd with its
+process for the connection, the peer's server: the public VM) and a *client*
+side (the homeport client, ssh, the peer's client: the machine at home), whose
 CPU and memory the benchmark records.
 """
 
@@ -14,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
 
+from bench.peers import PAGEKITE, PIPENET, PeerTunnel
 from bench.processes import Child, established_connections, wait_until
 from bench.ssh_tunnel import SshTunnel
 from bench.tunnel import Tunnel
@@ -28,6 +31,8 @@ LABELS: Final = {
     HOMEPORT: "homeport",
     HOMEPORT_WSS: "homeport over wss",
     SSH_R: "ssh -R",
+    PIPENET: "pipenet",
+    PAGEKITE: "pagekite",
 }
 SIDES: Final = ("server", "client")
 IDLE_TIMEOUT_S: Final = 10.0
@@ -43,10 +48,15 @@ class Target:
     sides: dict[str, Child] = field(default_factory=dict)  # "server" and "client" of a tunnel
     # Returns once no visitor request is in flight (so one run's leftovers never slow the next).
     wait_idle: Callable[[], object] = lambda: None
+    #: the Host header visitors send, for a tunnel that routes by it (None: wrk's and curl's own)
+    host: str | None = None
+    #: a peer: when a measurement through it fails, it leaves the run with a warning
+    #: (bench.measure.Dropouts) instead of ending the run and losing every figure
+    optional: bool = False
 
     @property
     def label(self) -> str:
-        """Its name in the table: ``direct``, ``homeport`` or ``ssh -R``."""
+        """Its name in the table: ``direct``, ``homeport``, ``ssh -R``, ``pipenet``, ..."""
         return LABELS[self.key]
 
     def watched(self) -> dict[str, Child]:
@@ -68,13 +78,33 @@ def homeport_target(upstream: Upstream, tunnel: Tunnel, key: str = HOMEPORT) -> 
 def ssh_target(upstream: Upstream, ssh: SshTunnel) -> Target:
     """nginx through ``ssh -R``; idle when no visitor connection to sshd's port is left."""
     port = ssh.port_for(upstream.url)
+    sides = {"server": ssh.sshd, "client": ssh.ssh}
+    return Target(SSH_R, port, upstream.process, sides, _no_visitors(port, sides))
+
+
+def peer_target(upstream: Upstream, peer: PeerTunnel) -> Target:
+    """nginx through a peer; idle when no visitor connection to its port is left."""
+    sides = {"server": peer.server, "client": peer.client}
+    return Target(
+        peer.key,
+        peer.port,
+        upstream.process,
+        sides,
+        _no_visitors(peer.port, sides),
+        peer.host,
+        optional=True,
+    )
+
+
+def _no_visitors(port: int, sides: dict[str, Child]) -> Callable[[], None]:
+    """A ``wait_idle``: until no visitor connection to ``port`` is left, the sides still up."""
 
     def wait_idle() -> None:
         def idle() -> bool:
-            ssh.sshd.check_running()
-            ssh.ssh.check_running()
+            for side in sides.values():
+                side.check_running()
             return established_connections(port) == 0
 
-        wait_until(idle, IDLE_TIMEOUT_S, f"visitor connections to ssh -R port {port} closing")
+        wait_until(idle, IDLE_TIMEOUT_S, f"visitor connections to port {port} closing")
 
-    return Target(SSH_R, port, upstream.process, {"server": ssh.sshd, "client": ssh.ssh}, wait_idle)
+    return wait_idle

@@ -2,7 +2,8 @@
 
 nginx is the upstream, wrk the load generator for small requests, curl the
 client for the large download and upload, and OpenSSH (sshd, ssh, ssh-keygen)
-the ``ssh -R`` tunnel that homeport is compared with. When one is missing and we run as root on a
+the ``ssh -R`` tunnel that homeport is compared with; the peers (bench/peers.py)
+need Node.js and npm (for pipenet) and PageKite. When one is missing and we run as root on a
 Debian-like system, ``apt-get`` installs it; otherwise the benchmark stops with
 the command that would install it. Installing never starts anything the
 benchmark uses: it always runs its own nginx and its own sshd from configs in
@@ -44,6 +45,11 @@ TOOLS: Final = (
     Tool("ssh", ("openssh-client",), "ssh"),
     Tool("ssh-keygen", ("openssh-client",), "ssh_keygen"),
 )
+PEER_TOOLS: Final = (
+    Tool("node", ("nodejs",), "node"),
+    Tool("npm", ("npm",), "npm"),
+    Tool("pagekite", ("pagekite",), "pagekite"),
+)
 
 
 @dataclass(frozen=True)
@@ -65,20 +71,43 @@ def find_tool(name: str) -> Path | None:
     return Path(found) if found else None
 
 
+@dataclass(frozen=True)
+class PeerToolPaths:
+    """Where the peers' programs were found."""
+
+    node: Path
+    npm: Path
+    pagekite: Path
+
+
 def ensure_tools() -> ToolPaths:
     """Find nginx, wrk, curl and OpenSSH, installing the missing ones with apt-get.
 
     Raises:
         BenchError: a tool is missing and cannot be installed here.
     """
-    missing = [tool for tool in TOOLS if find_tool(tool.name) is None]
+    return ToolPaths(**_ensure(TOOLS))
+
+
+def ensure_peer_tools() -> PeerToolPaths:
+    """Find Node.js, npm and PageKite, installing the missing ones with apt-get.
+
+    Raises:
+        BenchError: a tool is missing and cannot be installed here.
+    """
+    return PeerToolPaths(**_ensure(PEER_TOOLS))
+
+
+def _ensure(tools: tuple[Tool, ...]) -> dict[str, Path]:
+    """Each of ``tools`` by its ToolPaths field, installing the missing ones first."""
+    missing = [tool for tool in tools if find_tool(tool.name) is None]
     if missing:
         install(missing)
-    paths = {tool: find_tool(tool.name) for tool in TOOLS}
+    paths = {tool: find_tool(tool.name) for tool in tools}
     still_missing = sorted(tool.name for tool, path in paths.items() if path is None)
     if still_missing:
         raise BenchError(f"still missing after apt-get install: {', '.join(still_missing)}")
-    return ToolPaths(**{tool.field: path for tool, path in paths.items() if path is not None})
+    return {tool.field: path for tool, path in paths.items() if path is not None}
 
 
 def install(missing: list[Tool]) -> None:

@@ -9,6 +9,7 @@ round trip that is not the tunnel's).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -37,17 +38,28 @@ class TransferResult:
         return self.bytes / MIB / self.total_s if self.total_s > 0 else 0.0
 
 
-def download(curl: Path, port: int, path: str, expected_bytes: int, cwd: Path) -> TransferResult:
+def download(
+    curl: Path,
+    port: int,
+    path: str,
+    expected_bytes: int,
+    cwd: Path,
+    headers: Sequence[str] = (),
+) -> TransferResult:
     """GET ``path`` from 127.0.0.1:``port`` with curl into /dev/null and time it.
+
+    ``headers`` (``"Host: name"``) are added to the request.
 
     Raises:
         BenchError: curl failed, the status was not 200 or the body was short.
     """
-    args = ["--output", "/dev/null", "--write-out", _DOWNLOAD_WRITE_OUT]
+    args = [*_header_args(headers), "--output", "/dev/null", "--write-out", _DOWNLOAD_WRITE_OUT]
     return _curl(curl, args, port, path, expected_bytes, cwd)
 
 
-def upload(curl: Path, port: int, path: str, body: Path, cwd: Path) -> TransferResult:
+def upload(
+    curl: Path, port: int, path: str, body: Path, cwd: Path, headers: Sequence[str] = ()
+) -> TransferResult:
     """POST the file ``body`` to ``path`` on 127.0.0.1:``port`` with curl and time it.
 
     curl's ``size_upload`` only says what curl wrote to its socket; that the
@@ -63,12 +75,18 @@ def upload(curl: Path, port: int, path: str, body: Path, cwd: Path) -> TransferR
         "Content-Type: application/octet-stream",
         "--header",
         "Expect:",
+        *_header_args(headers),
         "--output",
         "/dev/null",
         "--write-out",
         _UPLOAD_WRITE_OUT,
     ]
     return _curl(curl, args, port, path, body.stat().st_size, cwd)
+
+
+def _header_args(headers: Sequence[str]) -> list[str]:
+    """curl's ``--header H`` for each of ``headers``."""
+    return [arg for header in headers for arg in ("--header", header)]
 
 
 def _curl(

@@ -192,8 +192,8 @@ def run_nginx(nginx: Path, root: Path, nginx_build: str, small_body: bytes) -> I
         yield upstream
 
 
-def serves(port: int, small_body: bytes, *processes: Child) -> bool:
-    """Whether ``GET /1k`` on ``port`` answers 200 with ``small_body``.
+def serves(port: int, small_body: bytes, *processes: Child, host: str | None = None) -> bool:
+    """Whether ``GET /1k`` on ``port`` (with ``Host: host``) answers 200 with ``small_body``.
 
     Raises:
         BenchError: one of ``processes`` has exited, so waiting longer is pointless.
@@ -201,7 +201,7 @@ def serves(port: int, small_body: bytes, *processes: Child) -> bool:
     for process in processes:
         process.check_running()
     try:
-        status, body = http_get(port, SMALL_PATH)
+        status, body = http_get(port, SMALL_PATH, {"Host": host} if host else None)
     except (OSError, http.client.HTTPException):
         return False
     if status == 200 and body != small_body:

@@ -8,39 +8,14 @@ from typing import Any, cast
 import pytest
 
 from bench import measure
+from bench.errors import BenchError
 from bench.measure import Plan, measure_http
 from bench.processes import Child
 from bench.report import _Table
-from bench.targets import DIRECT, HOMEPORT, HOMEPORT_WSS, SSH_R, Target
+from bench.targets import DIRECT, HOMEPORT, HOMEPORT_WSS, PIPENET, SSH_R, Target
 from bench.tools import ToolPaths
 from bench.wrk import WrkResult
-
-
-class _StillChild:
-    """What a measurement reads of a watched process: a CPU clock that stands still."""
-
-    def tree_cpu_seconds(self) -> float:
-        return 0.0
-
-
-def _result(requests_per_s: float) -> WrkResult:
-    return WrkResult(
-        requests=int(requests_per_s),
-        duration_s=1.0,
-        requests_per_s=requests_per_s,
-        bytes_read=0,
-        latency_avg_s=None,
-        latency_max_s=None,
-        latency_p50_s=1 / requests_per_s,
-        latency_p75_s=None,
-        latency_p90_s=None,
-        latency_p99_s=2 / requests_per_s,
-        non_2xx_3xx=0,
-        connect_errors=0,
-        read_errors=0,
-        write_errors=0,
-        timeouts=0,
-    )
+from tests.bench.fakes import StillChild, wrk_result
 
 
 def _plan(rounds: int) -> Plan:
@@ -71,17 +46,18 @@ def wrk_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
         4: [6_000.0, 8_000.0, 7_000.0],
     }
 
-    def fake_wrk(tools: ToolPaths, port: int, load: Any, seconds: int) -> WrkResult:
+    def fake_wrk(tools: ToolPaths, target: Target, load: Any, seconds: int) -> WrkResult:
+        port = target.port
         calls.append((port, seconds))
         measured = sum(1 for p, s in calls if p == port and s == 5)
-        return _result(rates[port][measured - 1] if seconds == 5 else 1.0)
+        return wrk_result(rates[port][measured - 1] if seconds == 5 else 1.0)
 
     monkeypatch.setattr(measure, "_wrk", fake_wrk)
     return calls
 
 
 def _targets() -> Sequence[Target]:
-    nginx = cast(Child, _StillChild())
+    nginx = cast(Child, StillChild())
     return [Target(DIRECT, 1, nginx), Target(HOMEPORT, 2, nginx), Target(SSH_R, 3, nginx)]
 
 
@@ -115,7 +91,7 @@ def test_one_round_is_one_run_per_target(wrk_calls: list[tuple[int, int]]) -> No
 
 def test_an_even_count_of_rounds_shows_the_lower_middle() -> None:
     runs = [
-        measure.Measured(_result(rate), {}, None, {}, True, {}) for rate in (4.0, 1.0, 3.0, 2.0)
+        measure.Measured(wrk_result(rate), {}, None, {}, True, {}) for rate in (4.0, 1.0, 3.0, 2.0)
     ]
     assert measure.median_round(runs).result.requests_per_s == 2.0
 
@@ -132,7 +108,7 @@ def test_the_access_log_run_takes_as_many_rounds_and_keeps_the_median(
 def test_the_tunnel_over_wss_takes_its_turn_and_shows_under_homeport(
     wrk_calls: list[tuple[int, int]],
 ) -> None:
-    nginx = cast(Child, _StillChild())
+    nginx = cast(Child, StillChild())
     targets = [*_targets(), Target(HOMEPORT_WSS, 4, nginx)]
     point = measure_http(_plan(3), cast(ToolPaths, None), targets, 100)
     assert [port for port, seconds in wrk_calls if seconds == 5] == [
@@ -149,3 +125,43 @@ def test_the_tunnel_over_wss_takes_its_turn_and_shows_under_homeport(
     assert "7,000" in req_s  # its req/s, in homeport's column,
     assert f"{7_000 / 25_000:.2f}" in req_s  # its ratio to direct's median round,
     assert f"{7_000 / 9_000:.2f}" in over_wss.split("req/s vs ws")[1]  # and to homeport over ws
+
+
+def test_a_peer_that_fails_leaves_the_run_and_the_others_go_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[int] = []
+
+    def fake_wrk(tools: ToolPaths, target: Target, load: Any, seconds: int) -> WrkResult:
+        calls.append(target.port)
+        if target.port == 5 and calls.count(5) == 3:  # its warm-up, round 1, then round 2
+            raise BenchError("pipenet client exited (status 0)")
+        return wrk_result(1_000.0 * target.port)
+
+    monkeypatch.setattr(measure, "_wrk", fake_wrk)
+    nginx = cast(Child, StillChild())
+    peer = Target(PIPENET, 5, nginx, host="bench.localhost", optional=True)
+    dropouts = measure.Dropouts()
+    point = measure_http(
+        _plan(3), cast(ToolPaths, None), [*_targets(), peer], 100, dropouts=dropouts
+    )
+    assert PIPENET not in point.by_target
+    assert PIPENET not in point.rounds
+    assert [run.result.requests_per_s for run in point.rounds[HOMEPORT]] == [2e3, 2e3, 2e3]
+    assert calls.count(5) == 3  # not asked again after it failed
+    assert "pipenet client exited" in dropouts.reasons[PIPENET]
+    # The next test leaves it out from the start.
+    calls.clear()
+    measure_http(_plan(1), cast(ToolPaths, None), [*_targets(), peer], 10, dropouts=dropouts)
+    assert 5 not in calls
+
+
+def test_homeport_failing_ends_the_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fake_wrk(tools: ToolPaths, target: Target, load: Any, seconds: int) -> WrkResult:
+        if target.key == HOMEPORT:
+            raise BenchError("homeport client exited")
+        return wrk_result(1_000.0)
+
+    monkeypatch.setattr(measure, "_wrk", fake_wrk)
+    with pytest.raises(BenchError, match="homeport client exited"):
+        measure_http(_plan(1), cast(ToolPaths, None), _targets(), 100, dropouts=measure.Dropouts())
