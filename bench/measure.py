@@ -31,7 +31,7 @@ from typing import Final
 from bench.errors import BenchError
 from bench.machine import CpuTimes, MachineCpu
 from bench.processes import LOOPBACK, Child
-from bench.targets import Target
+from bench.targets import LABELS, Target
 from bench.tools import ToolPaths
 from bench.transfer import GIB, TransferResult, download, upload
 from bench.tunnel import REPO_ROOT
@@ -189,8 +189,12 @@ class Dropouts:
         """
         if not target.optional:
             raise error
-        self.reasons[target.key] = f"{step}: {error}"
-        progress(f"WARNING: {target.label} leaves the run, it failed in {step}: {error}")
+        self.leave(target.key, step, error)
+
+    def leave(self, key: str, step: str, error: BenchError) -> None:
+        """Record that the peer ``key`` failed in ``step`` (installing or starting it, too)."""
+        self.reasons[key] = f"{step}: {error}"
+        progress(f"WARNING: {LABELS[key]} leaves the run, it failed in {step}: {error}")
 
 
 def progress(message: str) -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import secrets
 import socket
 from collections.abc import Iterator
@@ -42,6 +43,8 @@ from bench.upstream import SMALL_PATH, serves
 PIPENET: Final = "pipenet"
 PAGEKITE: Final = "pagekite"
 PIPENET_VERSION: Final = "1.4.2"
+#: the oldest Node.js it runs on: its yargs 18 wants 20.19 (Debian 12's own is 18)
+PIPENET_NODE: Final = (20, 19)
 READY_TIMEOUT_S: Final = 30.0
 NPM_TIMEOUT_S: Final = 300.0
 VERSION_TIMEOUT_S: Final = 30.0
@@ -74,11 +77,18 @@ def ensure_pipenet(tools: PeerToolPaths, install_dir: Path) -> Path:
     Returns its entry point, run with ``node``.
 
     Raises:
-        BenchError: npm failed, or installed something else.
+        BenchError: Node.js is too old for it, npm failed, or installed something else.
     """
+    install_dir.mkdir(parents=True, exist_ok=True)
+    found_node = node_version(tools, install_dir)
+    if found_node < PIPENET_NODE:
+        wanted = ".".join(map(str, PIPENET_NODE))
+        raise BenchError(
+            f"pipenet {PIPENET_VERSION} needs Node.js {wanted} or later (its yargs 18 does); "
+            f"{tools.node} is {'.'.join(map(str, found_node))}"
+        )
     script = pipenet_script(install_dir)
     if installed_version(install_dir) != PIPENET_VERSION:
-        install_dir.mkdir(parents=True, exist_ok=True)
         args = [
             str(tools.npm),
             "install",
@@ -103,6 +113,21 @@ def ensure_pipenet(tools: PeerToolPaths, install_dir: Path) -> Path:
             f"expected {PIPENET_VERSION} with {script}"
         )
     return script
+
+
+def node_version(tools: PeerToolPaths, cwd: Path) -> tuple[int, ...]:
+    """``node --version`` as numbers: ``v20.19.2`` -> (20, 19, 2); () when it says something else.
+
+    Raises:
+        BenchError: node did not run.
+    """
+    code, stdout, stderr = run_bounded(
+        "node --version", [str(tools.node), "--version"], VERSION_TIMEOUT_S, cwd
+    )
+    if code != 0:
+        raise BenchError(f"{tools.node} --version failed: {(stderr or stdout).strip()}")
+    match = re.fullmatch(r"v(\d+)\.(\d+)\.(\d+)", stdout.strip())
+    return tuple(int(part) for part in match.groups()) if match else ()
 
 
 def installed_version(install_dir: Path) -> str | None:

@@ -59,7 +59,10 @@ from bench.measure import (
     progress,
 )
 from bench.peers import (
+    PAGEKITE,
+    PIPENET,
     PIPENET_VERSION,
+    PeerTunnel,
     ensure_pipenet,
     peer_versions,
     run_pagekite,
@@ -291,7 +294,8 @@ def run(plan: Plan) -> Report:
         BenchError: a tool, a process or a measurement failed.
     """
     tools = ensure_tools()
-    peers = _prepare_peers() if plan.peers else None
+    dropouts = Dropouts()
+    peers = _prepare_peers(dropouts) if plan.peers else None
     compile_bytecode()
     server_tree = REPO_ROOT
     if plan.compiled:
@@ -362,17 +366,30 @@ def run(plan: Plan) -> Report:
 
 @dataclass(frozen=True)
 class _Peers:
-    """What the peers need: Node.js, npm and PageKite, and pipenet's entry point."""
+    """What the peers need: Node.js, npm and PageKite, and pipenet's entry point if installed."""
 
     tools: PeerToolPaths
-    pipenet: Path
+    pipenet: Path | None
 
 
-def _prepare_peers() -> _Peers:
-    """Install the peers' programs where missing: Debian's packages, then pipenet from npm."""
-    tools = ensure_peer_tools()
+def _prepare_peers(dropouts: Dropouts) -> _Peers | None:
+    """Install the peers' programs where missing: Debian's packages, then pipenet from npm.
+
+    A peer that cannot be installed leaves the run (``dropouts``); the rest goes on.
+    """
+    try:
+        tools = ensure_peer_tools()
+    except BenchError as error:
+        for key in (PIPENET, PAGEKITE):
+            dropouts.leave(key, "installing", error)
+        return None
     progress(f"pipenet {PIPENET_VERSION} from npm under {PEERS_DIR}")
-    return _Peers(tools, ensure_pipenet(tools, PEERS_DIR))
+    try:
+        pipenet: Path | None = ensure_pipenet(tools, PEERS_DIR)
+    except BenchError as error:
+        dropouts.leave(PIPENET, "installing", error)
+        pipenet = None
+    return _Peers(tools, pipenet)
 
 
 @dataclass(frozen=True)
@@ -389,10 +406,27 @@ class _Throughput:
     dropped: dict[str, str]  # peer -> where and why it failed
 
 
+def _peers(
+    peers: _Peers | None, workdir: Path, upstream: Upstream
+) -> list[tuple[str, contextlib.AbstractContextManager[PeerTunnel]]]:
+    """Each installed peer's key and the context that runs it in front of ``upstream``."""
+    if peers is None:
+        return []
+    started = []
+    if peers.pipenet is not None:
+        pipenet = run_pipenet(
+            peers.tools, peers.pipenet, workdir, upstream.port, upstream.small_body
+        )
+        started.append((PIPENET, pipenet))
+    pagekite = run_pagekite(peers.tools, workdir, upstream.port, upstream.small_body)
+    return [*started, (PAGEKITE, pagekite)]
+
+
 def _measure_throughput(
     plan: Plan,
     tools: ToolPaths,
     peers: _Peers | None,
+    dropouts: Dropouts,
     workdir: Path,
     upstream: Upstream,
     idle: IdleUpstream,
@@ -422,15 +456,13 @@ def _measure_throughput(
             )
             targets.append(ssh_target(upstream, ssh))
             progress(f"ssh -R up: visitors on port {targets[-1].port}")
-        if peers is not None:
-            for peer in (
-                run_pipenet(
-                    peers.tools, peers.pipenet, workdir, upstream.port, upstream.small_body
-                ),
-                run_pagekite(peers.tools, workdir, upstream.port, upstream.small_body),
-            ):
+        for key, peer in _peers(peers, workdir, upstream):
+            try:
                 targets.append(peer_target(upstream, stack.enter_context(peer)))
-                progress(f"{targets[-1].label} up: visitors on port {targets[-1].port}")
+            except BenchError as error:
+                dropouts.leave(key, "starting", error)
+                continue
+            progress(f"{targets[-1].label} up: visitors on port {targets[-1].port}")
         wss: list[Target] = []
         if plan.wss_connections is not None:
             over_tls: Tunnel = stack.enter_context(
@@ -451,7 +483,6 @@ def _measure_throughput(
             for target in [*targets, *wss]
             if target.sides
         }
-        dropouts = Dropouts()
         http = [
             measure_http(
                 plan,

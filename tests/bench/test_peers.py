@@ -8,7 +8,7 @@ from typing import Any, cast
 
 import pytest
 
-from bench import measure, peers
+from bench import measure, peers, run
 from bench.errors import BenchError
 from bench.measure import HttpPoint, Measured, Transfers
 from bench.peers import (
@@ -28,7 +28,7 @@ from bench.transfer import TransferResult
 from bench.wrk import WrkResult
 from tests.bench.fakes import StillChild, wrk_result
 
-NODE = Path("/usr/bin/node")
+NODE = Path("/usr/bin/node")  # only written into command lines
 SCRIPT = Path("/opt/pipenet/cli.js")
 
 
@@ -76,21 +76,57 @@ def _install(root: Path, version: str) -> None:
     (package / "package.json").write_text(json.dumps({"name": "pipenet", "version": version}))
 
 
-def _tools(npm: Path) -> PeerToolPaths:
-    return PeerToolPaths(node=NODE, npm=npm, pagekite=Path("pagekite"))
+def _tools(tmp_path: Path, node_says: str, npm: Path = Path("/bin/false")) -> PeerToolPaths:
+    """A ``node`` that prints ``node_says`` for its version; npm fails unless given."""
+    node = tmp_path / "node"
+    node.write_text(f"#!/bin/sh\necho {node_says}\n")
+    node.chmod(0o755)
+    return PeerToolPaths(node=node, npm=npm, pagekite=Path("pagekite"))
 
 
 def test_an_installed_pipenet_of_the_right_version_is_used_without_npm(tmp_path: Path) -> None:
-    _install(tmp_path, PIPENET_VERSION)
+    install = tmp_path / "peers"
+    _install(install, PIPENET_VERSION)
     # npm would fail: it is not run at all.
-    script = ensure_pipenet(_tools(Path("/bin/false")), tmp_path)
-    assert script == peers.pipenet_script(tmp_path)
+    script = ensure_pipenet(_tools(tmp_path, "v20.19.0"), install)
+    assert script == peers.pipenet_script(install)
 
 
-def test_a_failing_npm_stops_the_run_with_a_way_out(tmp_path: Path) -> None:
-    _install(tmp_path, "0.0.1")  # another version: npm must install ours
+def test_a_failing_npm_stops_the_peer_with_a_way_out(tmp_path: Path) -> None:
+    install = tmp_path / "peers"
+    _install(install, "0.0.1")  # another version: npm must install ours
     with pytest.raises(BenchError, match="--no-peers"):
-        ensure_pipenet(_tools(Path("/bin/false")), tmp_path)
+        ensure_pipenet(_tools(tmp_path, "v22.11.0"), install)
+
+
+@pytest.mark.parametrize("says", ["v18.20.4", "v20.18.3", "node? never heard of it"])
+def test_a_node_too_old_for_pipenet_is_named_before_npm_runs(tmp_path: Path, says: str) -> None:
+    install = tmp_path / "peers"
+    _install(install, PIPENET_VERSION)
+    with pytest.raises(BenchError, match=r"needs Node\.js 20\.19 or later"):
+        ensure_pipenet(_tools(tmp_path, says), install)
+
+
+def test_a_peer_that_cannot_be_installed_leaves_the_run_and_the_run_goes_on(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    def no_apt() -> PeerToolPaths:
+        raise BenchError("nodejs not installed; run as root")
+
+    monkeypatch.setattr(run, "ensure_peer_tools", no_apt)
+    dropouts = measure.Dropouts()
+    assert run._prepare_peers(dropouts) is None
+    assert set(dropouts.reasons) == {PIPENET, PAGEKITE}
+    assert "run as root" in dropouts.reasons[PAGEKITE]
+
+    tools = _tools(tmp_path, "v18.20.4")
+    monkeypatch.setattr(run, "ensure_peer_tools", lambda: tools)
+    monkeypatch.setattr(run, "PEERS_DIR", tmp_path / "peers")
+    dropouts = measure.Dropouts()
+    prepared = run._prepare_peers(dropouts)
+    assert prepared is not None
+    assert prepared.pipenet is None  # PageKite still runs
+    assert list(dropouts.reasons) == [PIPENET]
 
 
 @pytest.mark.parametrize("manifest", ["", "{", '{"version": 3}', '{"name": "pipenet"}'])
