@@ -141,15 +141,25 @@ def installed_version(install_dir: Path) -> str | None:
 
 
 def peer_versions(tools: PeerToolPaths, cwd: Path) -> dict[str, str]:
-    """``node``'s and ``pagekite``'s versions, for the report."""
+    """``node``'s and ``pagekite``'s versions, for the report ("unknown" when they don't say).
+
+    pagekite has no ``--version``: its version is ``pagekite.common.APPVER``,
+    read with the interpreter its script names.
+    """
     versions = {"pipenet": PIPENET_VERSION}
-    for name, args in (
-        ("node", [str(tools.node), "--version"]),
-        ("pagekite", [str(tools.pagekite), "--clean", "--nullui", "--version"]),
-    ):
-        code, stdout, stderr = run_bounded(f"{name} --version", args, VERSION_TIMEOUT_S, cwd)
-        text = (stdout or stderr).strip()
-        versions[name] = text.splitlines()[-1] if code == 0 and text else "unknown"
+    asks = {"node": [str(tools.node), "--version"]}
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        first = tools.pagekite.read_text().split("\n", 1)[0]
+        if first.startswith("#!"):
+            read = "from pagekite.common import APPVER; print(APPVER)"
+            asks["pagekite"] = [*first[2:].split(), "-c", read]
+    for name in ("node", "pagekite"):
+        code, stdout, _ = (
+            run_bounded(f"{name} version", asks[name], VERSION_TIMEOUT_S, cwd)
+            if name in asks
+            else (1, "", "")
+        )
+        versions[name] = stdout.strip() if code == 0 and stdout.strip() else "unknown"
     return versions
 
 

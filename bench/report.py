@@ -842,7 +842,7 @@ class _Table:
 
 
 def _header(report: Report) -> list[str]:
-    """Five lines: when, how and on what it was measured, and which build of homeport."""
+    """When, how and on what it was measured, which build of homeport, and the peers."""
     plan, machine, software = report.plan, report.machine, report.software
     packages = ", ".join(
         f"{name} {version}" for name, version in software["packages"].items() if version
@@ -850,7 +850,7 @@ def _header(report: Report) -> list[str]:
     git = software.get("git") or {}
     revision = f"{git.get('commit', '?')[:10]}{' (dirty)' if git.get('dirty') else ''}"
     ssh = (software.get("openssh") or "-").split(",")[0]
-    return [
+    lines = [
         f"homeport benchmark, {iso_utc(report.started_at)}, git {revision}",
         f"wrk: {_rounds_text(plan)} after {plan.warmup_s} s warm-up, "
         f"-t{plan.max_wrk_threads} at most; exit server access log off unless stated; "
@@ -862,6 +862,12 @@ def _header(report: Report) -> list[str]:
         f"homeport: exit server {software.get('exit_server_build', 'pure Python')}, "
         "client pure Python",
     ]
+    if "pipenet" in software:
+        lines.append(
+            f"peers: pipenet {software['pipenet']} (Node.js {software.get('node', '?')}), "
+            f"PageKite {software.get('pagekite', '?')}, each with its own defaults"
+        )
+    return lines
 
 
 def _rounds_text(plan: Plan) -> str:
