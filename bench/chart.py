@@ -17,12 +17,19 @@ from typing import Any, Final
 from bench.errors import BenchError
 from bench.goals import IDLE_RSS, KIB, STREAM_LIMIT_BYTES, Goal
 from bench.measure import HttpPoint
+from bench.peers import PAGEKITE, PIPENET
 from bench.report import LATEST_NAME, TUNNELS, Report, iso_utc, stamp
-from bench.targets import DIRECT, HOMEPORT, LABELS, PAGEKITE, PIPENET, SIDES, SSH_R
+from bench.targets import DIRECT, HOMEPORT, LABELS, RELAYS, SIDES, SSH_R
 from bench.transfer import MIB
 
 LATEST_CHART: Final = Path(LATEST_NAME).with_suffix(".png").name
-COLORS: Final = {HOMEPORT: "#1f77b4", SSH_R: "#7f7f7f", PIPENET: "#2ca02c", PAGEKITE: "#ff7f0e"}
+COLORS: Final = {
+    HOMEPORT: "#1f77b4",
+    SSH_R: "#7f7f7f",
+    PIPENET: "#2ca02c",
+    PAGEKITE: "#ff7f0e",
+    RELAYS: "#c7c7c7",
+}
 TARGET_COLOR: Final = "#d62728"
 #: the bars of one group together span at most this much of the space between groups
 _GROUP_WIDTH: Final = 0.8
@@ -44,7 +51,7 @@ def write_chart(report: Report, results_dir: Path) -> list[Path]:
         raise BenchError(
             "matplotlib is not installed (pip install -e '.[bench]'); no chart"
         ) from None
-    tunnels = [target for target in TUNNELS if target in report.targets]
+    tunnels: list[str] = [target for target in TUNNELS if target in report.targets]
     goals = {goal.spec.key: goal for goal in report.goals(HOMEPORT)}
     figure, axes = plt.subplots(2, 2, figsize=(15, 10))
     _throughput(axes[0][0], report, tunnels, goals)
@@ -161,9 +168,9 @@ def _throughput(axis: Any, report: Report, tunnels: list[str], goals: dict[str, 
         goal = goals.get(f"{transfers.kind}_mib_per_s_ratio")
         groups.append(_with_target(f"{transfers.kind} MiB/s", goal))
         group_goals.append(goal)
-        direct = transfers.median_mib_per_s(DIRECT)
+        direct_mib = transfers.median_mib_per_s(DIRECT)
         for target in tunnels:
-            values[target].append(_ratio(transfers.median_mib_per_s(target), direct))
+            values[target].append(_ratio(transfers.median_mib_per_s(target), direct_mib))
             spans[target].append(None)
     _bars(axis, groups, values, tunnels, "{:.2g}", spans)
     for index, goal in enumerate(group_goals):

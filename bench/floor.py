@@ -14,16 +14,19 @@ Every process is ended by its PID on the way out, Ctrl-C included.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Final
 
 from bench.errors import run_command
 from bench.machine import read_nginx_build
 from bench.measure import progress
+from bench.peers import PeerTunnel
 from bench.processes import LOOPBACK, Child, free_port, running, wait_until
+from bench.targets import RELAYS
 from bench.tools import ensure_tools
 from bench.tunnel import REPO_ROOT
 from bench.upstream import READY_TIMEOUT_S, SMALL_PATH, run_nginx, serves, write_site
@@ -88,38 +91,57 @@ def measure(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="homeport-floor-") as temp:
         workdir = Path(temp)
         small_body = write_site(workdir)
-        with run_nginx(tools.nginx, workdir, nginx_build, small_body) as upstream:
-            exit_port, client_port = free_port(), free_port()
-            client_side = _relay("client side", client_port, upstream.port, workdir)
-            exit_side = _relay("exit side", exit_port, client_port, workdir)
-            with running(client_side), running(exit_side):
-                wait_until(
-                    lambda: serves(exit_port, small_body, exit_side, client_side),
-                    READY_TIMEOUT_S,
-                    f"GET {SMALL_PATH} through the two relays answering 200",
-                )
-                print(
-                    f"{'c':>4} {'direct req/s':>13} {'relays req/s':>13} {'ratio':>6} "
-                    f"{'p99 ratio':>9}  CPU us/req: exit side, client side"
-                )
-                for connections in args.concurrency:
-                    for _ in range(args.rounds):
-                        direct = _wrk(tools.wrk, upstream.port, connections, args.duration)
-                        before = exit_side.cpu_seconds(), client_side.cpu_seconds()
-                        relayed = _wrk(tools.wrk, exit_port, connections, args.duration)
-                        after = exit_side.cpu_seconds(), client_side.cpu_seconds()
-                        per_request = [
-                            1e6 * (end - start) / max(relayed.requests, 1)
-                            for start, end in zip(before, after, strict=True)
-                        ]
-                        print(
-                            f"{connections:>4} {direct.requests_per_s:>13,.0f} "
-                            f"{relayed.requests_per_s:>13,.0f} "
-                            f"{relayed.requests_per_s / direct.requests_per_s:>6.2f} "
-                            f"{relayed.latency_p99_s / direct.latency_p99_s:>9.2f}  "
-                            f"{per_request[0]:.0f}, {per_request[1]:.0f}",
-                            flush=True,
-                        )
+        with (
+            run_nginx(tools.nginx, workdir, nginx_build, small_body) as upstream,
+            run_relays(workdir, upstream.port, small_body) as relays,
+        ):
+            exit_side, client_side = relays.server, relays.client
+            print(
+                f"{'c':>4} {'direct req/s':>13} {'relays req/s':>13} {'ratio':>6} "
+                f"{'p99 ratio':>9}  CPU us/req: exit side, client side"
+            )
+            for connections in args.concurrency:
+                for _ in range(args.rounds):
+                    direct = _wrk(tools.wrk, upstream.port, connections, args.duration)
+                    before = exit_side.cpu_seconds(), client_side.cpu_seconds()
+                    relayed = _wrk(tools.wrk, relays.port, connections, args.duration)
+                    after = exit_side.cpu_seconds(), client_side.cpu_seconds()
+                    per_request = [
+                        1e6 * (end - start) / max(relayed.requests, 1)
+                        for start, end in zip(before, after, strict=True)
+                    ]
+                    print(
+                        f"{connections:>4} {direct.requests_per_s:>13,.0f} "
+                        f"{relayed.requests_per_s:>13,.0f} "
+                        f"{relayed.requests_per_s / direct.requests_per_s:>6.2f} "
+                        f"{relayed.latency_p99_s / direct.latency_p99_s:>9.2f}  "
+                        f"{per_request[0]:.0f}, {per_request[1]:.0f}",
+                        flush=True,
+                    )
+
+
+@contextlib.contextmanager
+def run_relays(workdir: Path, upstream_port: int, small_body: bytes) -> Iterator[PeerTunnel]:
+    """Two relays chained in front of the upstream on ``upstream_port``, serving ``GET /1k``.
+
+    ``make bench`` measures them beside the tunnels, as ``relays``: their
+    "server" is the exit side (the one visitors reach), their "client" the
+    side that dials the upstream.
+
+    Raises:
+        BenchError: a relay exited, or ``GET /1k`` through them did not answer
+            within ``READY_TIMEOUT_S``.
+    """
+    exit_port, client_port = free_port(), free_port()
+    client_side = _relay("client side", client_port, upstream_port, workdir)
+    exit_side = _relay("exit side", exit_port, client_port, workdir)
+    with running(client_side), running(exit_side):
+        wait_until(
+            lambda: serves(exit_port, small_body, exit_side, client_side),
+            READY_TIMEOUT_S,
+            f"GET {SMALL_PATH} through the two relays answering 200",
+        )
+        yield PeerTunnel(RELAYS, exit_port, None, exit_side, client_side)
 
 
 def _relay(side: str, listen_port: int, target_port: int, workdir: Path) -> Child:

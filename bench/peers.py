@@ -61,7 +61,7 @@ class PeerTunnel:
 
     key: str
     port: int
-    host: str
+    host: str | None  # None: whatever wrk and curl send
     server: Child
     client: Child
 

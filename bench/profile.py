@@ -24,6 +24,7 @@ Every process is ended by its PID in ``finally`` blocks, Ctrl-C included.
 from __future__ import annotations
 
 import argparse
+import functools
 import shutil
 import sys
 import tempfile
@@ -208,7 +209,7 @@ def _record(
     with running(samplers["server"]), running(samplers["client"]):
         for side, sampler in samplers.items():
             wait_until(
-                lambda sampler=sampler: _attached(sampler),
+                functools.partial(_attached, sampler),
                 ATTACH_TIMEOUT_S,
                 f"py-spy attaching to the {side}",
             )

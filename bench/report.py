@@ -29,8 +29,17 @@ from bench.measure import (
     TransferRun,
     Transfers,
 )
+from bench.peers import PAGEKITE, PIPENET
 from bench.streams import StreamsResult
-from bench.targets import DIRECT, HOMEPORT, HOMEPORT_WSS, LABELS, PAGEKITE, PIPENET, SIDES, SSH_R
+from bench.targets import (
+    DIRECT,
+    HOMEPORT,
+    HOMEPORT_WSS,
+    LABELS,
+    RELAYS,
+    SIDES,
+    SSH_R,
+)
 from bench.transfer import MIB
 from bench.upstream import LARGE_BYTES, LARGE_PATH, SMALL_BYTES, SMALL_PATH, UPLOAD_PATH
 from bench.wrk import REQUEST_TIMEOUT_S, WrkResult
@@ -45,7 +54,7 @@ BUSY_CPU_PERCENT: Final = 10.0
 OTHERS_CPU_PERCENT: Final = 5.0
 STEAL_CPU_PERCENT: Final = 5.0
 #: every tunnel compared, in the order of the side-by-side table and the chart
-TUNNELS: Final = (HOMEPORT, SSH_R, PIPENET, PAGEKITE)
+TUNNELS: Final = (HOMEPORT, SSH_R, PIPENET, PAGEKITE, RELAYS)
 #: the main table's tunnels: homeport and the baseline every user has
 MAIN_TUNNELS: Final = (HOMEPORT, SSH_R)
 # label, figure, direct, homeport, ratio, ssh -R, ratio, target, verdict
@@ -458,7 +467,7 @@ def _cpu_per_gib(report: Report) -> dict[str, Any]:
 
 def format_table(report: Report) -> str:
     """The figures as a text table, with a header saying when, how and on what."""
-    tunnels = [target for target in MAIN_TUNNELS if target in report.targets]
+    tunnels: list[str] = [target for target in MAIN_TUNNELS if target in report.targets]
     goals = {goal.spec.key: goal for goal in report.goals(HOMEPORT)}
     table = _Table(tunnels, goals)
     for point in report.http:

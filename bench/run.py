@@ -36,6 +36,7 @@ from types import FrameType
 from typing import Any, Final
 
 from bench.errors import BenchError
+from bench.floor import run_relays
 from bench.idle_upstream import IdleUpstream, run_idle_upstream
 from bench.machine import (
     IDLE_CHECK_S,
@@ -75,6 +76,7 @@ from bench.streams import IDLE_HOST, StreamsResult, measure_streams
 from bench.targets import (
     HOMEPORT,
     HOMEPORT_WSS,
+    RELAYS,
     SSH_R,
     Target,
     direct_target,
@@ -217,6 +219,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--no-ssh", action="store_true", help="skip the ssh -R column (no sshd is started)"
     )
     parser.add_argument(
+        "--no-floor",
+        action="store_true",
+        help="skip the two bare relays, the floor any Python tunnel could reach (bench.floor)",
+    )
+    parser.add_argument(
         "--no-peers",
         action="store_true",
         help="skip the pipenet and PageKite columns (nothing installed from npm)",
@@ -276,6 +283,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         ),
         ssh=not args.no_ssh,
         peers=not args.no_peers,
+        floor=not args.no_floor,
         quick=quick,
         compiled=not args.pure,
         wss_connections=None if args.no_wss else WSS_CONNECTIONS,
@@ -326,7 +334,9 @@ def run(plan: Plan) -> Report:
             run_idle_upstream(workdir, REPO_ROOT) as idle,
         ):
             progress(f"nginx serving on {upstream.url}, the idle upstream on {idle.url}")
-            measured = _measure_throughput(plan, tools, peers, workdir, upstream, idle, server_tree)
+            measured = _measure_throughput(
+                plan, tools, peers, dropouts, workdir, upstream, idle, server_tree
+            )
             access_log: AccessLogPoint | None = None
             if plan.access_log_connections is not None:
                 with run_tunnel(
@@ -463,6 +473,16 @@ def _measure_throughput(
                 dropouts.leave(key, "starting", error)
                 continue
             progress(f"{targets[-1].label} up: visitors on port {targets[-1].port}")
+        if plan.floor:
+            try:
+                relays = stack.enter_context(
+                    run_relays(workdir, upstream.port, upstream.small_body)
+                )
+            except BenchError as error:
+                dropouts.leave(RELAYS, "starting", error)
+            else:
+                targets.append(peer_target(upstream, relays))
+                progress(f"two bare relays (the floor) up: visitors on port {relays.port}")
         wss: list[Target] = []
         if plan.wss_connections is not None:
             over_tls: Tunnel = stack.enter_context(

@@ -4,10 +4,12 @@
 front of it, ``homeport_wss`` the same with the control channel over TLS
 (``wss://``, as deployed), ``ssh_r`` sshd and ``ssh -R``, ``pipenet`` and
 ``pagekite`` the peers (bench/peers.py), which route visitors by their Host
-header. Each tunnel has a *server* side (the exit server, sshd with its
-process for the connection, the peer's server: the public VM) and a *client*
-side (the homeport client, ssh, the peer's client: the machine at home), whose
-CPU and memory the benchmark records.
+header, and ``relays`` two bare relays (bench/floor.py): the most any
+two-process Python tunnel could reach here. Each tunnel has a *server* side
+(the exit server, sshd with its process for the connection, the peer's
+server, the exit-side relay: the public VM) and a *client* side (the
+homeport client, ssh, the peer's client, the other relay: the machine at
+home), whose CPU and memory the benchmark records.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ DIRECT: Final = "direct"
 HOMEPORT: Final = "homeport"
 HOMEPORT_WSS: Final = "homeport_wss"
 SSH_R: Final = "ssh_r"
+#: the floor: two bare relays in Python in front of nginx (bench/floor.py), no tunnel at all
+RELAYS: Final = "relays"
 LABELS: Final = {
     DIRECT: "direct",
     HOMEPORT: "homeport",
@@ -33,6 +37,7 @@ LABELS: Final = {
     SSH_R: "ssh -R",
     PIPENET: "pipenet",
     PAGEKITE: "pagekite",
+    RELAYS: "two relays",
 }
 SIDES: Final = ("server", "client")
 IDLE_TIMEOUT_S: Final = 10.0
@@ -83,7 +88,7 @@ def ssh_target(upstream: Upstream, ssh: SshTunnel) -> Target:
 
 
 def peer_target(upstream: Upstream, peer: PeerTunnel) -> Target:
-    """nginx through a peer; idle when no visitor connection to its port is left."""
+    """nginx through a peer (or the relays); idle when no visitor connection to its port is left."""
     sides = {"server": peer.server, "client": peer.client}
     return Target(
         peer.key,

@@ -282,14 +282,19 @@ async def _readable(file: BinaryIO) -> None:
     """Wait until ``file`` has something to read (or its writer closed it)."""
     loop = asyncio.get_running_loop()
     readable: asyncio.Future[None] = loop.create_future()
-    loop.add_reader(file.fileno(), lambda: readable.done() or readable.set_result(None))
+
+    def wake() -> None:
+        if not readable.done():
+            readable.set_result(None)
+
+    loop.add_reader(file.fileno(), wake)
     try:
         await readable
     finally:
         loop.remove_reader(file.fileno())
 
 
-async def _abort(transport: asyncio.BaseTransport, closed: asyncio.Future[None]) -> None:
+async def _abort(transport: asyncio.Transport, closed: asyncio.Future[None]) -> None:
     """Drop the connection and wait until the transport let go of it.
 
     Aborting, not closing: every byte has been counted by then, and a TLS
