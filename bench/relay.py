@@ -45,9 +45,14 @@ class _Side(asyncio.Protocol):
             self.early.append(data)
 
     def eof_received(self) -> bool:
+        # One side is done: close the other once what it has queued is sent,
+        # and this one with it. Passing the half-close on (write_eof) would be
+        # truer to TCP, but uvloop (0.22 and 0.23) aborts the process, a
+        # double free in its shutdown callback, when connections that both
+        # relays half-close in turn are closed under a stream of new ones.
         if self.other is not None and self.other.transport is not None:
-            self.other.transport.write_eof()
-        return True
+            self.other.transport.close()
+        return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.other is not None and self.other.transport is not None:
