@@ -105,8 +105,11 @@ AUTOTUNE_FROM_ROUND_TRIP_S: Final = 0.020
 #: transfer, or answered by a peer still busy starting, measures the queue,
 #: not the path; a path that changed is followed within a few heartbeats.
 ROUND_TRIP_SAMPLES: Final = 3
-#: Rapid-reset guard: more streams refused or reset by the peer than this in
-#: one rate window ends the session with ENHANCE_YOUR_CALM (protocol.md §9).
+#: Rapid-reset guard: more streams refused, or opened and reset by the peer
+#: before it sent any DATA on them, than this in one rate window ends the
+#: session with ENHANCE_YOUR_CALM (protocol.md §9). A stream reset after it
+#: carried data is an exchange its visitor abandoned; counting those let any
+#: visitor who drops requests fast enough take the whole tunnel down.
 DEFAULT_MAX_RESETS_PER_WINDOW: Final = 2000
 RATE_WINDOW_S: Final = 10.0
 #: How many closed stream ids are remembered to tell a race from a violation.
@@ -252,6 +255,7 @@ class _Stream:
     """What the multiplexer knows of one stream."""
 
     __slots__ = (
+        "carried_data",
         "end_queued",
         "local",
         "outbox",
@@ -275,6 +279,9 @@ class _Stream:
         self.outbox: collections.deque[bytes | memoryview] = collections.deque()
         self.outbox_bytes = 0
         self.end_queued = False
+        #: the peer sent DATA on it: a reset after that is an exchange abandoned
+        #: (its visitor went away), not the open-and-reset churn the guard counts
+        self.carried_data = False
 
 
 class Multiplexer:
@@ -616,6 +623,7 @@ class Multiplexer:
         recv.available -= length
         recv.held += length
         if length:
+            stream.carried_data = True
             events.append(ev.DataReceived(stream_id, data))
         if frame.end_stream:
             self._transition(stream, StreamInput.RECV_END)
@@ -676,7 +684,7 @@ class Multiplexer:
             self._frame_for_closed_stream(frame.stream_id, "RST", is_data=False)
             return
         self._transition(stream, StreamInput.RECV_RST)
-        if not stream.local:
+        if not stream.local and not stream.carried_data:
             self._count_reset()
         self._forget(stream, peer_may_send_data=False)
         events.append(ev.StreamReset(frame.stream_id, frame.code))

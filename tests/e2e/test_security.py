@@ -11,6 +11,7 @@ import contextlib
 import json
 import re
 import socket
+import struct
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -26,6 +27,7 @@ from websockets.uri import parse_uri
 
 from tests.e2e.conftest import ClientProcess, ExitServerProcess, Upstream
 from tests.e2e.test_edge_corpus import BAD_HEADS, deliver
+from tests.e2e.test_tunnel import fetch, lines_matching
 from tests.support.rawhttp import ResponseReader, request
 from tunnel.auth import token_digest
 from tunnel.frames import Data, Hello, Open, encode
@@ -335,6 +337,66 @@ async def test_a_visitor_who_leaves_while_waiting_frees_the_stream_at_once(
         assert time.monotonic() < deadline, snapshot
         await asyncio.sleep(0.05)
     await server.process.wait_for_async(r"\"GET /slow\" .*status=499", since=mark)
+
+
+async def test_visitors_dropping_thousands_of_requests_cost_the_tunnel_nothing(
+    start_server: Server, start_client: Client, upstream: Upstream, token: str
+) -> None:
+    """More abandoned exchanges than the rapid-reset budget (2,000 in 10 s), in one window.
+
+    Each visitor reads the head and first event of an SSE answer through the
+    tunnel, so its request went out as DATA, and then drops its connection
+    (RST): the exit server resets the stream for it. Browsers navigating away
+    and clients timing out do this, and anyone can do it on purpose; the
+    client's session, which serves everyone else, must not end over it
+    (protocol.md §9). Until 2026-11-27 it did, with ENHANCE_YOUR_CALM.
+    """
+    server = start_server()
+    client = start_client(server, upstream.url)
+    mark = client.process.mark()
+    budget, window_s = 2_000, 10.0
+    dropped_at: list[float] = []
+
+    async def drop_one() -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"GET /sse?n=2&interval=60 HTTP/1.1\r\nHost: a\r\n\r\n")
+        await asyncio.wait_for(reader.readuntil(b"data: event 0"), 10)
+        linger = struct.pack("ii", 1, 0)  # close with RST, as a killed browser tab does
+        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+        writer.close()
+        dropped_at.append(time.monotonic())
+
+    def dense_enough() -> bool:
+        recent = time.monotonic() - (window_s - 1)
+        return sum(1 for at in dropped_at if at > recent) > budget
+
+    deadline = time.monotonic() + 90
+    while not dense_enough() and len(dropped_at) < 4 * budget and time.monotonic() < deadline:
+        await asyncio.gather(*(drop_one() for _ in range(50)))
+    assert dense_enough(), f"{len(dropped_at)} requests dropped, never {budget} in {window_s} s"
+
+    # The session that was up before is the one still up, and it serves.
+    status, body, _ = await fetch(f"{server.url}/")
+    assert (status, body) == (200, b"hello from upstream\n")
+    assert client.process.running()
+    assert lines_matching(client, r"ENHANCE_YOUR_CALM|disconnected|connected to", mark) == 0
+    headers = {"Authorization": f"Bearer {token}"}
+
+    async def settled() -> bool:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{server.control_port}/status", headers=headers) as response,
+        ):
+            snapshot = await response.json()
+        (served,) = snapshot["clients"]
+        return bool(
+            snapshot["requests_in_flight"] == 0 and served["streams"] == served["idle_streams"]
+        )
+
+    deadline = time.monotonic() + 15
+    while not await settled():
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.2)
 
 
 # -- the control channel: authentication ----------------------------------------------------------------

@@ -252,6 +252,30 @@ def test_rapid_reset_ends_the_session_with_enhance_your_calm() -> None:
     assert raised.value.code is ErrorCode.ENHANCE_YOUR_CALM
 
 
+def test_streams_reset_after_they_carried_data_are_abandoned_exchanges_not_a_flood() -> None:
+    # The exit server resets a stream when its visitor goes away mid-exchange:
+    # the request went out as DATA first. Visitors dropping requests (a
+    # browser navigating away, a client timing out, or someone doing it on
+    # purpose) must not end the session that serves everyone else.
+    pair = MuxPair(max_resets_per_window=50)
+    abandoned = b"".join(
+        encode(Open(sid, ""))
+        + encode(Data(sid, b"GET / HTTP/1.1\r\n\r\n"))
+        + encode(Rst(sid, ErrorCode.CANCEL))
+        for sid in range(2, 400, 2)
+    )
+    events = pair.client.receive_data(abandoned)
+    assert len(of_type(events, ev.StreamReset)) == 199
+    assert pair.client.statistics().open_streams == 0
+    # Opening and resetting with nothing in between still counts.
+    churn = b"".join(
+        encode(Open(sid, "")) + encode(Rst(sid, ErrorCode.CANCEL)) for sid in range(400, 600, 2)
+    )
+    with pytest.raises(ProtocolError) as raised:
+        pair.client.receive_data(churn)
+    assert raised.value.code is ErrorCode.ENHANCE_YOUR_CALM
+
+
 def test_reset_counter_starts_again_each_rate_window() -> None:
     pair = MuxPair(max_resets_per_window=50)
     sid = 2
