@@ -399,6 +399,68 @@ async def test_visitors_dropping_thousands_of_requests_cost_the_tunnel_nothing(
         await asyncio.sleep(0.2)
 
 
+async def test_thousands_of_websocket_visitors_leaving_every_way_leave_the_tunnel_whole(
+    start_server: Server, start_client: Client, upstream: Upstream, token: str
+) -> None:
+    """Upgraded connections ended by a half-close, a close or a reset, fifty at a time.
+
+    An upgraded connection is a byte pipe whose half-closes pass through both
+    hops, and uvloop has aborted a plain relay that does this under such
+    churn (bench/relay.py). Every visitor gets its 101 and its echo first.
+    """
+    server = start_server()
+    client = start_client(server, upstream.url)
+    mark = client.process.mark()
+    handshake = (
+        b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    hi = b"\x81\x82\x00\x00\x00\x00hi"  # a masked text frame (a zero mask) saying "hi"
+
+    async def visit(way: int) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(handshake)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 101 "), head
+        writer.write(hi)
+        assert await asyncio.wait_for(reader.readexactly(4), 10) == b"\x81\x02hi"
+        if way == 0:  # half-close, then read until the upstream has closed too
+            writer.write_eof()
+            await asyncio.wait_for(reader.read(), 10)
+        elif way == 1:
+            linger = struct.pack("ii", 1, 0)
+            writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+        writer.close()
+
+    for batch in range(60):
+        await asyncio.gather(*(visit((batch + n) % 3) for n in range(50)))
+
+    assert server.process.running()
+    assert client.process.running()
+    assert lines_matching(client, r"disconnected|connected to", mark) == 0
+    status, body, _ = await fetch(f"{server.url}/")
+    assert (status, body) == (200, b"hello from upstream\n")
+    headers = {"Authorization": f"Bearer {token}"}
+
+    async def settled() -> bool:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{server.control_port}/status", headers=headers) as response,
+        ):
+            snapshot = await response.json()
+        (served,) = snapshot["clients"]
+        return bool(
+            snapshot["visitor_connections"] == 0
+            and snapshot["requests_in_flight"] == 0
+            and served["streams"] == served["idle_streams"]
+        )
+
+    deadline = time.monotonic() + 15
+    while not await settled():
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.2)
+
+
 # -- the control channel: authentication ----------------------------------------------------------------
 
 
