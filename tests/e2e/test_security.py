@@ -27,7 +27,7 @@ from websockets.uri import parse_uri
 
 from tests.e2e.conftest import ClientProcess, ExitServerProcess, Upstream
 from tests.e2e.test_edge_corpus import BAD_HEADS, deliver
-from tests.e2e.test_tunnel import fetch, lines_matching
+from tests.e2e.test_tunnel import fetch, lines_matching, server_status
 from tests.support.rawhttp import ResponseReader, request
 from tunnel.auth import token_digest
 from tunnel.frames import Data, Hello, Open, encode
@@ -375,28 +375,7 @@ async def test_visitors_dropping_thousands_of_requests_cost_the_tunnel_nothing(
         await asyncio.gather(*(drop_one() for _ in range(50)))
     assert dense_enough(), f"{len(dropped_at)} requests dropped, never {budget} in {window_s} s"
 
-    # The session that was up before is the one still up, and it serves.
-    status, body, _ = await fetch(f"{server.url}/")
-    assert (status, body) == (200, b"hello from upstream\n")
-    assert client.process.running()
-    assert lines_matching(client, r"ENHANCE_YOUR_CALM|disconnected|connected to", mark) == 0
-    headers = {"Authorization": f"Bearer {token}"}
-
-    async def settled() -> bool:
-        async with (
-            aiohttp.ClientSession() as http,
-            http.get(f"http://127.0.0.1:{server.control_port}/status", headers=headers) as response,
-        ):
-            snapshot = await response.json()
-        (served,) = snapshot["clients"]
-        return bool(
-            snapshot["requests_in_flight"] == 0 and served["streams"] == served["idle_streams"]
-        )
-
-    deadline = time.monotonic() + 15
-    while not await settled():
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.2)
+    await assert_the_session_kept_and_settled(server, client, token, mark)
 
 
 async def test_thousands_of_websocket_visitors_leaving_every_way_leave_the_tunnel_whole(
@@ -435,29 +414,32 @@ async def test_thousands_of_websocket_visitors_leaving_every_way_leave_the_tunne
     for batch in range(60):
         await asyncio.gather(*(visit((batch + n) % 3) for n in range(50)))
 
+    await assert_the_session_kept_and_settled(server, client, token, mark)
+
+
+async def assert_the_session_kept_and_settled(
+    server: ExitServerProcess, client: ClientProcess, token: str, mark: int
+) -> None:
+    """The session that was up before is the one still up, and it serves; then all settles.
+
+    Settled: no visitor connection, no request in flight, only pooled streams.
+    """
     assert server.process.running()
     assert client.process.running()
-    assert lines_matching(client, r"disconnected|connected to", mark) == 0
+    assert lines_matching(client, r"ENHANCE_YOUR_CALM|disconnected|connected to", mark) == 0
     status, body, _ = await fetch(f"{server.url}/")
     assert (status, body) == (200, b"hello from upstream\n")
-    headers = {"Authorization": f"Bearer {token}"}
-
-    async def settled() -> bool:
-        async with (
-            aiohttp.ClientSession() as http,
-            http.get(f"http://127.0.0.1:{server.control_port}/status", headers=headers) as response,
-        ):
-            snapshot = await response.json()
+    deadline = time.monotonic() + 15
+    while True:
+        snapshot = await server_status(server, token)
         (served,) = snapshot["clients"]
-        return bool(
+        if (
             snapshot["visitor_connections"] == 0
             and snapshot["requests_in_flight"] == 0
             and served["streams"] == served["idle_streams"]
-        )
-
-    deadline = time.monotonic() + 15
-    while not await settled():
-        assert time.monotonic() < deadline
+        ):
+            return
+        assert time.monotonic() < deadline, snapshot
         await asyncio.sleep(0.2)
 
 
