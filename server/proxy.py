@@ -780,7 +780,15 @@ class _ResponseReader:
 
     def __init__(self, exchange: Exchange) -> None:
         self.exchange: Exchange | None = exchange
-        self.parser = httptools.HttpResponseParser(self)
+        self.parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
+
+    def discard(self) -> None:
+        """Never to be used again: let go of the parser, which holds our callbacks.
+
+        Otherwise the two would keep each other for the cyclic collector.
+        """
+        self.exchange = None
+        self.parser = None
 
     # Each callback goes to the exchange of the moment, which is set for as
     # long as the parser is fed (Exchange._ended clears it).
@@ -891,7 +899,7 @@ class Exchange(StreamHandler):
         reader = kept if isinstance(kept, _ResponseReader) else _ResponseReader(self)
         reader.exchange = self
         self._reader = reader
-        self._parser = reader.parser
+        self._parser = reader.parser  # a pooled reader is never a discarded one
         route = self.client.routes.get(self.route)
         self.stream.write(
             h.upstream_request_head(
@@ -1184,7 +1192,12 @@ class Exchange(StreamHandler):
                 and self._upstream_keep_alive
                 and not stream.remote_ended
             ):
-                self.client.release(stream, self._reader if self._parsed_whole else None)
+                reader = self._reader if self._parsed_whole else None
+                if reader is not None:
+                    # Handed on with the stream: the next exchange on it sets itself.
+                    reader.exchange = None
+                    self._reader = None
+                self.client.release(stream, reader)
             else:
                 self.client.retire(stream)
         self._log()
@@ -1289,8 +1302,9 @@ class Exchange(StreamHandler):
         this: an exchange that ends before its request body does closes the
         visitor's connection, which reads no further.
         """
-        if self._reader is not None:
-            self._reader.exchange = None
+        reader = self._reader
+        if reader is not None:  # not handed on with a pooled stream (_finish)
+            reader.discard()
             self._reader = None
         self._parser = None
         self.request.exchange = None

@@ -30,7 +30,7 @@ import logging
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, Protocol
 
 from tunnel.errors import ErrorCode, StreamClosed, TunnelError
 from tunnel.session import Session, Stream, StreamHandler
@@ -109,16 +109,30 @@ class Route:
     allow_paths: tuple[str, ...] = ()
 
 
+class Kept(Protocol):
+    """What an exchange leaves on a pooled stream for the next one (its response parser)."""
+
+    def discard(self) -> None:
+        """Never to be used again: let go of whatever ties it into reference cycles."""
+
+
 class _Idle(StreamHandler):
     """Handler of a pooled stream between two exchanges."""
 
     __slots__ = ("client", "kept", "stream")
 
-    def __init__(self, client: ConnectedClient, stream: Stream, kept: object) -> None:
+    def __init__(self, client: ConnectedClient, stream: Stream, kept: Kept | None) -> None:
         self.client = client
         self.stream = stream
         #: what the last exchange left for the next one on this stream (its parser)
         self.kept = kept
+
+    def let_go(self) -> None:
+        """The stream leaves the pool for good: what was kept for it is discarded."""
+        kept = self.kept
+        if kept is not None:
+            self.kept = None
+            kept.discard()
 
     def data_received(self, data: bytes | memoryview) -> None:
         # An idle upstream has nothing to say; bytes now mean it is confused.
@@ -132,6 +146,7 @@ class _Idle(StreamHandler):
 
     def stream_closed(self, exc: TunnelError | None) -> None:
         self.client.discard(self.stream)
+        self.let_go()
 
 
 class _Retiring(StreamHandler):
@@ -174,7 +189,7 @@ class ConnectedClient:
     #: looked up once: ``asyncio.get_running_loop()`` makes a getpid system call
     _loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
 
-    def acquire(self, route: str, handler: StreamHandler) -> tuple[Stream, bool, object]:
+    def acquire(self, route: str, handler: StreamHandler) -> tuple[Stream, bool, Kept | None]:
         """A stream to ``route``'s upstream for one exchange: a pooled one if any.
 
         Returns the stream, whether it was reused, and what the exchange
@@ -195,12 +210,14 @@ class ConnectedClient:
             raise StreamClosed(0, ErrorCode.REFUSED_STREAM, "stream limit for this client")
         return self.session.open_stream(route, handler), False, None
 
-    def release(self, stream: Stream, kept: object = None) -> None:
+    def release(self, stream: Stream, kept: Kept | None = None) -> None:
         """Put a stream whose exchange ended cleanly back in its route's pool.
 
         ``kept`` goes to the stream's next exchange (:meth:`acquire`).
         """
         if stream.is_closing() or stream.remote_ended or self.session.is_closing:
+            if kept is not None:
+                kept.discard()
             self.retire(stream)
             return
         stream.set_handler(_Idle(self, stream, kept))
@@ -214,6 +231,9 @@ class ConnectedClient:
         self.discard(stream)
         if stream.closed:
             return
+        pooled = stream.handler
+        if isinstance(pooled, _Idle):
+            pooled.let_go()
         stream.set_handler(_Retiring(stream))
         stream.write_eof()
 

@@ -106,6 +106,10 @@ class StreamHandler:
         """The queue drained: writing may go on."""
 
 
+#: The handler of every closed stream, once its own was told.
+_CLOSED: Final = StreamHandler()
+
+
 class Stream:
     """One stream of a session, seen from this side; methods never block."""
 
@@ -275,7 +279,15 @@ class Stream:
         self._inbox.clear()
         session = self._session
         session.forget_stream(self)
-        asyncio.get_running_loop().call_soon(self._call, self._handler.stream_closed, exc)
+        asyncio.get_running_loop().call_soon(self._tell_closed, self._handler, exc)
+
+    def _tell_closed(self, handler: StreamHandler, exc: TunnelError | None) -> None:
+        # No callback follows stream_closed, so the stream lets go of its
+        # handler: a handler that points back at its stream (an exchange, a
+        # forwarder, a pooled stream's keeper) is then freed by reference
+        # counting, not left in a cycle for the collector.
+        self._handler = _CLOSED
+        self._call(handler.stream_closed, exc)
 
     def _call(self, callback: Callable[..., None], *args: Any) -> None:
         """Run a handler callback; a failing handler costs its own stream only."""

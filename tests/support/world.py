@@ -55,6 +55,15 @@ async def _chunked(_request: web.Request) -> web.StreamResponse:
     return response
 
 
+async def _slow(_request: web.Request) -> web.Response:
+    """An answer that takes longer than any test waits: visitors leave first.
+
+    The runner cancels it when the client drops the upstream connection.
+    """
+    await asyncio.sleep(60)
+    return web.Response(text="too late")
+
+
 async def _empty(_request: web.Request) -> web.Response:
     return web.Response(status=204)
 
@@ -75,14 +84,16 @@ async def running_world(client_name: str = "honest", connections: int = 1) -> As
     """Serve ``GET /`` ("fine") through a tunnel; stop everything on the way out.
 
     Also ``/chunked`` ("one two three" in chunks), ``/empty`` (204) and
-    ``/late`` ("late", its body a moment after its head).
+    ``/late`` ("late", its body a moment after its head) and ``/slow`` (no
+    answer for a minute).
     """
     app = web.Application()
     app.router.add_get("/", _fine)
     app.router.add_get("/chunked", _chunked)
     app.router.add_get("/empty", _empty)
     app.router.add_get("/late", _late_body)
-    runner = web.AppRunner(app)
+    app.router.add_get("/slow", _slow)
+    runner = web.AppRunner(app, handler_cancellation=True)
     await runner.setup()
     try:
         await web.TCPSite(runner, "127.0.0.1", 0).start()
