@@ -30,7 +30,7 @@ class RawUpstream:
     _handlers: set[asyncio.Task[None]] = field(default_factory=set)
 
     async def start(self) -> RawUpstream:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
@@ -55,11 +55,14 @@ class RawUpstream:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Note each connection as it is made: leaving the block closes it even if unserved."""
+        self._writers.add(writer)
+        self._handlers.add(asyncio.get_running_loop().create_task(self._serve(reader, writer)))
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         handler = asyncio.current_task()
         assert handler is not None
-        self._handlers.add(handler)
-        self._writers.add(writer)
         self.connections += 1
         try:
             with contextlib.suppress(
