@@ -58,11 +58,11 @@ class RawUpstream:
     def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Note each connection as it is made: leaving the block closes it even if unserved."""
         self._writers.add(writer)
-        self._handlers.add(asyncio.get_running_loop().create_task(self._serve(reader, writer)))
+        handler = asyncio.get_running_loop().create_task(self._serve(reader, writer))
+        self._handlers.add(handler)
+        handler.add_done_callback(self._handlers.discard)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        handler = asyncio.current_task()
-        assert handler is not None
         self.connections += 1
         try:
             with contextlib.suppress(
@@ -79,4 +79,3 @@ class RawUpstream:
                 await writer.wait_closed()
         finally:
             self._writers.discard(writer)
-            self._handlers.discard(handler)
