@@ -76,7 +76,7 @@ class Plan:
     wss_connections: int | None = None
     #: pipenet and PageKite measured beside homeport and ssh -R (bench/peers.py)
     peers: bool = False
-    #: two bare relays measured too: the floor any Python tunnel could reach (bench/floor.py)
+    #: two bare relays measured too: what the hops alone allow (bench/floor.py)
     floor: bool = False
 
 

@@ -5,8 +5,9 @@ Each connection accepted on 127.0.0.1:LISTEN_PORT gets its own connection to
 framing, no multiplexing, no HTTP, no flow control beyond the kernel's,
 uvloop's transports with TCP_NODELAY (as homeport's). ``python -m
 bench.floor`` chains two of them in front of nginx: what a two-process
-tunnel written in Python on asyncio could reach on this machine if it did
-nothing but relay, the floor homeport's own figures are read against.
+tunnel written in Python on asyncio reaches on this machine when it does
+nothing but relay, connection by connection, the floor homeport's own
+figures are read against.
 """
 
 from __future__ import annotations

@@ -221,7 +221,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--no-floor",
         action="store_true",
-        help="skip the two bare relays, the floor any Python tunnel could reach (bench.floor)",
+        help="skip the two bare relays, what the hops alone allow (bench.floor)",
     )
     parser.add_argument(
         "--no-peers",

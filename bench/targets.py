@@ -4,8 +4,8 @@
 front of it, ``homeport_wss`` the same with the control channel over TLS
 (``wss://``, as deployed), ``ssh_r`` sshd and ``ssh -R``, ``pipenet`` and
 ``pagekite`` the peers (bench/peers.py), which route visitors by their Host
-header, and ``relays`` two bare relays (bench/floor.py): the most any
-two-process Python tunnel could reach here. Each tunnel has a *server* side
+header, and ``relays`` two bare relays (bench/floor.py): what two Python
+processes that only copy bytes reach here. Each tunnel has a *server* side
 (the exit server, sshd with its process for the connection, the peer's
 server, the exit-side relay: the public VM) and a *client* side (the
 homeport client, ssh, the peer's client, the other relay: the machine at
