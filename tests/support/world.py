@@ -91,7 +91,7 @@ async def _late_body(_request: web.Request) -> web.StreamResponse:
 async def running_world(client_name: str = "honest", connections: int = 1) -> AsyncIterator[World]:
     """Serve ``GET /`` ("fine") through a tunnel; stop everything on the way out.
 
-    Also ``/chunked`` ("one two three" in chunks), ``/empty`` (204) and
+    Also ``/chunked`` ("one two three" in chunks), ``/empty`` (204),
     ``/late`` ("late", its body a moment after its head) and ``/slow`` (no
     answer for a minute).
     """
