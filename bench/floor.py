@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Final
 
 from bench.errors import run_command
+from bench.interpreter import SYSTEM_PYTHON, tunnel_python
 from bench.machine import read_nginx_build
 from bench.measure import progress
 from bench.peers import PeerTunnel
@@ -74,6 +75,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="N",
         help=f"measurements of each target at each concurrency (default {DEFAULT_ROUNDS})",
     )
+    parser.add_argument(
+        "--python",
+        type=Path,
+        metavar="PATH",
+        help=f"the Python to run the relays on (default: {SYSTEM_PYTHON} when it is 3.11 "
+        "or newer, as make bench runs them and the tunnel; else this one)",
+    )
     args = parser.parse_args(argv)
     if args.concurrency is None:
         args.concurrency = list(DEFAULT_CONCURRENCY)
@@ -90,12 +98,14 @@ def measure(args: argparse.Namespace) -> None:
     """
     tools = ensure_tools()
     nginx_build = read_nginx_build(tools.nginx, REPO_ROOT)
+    python = tunnel_python(args.python)
+    print(f"the relays run on {python.description}")
     with tempfile.TemporaryDirectory(prefix="homeport-floor-") as temp:
         workdir = Path(temp)
         small_body = write_site(workdir)
         with (
             run_nginx(tools.nginx, workdir, nginx_build, small_body) as upstream,
-            run_relays(workdir, upstream.port, small_body) as relays,
+            run_relays(workdir, upstream.port, small_body, python.executable) as relays,
         ):
             exit_side, client_side = relays.server, relays.client
             print(
@@ -123,20 +133,23 @@ def measure(args: argparse.Namespace) -> None:
 
 
 @contextlib.contextmanager
-def run_relays(workdir: Path, upstream_port: int, small_body: bytes) -> Iterator[PeerTunnel]:
+def run_relays(
+    workdir: Path, upstream_port: int, small_body: bytes, python: Path = Path(sys.executable)
+) -> Iterator[PeerTunnel]:
     """Two relays chained in front of the upstream on ``upstream_port``, serving ``GET /1k``.
 
     ``make bench`` measures them beside the tunnels, as ``relays``: their
     "server" is the exit side (the one visitors reach), their "client" the
-    side that dials the upstream.
+    side that dials the upstream. Both run on ``python``, as the tunnel does
+    (bench/interpreter.py).
 
     Raises:
         BenchError: a relay exited, or ``GET /1k`` through them did not answer
             within ``READY_TIMEOUT_S``.
     """
     exit_port, client_port = free_port(), free_port()
-    client_side = _relay("client side", client_port, upstream_port, workdir)
-    exit_side = _relay("exit side", exit_port, client_port, workdir)
+    client_side = _relay("client side", client_port, upstream_port, workdir, python)
+    exit_side = _relay("exit side", exit_port, client_port, workdir, python)
     with running(client_side), running(exit_side):
         wait_until(
             lambda: serves(exit_port, small_body, exit_side, client_side),
@@ -146,8 +159,8 @@ def run_relays(workdir: Path, upstream_port: int, small_body: bytes) -> Iterator
         yield PeerTunnel(RELAYS, exit_port, None, exit_side, client_side)
 
 
-def _relay(side: str, listen_port: int, target_port: int, workdir: Path) -> Child:
-    args = [sys.executable, "-m", "bench.relay", str(listen_port), str(target_port)]
+def _relay(side: str, listen_port: int, target_port: int, workdir: Path, python: Path) -> Child:
+    args = [str(python), "-m", "bench.relay", str(listen_port), str(target_port)]
     log = workdir / f"relay-{side.replace(' ', '-')}.log"
     return Child(f"relay ({side})", args, log, cwd=REPO_ROOT)
 

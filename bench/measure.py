@@ -78,6 +78,9 @@ class Plan:
     peers: bool = False
     #: two bare relays measured too: what the hops alone allow (bench/floor.py)
     floor: bool = False
+    #: the Python the tunnel and the relays run on (--python); None for the
+    #: system's python3, as deployed (bench/interpreter.py)
+    python: Path | None = None
 
 
 @dataclass(frozen=True)

@@ -869,7 +869,8 @@ def _header(report: Report) -> list[str]:
         f"{software['python']}; {packages}; nginx {software['nginx']} (1 worker); {ssh} "
         f"({software.get('ssh_cipher') or 'default cipher'})",
         f"homeport: exit server {software.get('exit_server_build', 'pure Python')}, "
-        "client pure Python",
+        f"client pure Python; both, and the relays, on "
+        f"{software.get('tunnel_python', software['python'])}",
     ]
     if "pipenet" in software:
         lines.append(

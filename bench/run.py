@@ -38,6 +38,7 @@ from typing import Any, Final
 from bench.errors import BenchError
 from bench.floor import run_relays
 from bench.idle_upstream import IdleUpstream, run_idle_upstream
+from bench.interpreter import SYSTEM_PYTHON, tunnel_python
 from bench.machine import (
     IDLE_CHECK_S,
     cpu_busy_percent,
@@ -85,7 +86,7 @@ from bench.targets import (
     ssh_target,
 )
 from bench.tools import PeerToolPaths, ToolPaths, ensure_peer_tools, ensure_tools
-from bench.tunnel import REPO_ROOT, Tunnel, compile_bytecode, compiled_tree, run_tunnel
+from bench.tunnel import REPO_ROOT, Build, Tunnel, compile_bytecode, compiled_tree, run_tunnel
 from bench.upstream import LARGE_PATH, SMALL_PATH, Upstream, run_nginx, write_site
 
 RESULTS_DIR: Final = Path(__file__).resolve().parent / "results"
@@ -235,6 +236,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "(default: compiled, as the exit node installs it)",
     )
     parser.add_argument(
+        "--python",
+        type=Path,
+        metavar="PATH",
+        help="the Python to run the tunnel and the relays on (default: the system's "
+        f"{SYSTEM_PYTHON} when it is 3.11 or newer, as the exit node and the Pi run homeport; "
+        "else this one)",
+    )
+    parser.add_argument(
         "--no-access-log-run",
         action="store_true",
         help=f"skip the c={ACCESS_LOG_CONNECTIONS} run with the exit server's access log on",
@@ -286,6 +295,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         floor=not args.no_floor,
         quick=quick,
         compiled=not args.pure,
+        python=args.python,
         wss_connections=None if args.no_wss else WSS_CONNECTIONS,
     )
 
@@ -305,11 +315,13 @@ def run(plan: Plan) -> Report:
     dropouts = Dropouts()
     peers = _prepare_peers(dropouts) if plan.peers else None
     compile_bytecode()
-    server_tree = REPO_ROOT
+    python = tunnel_python(plan.python)
+    progress(f"the tunnel and the relays run on {python.description}")
+    build = Build(python.executable)
     if plan.compiled:
         progress("building the exit server's compiled modules (HOMEPORT_COMPILE=1)")
-        server_tree = compiled_tree()
-        compile_bytecode(server_tree)
+        build = Build(python.executable, compiled_tree(python))
+        compile_bytecode(build.server_tree)
     # Every child inherits it: each holds a socket per idle stream.
     raise_open_files_limit(max(plan.stream_counts) + SPARE_OPEN_FILES)
     nginx_build = read_nginx_build(tools.nginx, REPO_ROOT)
@@ -323,6 +335,7 @@ def run(plan: Plan) -> Report:
         )
     software = software_versions(tools, nginx_build, REPO_ROOT)
     software["exit_server_build"] = "compiled" if plan.compiled else "pure Python"
+    software["tunnel_python"] = python.description
     if peers is not None:
         software.update(peer_versions(peers.tools, REPO_ROOT))
     with tempfile.TemporaryDirectory(prefix="homeport-bench-") as temp:
@@ -335,7 +348,7 @@ def run(plan: Plan) -> Report:
         ):
             progress(f"nginx serving on {upstream.url}, the idle upstream on {idle.url}")
             measured = _measure_throughput(
-                plan, tools, peers, dropouts, workdir, upstream, idle, server_tree
+                plan, tools, peers, dropouts, workdir, upstream, idle, build
             )
             access_log: AccessLogPoint | None = None
             if plan.access_log_connections is not None:
@@ -345,7 +358,7 @@ def run(plan: Plan) -> Report:
                     small_body,
                     label="access-log",
                     access_log=True,
-                    server_tree=server_tree,
+                    build=build,
                 ) as logged:
                     access_log = measure_access_log(
                         plan,
@@ -353,7 +366,7 @@ def run(plan: Plan) -> Report:
                         homeport_target(upstream, logged),
                         plan.access_log_connections,
                     )
-            streams = _measure_streams(plan, tools, workdir, upstream, idle, server_tree)
+            streams = _measure_streams(plan, tools, workdir, upstream, idle, build)
     # Everything of ours has stopped: is something else running now?
     busy_after = cpu_busy_percent(IDLE_CHECK_S)
     return Report(
@@ -440,7 +453,7 @@ def _measure_throughput(
     workdir: Path,
     upstream: Upstream,
     idle: IdleUpstream,
-    server_tree: Path,
+    build: Build,
 ) -> _Throughput:
     """Everything measured with every target up: wrk, transfers, RSS idle and at c=100.
 
@@ -455,7 +468,7 @@ def _measure_throughput(
                 upstream.small_body,
                 label="main",
                 routes=[(IDLE_HOST, idle.url)],
-                server_tree=server_tree,
+                build=build,
             )
         )
         progress(f"homeport up: visitors on port {tunnel.visitor_port}")
@@ -476,7 +489,7 @@ def _measure_throughput(
         if plan.floor:
             try:
                 relays = stack.enter_context(
-                    run_relays(workdir, upstream.port, upstream.small_body)
+                    run_relays(workdir, upstream.port, upstream.small_body, build.python)
                 )
             except BenchError as error:
                 dropouts.leave(RELAYS, "starting", error)
@@ -491,7 +504,7 @@ def _measure_throughput(
                     upstream.url,
                     upstream.small_body,
                     label="wss",
-                    server_tree=server_tree,
+                    build=build,
                     tls=True,
                 )
             )
@@ -537,7 +550,7 @@ def _measure_streams(
     workdir: Path,
     upstream: Upstream,
     idle: IdleUpstream,
-    server_tree: Path,
+    build: Build,
 ) -> dict[str, StreamsResult]:
     """Idle streams through a fresh homeport tunnel, then through a fresh ``ssh -R``."""
     results = {}
@@ -549,7 +562,7 @@ def _measure_streams(
         label="streams",
         routes=[(IDLE_HOST, idle.url)],
         max_streams=most + SPARE_OPEN_FILES,
-        server_tree=server_tree,
+        build=build,
     ) as tunnel:
         progress(f"idle streams through homeport: {', '.join(map(str, plan.stream_counts))}")
         results[HOMEPORT] = measure_streams(

@@ -118,14 +118,7 @@ def install(missing: list[Tool]) -> None:
     """
     names = ", ".join(tool.name for tool in missing)
     first_choice = list(dict.fromkeys(tool.packages[0] for tool in missing))
-    suggestion = "apt-get install -y " + " ".join(first_choice)
-    if os.geteuid() != 0:
-        raise BenchError(f"{names} not installed; run as root, or first: sudo {suggestion}")
-    if shutil.which("apt-get") is None:
-        raise BenchError(f"{names} not installed and there is no apt-get here; install them")
-    print(f"bench: installing {names} from Debian's packages", file=sys.stderr)
-    _apt_get("update")
-    if _apt_get("install", "-y", "--no-install-recommends", *first_choice, check=False) == 0:
+    if install_packages(names, first_choice, check=False) == 0:
         return
     for tool in missing:
         if find_tool(tool.name) is None and not any(
@@ -135,6 +128,22 @@ def install(missing: list[Tool]) -> None:
             raise BenchError(
                 f"apt-get could not install {tool.name} ({' or '.join(tool.packages)})"
             )
+
+
+def install_packages(what: str, packages: list[str], *, check: bool = True) -> int:
+    """``apt-get install`` the Debian ``packages`` that provide ``what``; return its status.
+
+    Raises:
+        BenchError: not root, no apt-get, or (when ``check``) the install failed.
+    """
+    suggestion = "apt-get install -y " + " ".join(packages)
+    if os.geteuid() != 0:
+        raise BenchError(f"{what} not installed; run as root, or first: sudo {suggestion}")
+    if shutil.which("apt-get") is None:
+        raise BenchError(f"{what} not installed and there is no apt-get here; install them")
+    print(f"bench: installing {what} from Debian's packages", file=sys.stderr)
+    _apt_get("update")
+    return _apt_get("install", "-y", "--no-install-recommends", *packages, check=check)
 
 
 def _apt_get(*args: str, check: bool = True) -> int:

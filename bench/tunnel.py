@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from bench.errors import BenchError
+from bench.interpreter import TunnelPython, own_python
 from bench.processes import LOOPBACK, Child, free_port, http_get, run_bounded, running, wait_until
 from bench.upstream import SMALL_PATH, serves
 from tunnel.tls import client_context, ensure_self_signed
@@ -38,6 +39,15 @@ TOKEN_TIMEOUT_S: Final = 30.0
 DRAIN_TIMEOUT_S: Final = 2.0
 # Building the compiled wheel takes one to two minutes here.
 COMPILE_TIMEOUT_S: Final = 900.0
+
+
+@dataclass(frozen=True)
+class Build:
+    """What runs the tunnel: the interpreter, and the tree the exit server runs from."""
+
+    python: Path = Path(sys.executable)
+    #: :func:`compiled_tree` for the compiled build; the client always runs this checkout
+    server_tree: Path = REPO_ROOT
 
 
 @dataclass(frozen=True)
@@ -106,25 +116,27 @@ def write_token(path: Path) -> str:
     return path.read_text().strip()
 
 
-def homeport_command() -> list[str]:
-    """The argv that runs this checkout's ``homeport`` command line."""
-    return [sys.executable, "-m", "homeport"]
+def homeport_command(python: Path = Path(sys.executable)) -> list[str]:
+    """The argv that runs this checkout's ``homeport`` command line on ``python``."""
+    return [str(python), "-m", "homeport"]
 
 
-def compiled_tree() -> Path:
+def compiled_tree(python: TunnelPython | None = None) -> Path:
     """A copy of this checkout running the compiled build, as the exit node installs homeport.
 
     ``scripts/compiled_tree.py`` makes it (``HOMEPORT_COMPILE=1``: the hot
-    modules compiled with mypyc beside their sources), keeping the wheel
+    modules compiled with mypyc beside their sources), built for ``python``
+    (by default ours, whose tree ``make test`` uses too), keeping the wheel
     between runs while the sources stay the same.
 
     Raises:
         BenchError: the build failed (no C compiler, or mypyc refused the code).
     """
-    tree = REPO_ROOT / "build" / "compiled"
+    python = python or own_python()
+    tree = REPO_ROOT / "build" / ("compiled" if python.own else "compiled-bench-python")
     code, stdout, stderr = run_bounded(
         "scripts/compiled_tree.py",
-        [sys.executable, str(REPO_ROOT / "scripts" / "compiled_tree.py"), str(tree)],
+        [str(python.executable), str(REPO_ROOT / "scripts" / "compiled_tree.py"), str(tree)],
         COMPILE_TIMEOUT_S,
         REPO_ROOT,
     )
@@ -164,7 +176,7 @@ def run_tunnel(
     access_log: bool = False,
     routes: Sequence[tuple[str, str]] = (),
     max_streams: int | None = None,
-    server_tree: Path = REPO_ROOT,
+    build: Build = Build(),
     tls: bool = False,
 ) -> Iterator[Tunnel]:
     """Run an exit server and a client for ``upstream_url``; stop both on the way out.
@@ -174,9 +186,9 @@ def run_tunnel(
     otherwise at WARNING, its output kept in a log file for diagnosis.
     ``routes`` are more ``(host, url)`` upstreams for the client to serve.
     ``max_streams`` raises the exit server's limits on visitor connections and
-    streams per client (both 1024 by default) to that many. The exit server
-    runs from ``server_tree`` (:func:`compiled_tree` for the compiled build),
-    the client from this checkout, pure Python, as the Pi installs it.
+    streams per client (both 1024 by default) to that many. Both run on
+    ``build.python``, the exit server from ``build.server_tree``, the client
+    from this checkout, pure Python, as the Pi installs it.
     With ``tls`` the control channel is ``wss://``, as deployed: the exit
     server's self-signed certificate (``--auto-tls``), pinned by the client.
 
@@ -188,7 +200,7 @@ def run_tunnel(
     token = write_token(token_file)
     visitor_port, control_port = free_port(), free_port()
     server_args = [
-        *homeport_command(),
+        *homeport_command(build.python),
         "server",
         f"--bind={LOOPBACK}",
         f"--port={visitor_port}",
@@ -211,7 +223,7 @@ def run_tunnel(
         client_tls_args.append(f"--fingerprint={certificate.fingerprint}")
         control_tls = client_context(pinned=True)
     client_args = [
-        *homeport_command(),
+        *homeport_command(build.python),
         "client",
         f"--url={'wss' if tls else 'ws'}://{LOOPBACK}:{control_port}",
         *client_tls_args,
@@ -224,7 +236,7 @@ def run_tunnel(
     if max_streams is not None:
         client_args.append(f"--max-streams={max(max_streams, CLIENT_MAX_STREAMS)}")
     server_log = None if access_log else workdir / f"server-{label}.log"
-    server = Child("homeport server", server_args, server_log, cwd=server_tree)
+    server = Child("homeport server", server_args, server_log, cwd=build.server_tree)
     client = Child("homeport client", client_args, workdir / f"client-{label}.log", cwd=REPO_ROOT)
     env = clean_environment()
     with running(server, env), running(client, env):

@@ -11,8 +11,10 @@ the compiled build. ``make test`` runs the protocol, exit-server and
 end-to-end tests there too, and ``make bench`` measures the tunnel from it.
 
 The wheel is kept under ``build/`` by a hash of what its compiled modules
-are built from, and rebuilt only when that changes. The last step checks that every module
-``[tool.homeport] compiled`` lists is imported from its compiled file.
+are built from, and rebuilt only when that changes; each interpreter's
+builds apart (``make test`` and ``make bench`` may use two). The last step
+checks that every module ``[tool.homeport] compiled`` lists is imported from
+its compiled file.
 """
 
 from __future__ import annotations
@@ -50,8 +52,13 @@ def tracked_files() -> list[str]:
     ]
 
 
+def interpreter_key() -> str:
+    """This interpreter, as a directory name: its version, build and installation."""
+    return hashlib.sha256(f"{sys.version}\n{sys.base_prefix}".encode()).hexdigest()[:12]
+
+
 def source_hash(files: list[str]) -> str:
-    digest = hashlib.sha256(sys.version.encode())
+    digest = hashlib.sha256()
     for name in sorted(files):
         if (name.endswith(".py") and name.startswith(PACKAGES)) or name in BUILD_FILES:
             digest.update(name.encode() + b"\0" + (ROOT / name).read_bytes())
@@ -60,14 +67,15 @@ def source_hash(files: list[str]) -> str:
 
 def build_wheel(files: list[str]) -> Path:
     """The compiled wheel of this checkout, built unless one of the same sources is kept."""
-    kept = WHEELS / source_hash(files)
+    mine = WHEELS / interpreter_key()
+    kept = mine / source_hash(files)
     wheels = list(kept.glob("*.whl")) if kept.is_dir() else []
     if wheels:
         return wheels[0]
     headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
     if not headers.exists():
         sys.exit(f"compiled_tree: {headers} is missing: install python3-dev (Debian) first")
-    shutil.rmtree(WHEELS, ignore_errors=True)  # older builds
+    shutil.rmtree(mine, ignore_errors=True)  # this interpreter's older builds
     print(f"compiled_tree: building the compiled wheel in {kept} (a minute or two)", flush=True)
     env = {**os.environ, "HOMEPORT_COMPILE": "1"}
     command = [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(kept), "."]
