@@ -100,22 +100,12 @@ def tunnel_python(choice: Path | None) -> TunnelPython:
     python = venv / "bin" / "python"
     if not python.exists():
         _setup(f"{base} -m venv", [str(base), "-m", "venv", str(venv)])
-    wanted = "\n".join(_requirements())
+    wanted = _requirements()
     stamp = venv / "bench-requirements.txt"
-    if not stamp.exists() or stamp.read_text() != wanted:
-        _setup(
-            "pip install (the tunnel's venv)",
-            [
-                str(python),
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                *wanted.split("\n"),
-            ],
-        )
-        stamp.write_text(wanted)
+    if not stamp.exists() or stamp.read_text() != "\n".join(wanted):
+        pip = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+        _setup("pip install (the tunnel's venv)", [*pip, *wanted])
+        stamp.write_text("\n".join(wanted))
     described = f"CPython {probe.identity.split()[0]} ({base.resolve()})"
     return TunnelPython(python, described, own=False)
 
