@@ -140,8 +140,7 @@ class ControlServer:
         if SUBPROTOCOL not in offered:
             return rejection(
                 426,
-                f"protocol version mismatch: this exit server speaks {SUBPROTOCOL}, "
-                f"the client offered {', '.join(offered) or 'none'}; "
+                f"protocol version mismatch: this exit server speaks {SUBPROTOCOL}; "
                 "run the same homeport version on both ends",
                 {"Sec-WebSocket-Protocol": SUBPROTOCOL},
             )

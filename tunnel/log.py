@@ -65,13 +65,21 @@ class RedactSecrets(logging.Filter):
 
 
 class _DropWebsocketsHeaders(logging.Filter):
-    """websockets' DEBUG handshake dumps carry Authorization: never let them through."""
+    """websockets' DEBUG handshake dumps carry secrets: never let them through.
+
+    A header line (``< Authorization: ...``) is dropped, and so is a request
+    line with a query string (``< GET /connect?token=... HTTP/1.1``): the
+    server refuses such a request, but a server that holds only the token's
+    hash cannot redact a token it does not know.
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno > logging.DEBUG:
             return True
         message = record.getMessage()
-        return not (message.startswith(_WEBSOCKETS_HEADER_LINE) and ":" in message)
+        if not message.startswith(_WEBSOCKETS_HEADER_LINE):
+            return True
+        return ":" not in message and "?" not in message
 
 
 _redactor = RedactSecrets()

@@ -500,14 +500,46 @@ async def test_a_missing_or_wrong_token_gets_401_before_the_upgrade(
     )
 
 
+@pytest.mark.parametrize("holds", ["token", "hash"])
 async def test_a_token_in_the_url_is_refused_and_never_logged(
-    start_server: Server, token: str
+    start_server: Server, token: str, tmp_path: Path, holds: str
 ) -> None:
-    server = start_server("--log-level", "debug")
+    auth = ()
+    if holds == "hash":  # as deployed: no token to redact, so nothing may log the URL
+        hash_file = tmp_path / "token.sha256"
+        hash_file.write_text(token_digest(token).hex() + "\n")
+        hash_file.chmod(0o600)
+        auth = ("--token-hash-file", str(hash_file))
+    server = start_server("--log-level", "debug", auth=auth or None)
     status, body = await control(server, f"/connect?token={token}")
     assert status == 400
     assert "header" in body
+    # A request line without a query is logged; once it is read, so is all before it.
+    await control(server, headers={"Authorization": f"Bearer {token}"})
+    await server.process.wait_for_async(r"DEBUG +websockets\.server: < GET /connect HTTP/1\.1$")
     assert token not in server.process.output
+
+
+async def test_a_client_of_another_protocol_version_gets_426_naming_ours(
+    start_server: Server, token: str
+) -> None:
+    server = start_server()
+    offered = "homeport.v9, <script>"
+    status, body = await control(
+        server,
+        headers={
+            "Authorization": f"Bearer {token}",
+            "Connection": "Upgrade",
+            "Upgrade": "websocket",
+            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+            "Sec-WebSocket-Version": "13",
+            "Sec-WebSocket-Protocol": offered,
+        },
+    )
+    assert status == 426
+    assert "homeport.v1" in body
+    assert "homeport.v9" not in body  # the request is never echoed
+    assert "<script>" not in body
 
 
 async def test_a_browser_origin_is_refused(start_server: Server, token: str) -> None:
