@@ -188,7 +188,7 @@ def encode(frame: Frame) -> bytes:
         flags = ACK if frame.ack else 0
         return HEADER.pack(FrameType.PING, flags, 0, PING_PAYLOAD_BYTES) + frame.opaque
     if isinstance(frame, GoAway):
-        reason = frame.reason.encode()[:MAX_REASON_BYTES]
+        reason = truncate_utf8(frame.reason, MAX_REASON_BYTES)
         payload = _GO_AWAY_FIXED.pack(frame.last_stream_id, frame.code) + reason
         return HEADER.pack(FrameType.GO_AWAY, 0, 0, len(payload)) + payload
     payload = json.dumps(frame.fields, separators=(",", ":")).encode()
@@ -287,6 +287,14 @@ def _decode_control(type_value: int, flags: int, stream_id: int, payload: memory
     return Hello(fields)
 
 
+def truncate_utf8(text: str, limit: int) -> bytes:
+    """``text`` encoded, cut to at most ``limit`` bytes without splitting a character."""
+    encoded = text.encode()
+    if len(encoded) <= limit:
+        return encoded
+    return encoded[:limit].decode(errors="ignore").encode()
+
+
 def _fixed_u32(payload: memoryview, name: str) -> tuple[int]:
     if len(payload) != 4:
         raise ProtocolError(ErrorCode.FRAME_SIZE_ERROR, f"{name} payload of {len(payload)} bytes")
@@ -336,10 +344,13 @@ class FrameDecoder:
         DATA payloads are zero-copy slices of ``message``.
 
         Raises:
-            ProtocolError: a frame is malformed, or the message ends inside one.
+            ProtocolError: the message is empty, a frame is malformed, or the
+                message ends inside one.
         """
         if self._buffer:
             raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "message decoding after partial feed")
+        if not message:
+            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "empty message: it must hold a frame")
         frames, used = decode_frames(message, self.max_payload)
         if used != len(message):
             raise ProtocolError(

@@ -58,6 +58,7 @@ except ImportError:  # pragma: no cover - a build without its C extension
     from websockets.utils import apply_mask
 
 from tunnel.errors import ErrorCode
+from tunnel.frames import truncate_utf8
 from tunnel.tls import PinMismatch, check_pin
 
 if TYPE_CHECKING:
@@ -71,6 +72,8 @@ SUBPROTOCOL: Final = "homeport.v1"
 MAX_MESSAGE_BYTES: Final = 2 * 1024 * 1024
 HANDSHAKE_TIMEOUT_S: Final = 10.0
 CLOSE_TIMEOUT_S: Final = 2.0
+#: A close frame's payload is at most 125 bytes, two of them the code (RFC 6455 §5.5).
+MAX_CLOSE_REASON_BYTES: Final = 123
 #: Above this many bytes waiting in the socket's buffer, the session pauses.
 WRITE_HIGH_WATER_BYTES: Final = 1024 * 1024
 WRITE_LOW_WATER_BYTES: Final = 256 * 1024
@@ -285,7 +288,8 @@ class WebSocketConnection(asyncio.BufferedProtocol):
     def close(self, code: ErrorCode, reason: str) -> None:
         """Start the closing handshake; the TCP connection ends within CLOSE_TIMEOUT_S."""
         if self.protocol.state is OPEN:
-            self.protocol.send_close(ws_close_code(code), reason[:120])
+            reason = truncate_utf8(reason, MAX_CLOSE_REASON_BYTES).decode()
+            self.protocol.send_close(ws_close_code(code), reason)
             self._write_out()
         self._arm(CLOSE_TIMEOUT_S, self.abort)
 

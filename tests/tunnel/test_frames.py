@@ -135,6 +135,12 @@ def test_deeply_nested_hello_json_is_a_protocol_error_not_a_crash() -> None:
         FrameDecoder(max_payload=len(payload)).decode_message(wire)
 
 
+def test_an_empty_message_is_rejected() -> None:
+    with pytest.raises(ProtocolError, match="empty message") as raised:
+        FrameDecoder().decode_message(b"")
+    assert raised.value.code is ErrorCode.PROTOCOL_ERROR
+
+
 def test_message_ending_inside_a_frame_is_rejected() -> None:
     wire = encode(Data(1, b"abcdef"))[:-2]
     with pytest.raises(ProtocolError, match="ends inside a frame"):
@@ -147,6 +153,13 @@ def test_oversized_length_is_rejected_from_the_header_alone() -> None:
     with pytest.raises(ProtocolError) as raised:
         decoder.feed(header(FrameType.DATA, 0, 1, 1025))
     assert raised.value.code is ErrorCode.FRAME_SIZE_ERROR
+
+
+def test_a_long_go_away_reason_is_cut_between_characters() -> None:
+    reason = "a" + "é" * 200  # 401 bytes; the cap of 256 falls after one byte of a character
+    (frame,) = FrameDecoder().decode_message(encode(GoAway(8, ErrorCode.NO_ERROR, reason)))
+    assert isinstance(frame, GoAway)
+    assert frame.reason == "a" + "é" * 127
 
 
 def test_unknown_error_codes_are_read_as_internal_error() -> None:

@@ -166,3 +166,26 @@ async def test_over_tls_a_small_message_leaves_in_one_write(
     assert collector.messages == [b"".join(small), b"".join(large)]
     assert counting.writes[0] == 1  # the small one: frame head and payload in one write
     assert counting.writes[1] > 1  # the large one: its parts as they are, not copied again
+
+
+class Closes(Collector):
+    def __init__(self) -> None:
+        super().__init__()
+        self.closed: asyncio.Future[tuple[ErrorCode, str]] = (
+            asyncio.get_running_loop().create_future()
+        )
+
+    def channel_closed(self, code: ErrorCode, reason: str) -> None:
+        if not self.closed.done():
+            self.closed.set_result((code, reason))
+
+
+async def test_a_close_reason_too_long_for_a_close_frame_is_cut_between_characters() -> None:
+    async with websocket_pair() as (client, server):
+        closes = Closes()
+        client.handler = closes
+        server.close(ErrorCode.PROTOCOL_ERROR, "version «" + "é" * 100 + "»")
+        async with asyncio.timeout(10):
+            code, reason = await closes.closed
+        assert code is ErrorCode.PROTOCOL_ERROR
+        assert reason == "version «" + "é" * 56  # 123 bytes: a close frame's room after its code
