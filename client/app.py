@@ -20,8 +20,9 @@ from client.forward import Forwarder
 from client.upstreams import Upstream
 from tunnel.backoff import AUTH_FAILURE_DELAY_S, DEFAULT_STABLE_AFTER_S, Backoff
 from tunnel.errors import AuthRejected, ErrorCode, ProtocolError, SessionClosed, VersionMismatch
+from tunnel.events import GoAwayReceived
 from tunnel.mux import Multiplexer, Role, Settings
-from tunnel.session import Session, Stream, StreamHandler
+from tunnel.session import Session, SessionEnd, Stream, StreamHandler
 from tunnel.tls import PinMismatch, client_context
 from tunnel.version import SOFTWARE
 
@@ -44,6 +45,8 @@ class TunnelClient:
         self.instance = secrets.token_hex(8)
         #: the live session of each connection, by connection number
         self.sessions: dict[int, Session] = {}
+        #: sessions the exit server sent away, finishing their streams beside their successors
+        self._draining: dict[Session, asyncio.Task[SessionEnd]] = {}
         self.sessions_started = 0
         self._rng = rng
         self._stop = asyncio.Event()
@@ -56,7 +59,7 @@ class TunnelClient:
         """Close the sessions politely and make :meth:`run` return."""
         self._stop.set()
         self._heard_server.set()
-        for session in list(self.sessions.values()):
+        for session in [*self.sessions.values(), *self._draining]:
             session.close(ErrorCode.GOING_AWAY, "client shutting down")
 
     async def wait_connected(self) -> None:
@@ -80,6 +83,7 @@ class TunnelClient:
             connections.create_task(self._keep_up(0), name="connection-0")
             if self.config.connections > 1:
                 connections.create_task(self._open_the_others(connections))
+        await asyncio.gather(*self._draining.values(), return_exceptions=True)  # told to stop
         logger.info("client stopped")
 
     async def _open_the_others(self, connections: asyncio.TaskGroup) -> None:
@@ -113,6 +117,9 @@ class TunnelClient:
             delay: float | None = None
             try:
                 await self._connect_and_serve(index)
+            except _SentAway:
+                if loop.time() - started >= DEFAULT_STABLE_AFTER_S:
+                    delay = 0.0  # its successor at once; the backoff's floor otherwise
             except AuthRejected as exc:
                 logger.error("%s: check the token (--token-file) matches the exit server's", exc)
                 delay = AUTH_FAILURE_DELAY_S * random.uniform(0.8, 1.2)  # noqa: S311
@@ -138,6 +145,8 @@ class TunnelClient:
                 backoff.reset()
             if delay is None:
                 delay = backoff.next_delay()
+            if not delay:
+                continue
             logger.info("reconnecting%s in %.1f s", self._which(index, " connection "), delay)
             try:
                 async with asyncio.timeout(delay):
@@ -207,18 +216,57 @@ class TunnelClient:
             self._which(index, "; connection "),
             "; ".join(u.describe() for u in config.upstreams),
         )
+        sent_away: asyncio.Future[None] = loop.create_future()
+
+        def go_away_received(event: GoAwayReceived) -> None:
+            # NO_ERROR: no new streams, the open ones finish. Any other code
+            # comes just before the close that ends the session (REPLACED, an error).
+            if event.code is ErrorCode.NO_ERROR and not sent_away.done():
+                sent_away.set_result(None)
+
+        session.on_go_away = go_away_received
         self._connected.set()
         if self._stop.is_set():
             session.close(ErrorCode.GOING_AWAY, "client shutting down")
-        end = await session.run()
+        running = loop.create_task(session.run(), name=f"session-{index}")
+        try:
+            await asyncio.wait((running, sent_away), return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # cancelled: the session goes with us
+            running.cancel()
+            raise
+        if not running.done():
+            # The exit server opens no more streams here (it used its last
+            # stream id, or it is shutting down): open the next session now
+            # and let this one finish what it carries (protocol.md §5.1).
+            logger.info("the exit server sent this session away; opening the next")
+            self._draining[session] = running
+            running.add_done_callback(lambda _: self._drained(session))
+            raise _SentAway
+        self._report_end(running.result())
+
+    def _drained(self, session: Session) -> None:
+        """A session sent away has ended, its successor (if it could dial) up beside it."""
+        running = self._draining.pop(session)
+        if running.cancelled():
+            return
+        if (exc := running.exception()) is not None:
+            logger.warning("session failed: %s", exc)
+        else:
+            self._report_end(running.result(), handed_over=True)
+
+    def _report_end(self, end: SessionEnd, *, handed_over: bool = False) -> None:
+        """Say how a session ended: a warning, unless we ended it or it went as asked."""
         if end.code is ErrorCode.REPLACED:
             logger.warning(
                 "the exit server replaced this session with a newer one named %s; "
                 "if two clients share that name, give each its own --name",
-                config.name,
+                self.config.name,
             )
         elif not (end.code is ErrorCode.GOING_AWAY and not end.by_peer):
-            logger.warning(
+            # A session sent away has its successor already: its end is news only.
+            quietly = handed_over and end.code is ErrorCode.GOING_AWAY
+            logger.log(
+                logging.INFO if quietly else logging.WARNING,
                 "disconnected from the exit server: %s%s",
                 end.code.name,
                 f" ({end.reason})" if end.reason else "",
@@ -237,6 +285,10 @@ class TunnelClient:
 
 class _NotTaken(Exception):
     """The exit server does not take this connection number: stop keeping it up."""
+
+
+class _SentAway(Exception):
+    """The exit server sent the session away (GO_AWAY): open its successor."""
 
 
 def _tls_in_use(transport: asyncio.BaseTransport | None) -> str:

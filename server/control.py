@@ -193,6 +193,8 @@ class ControlServer:
         await session.send_hello(server_hello(session_id))
         which = f"connection {index + 1} of {connections}" if connections > 1 else ""
         for replaced in self.registry.add(client):
+            if replaced.session.is_closing:
+                continue  # going away already: it ends once its last exchange is done
             logger.info(
                 "client %s%s reconnected from %s; closing its previous session from %s",
                 name,

@@ -353,8 +353,9 @@ class Multiplexer:
         """Open a stream to the peer's upstream for ``route``; return its id.
 
         Raises:
-            StreamClosed: REFUSED_STREAM when the session is going away, the
-                peer's stream limit is reached or stream ids are exhausted.
+            StreamClosed: REFUSED_STREAM when the session is going away (as it
+                is once its last stream id is used) or the peer's stream
+                limit is reached.
         """
         if not (self._hello_sent and self._hello_received):
             raise StreamClosed(0, ErrorCode.PROTOCOL_ERROR, "stream opened before HELLO")
@@ -364,8 +365,6 @@ class Multiplexer:
         if self._local_stream_count() >= self.remote_settings.max_concurrent_streams:
             raise StreamClosed(0, ErrorCode.REFUSED_STREAM, "peer's stream limit reached")
         stream_id = self._next_local_id
-        if stream_id > MAX_STREAM_ID:
-            raise StreamClosed(0, ErrorCode.REFUSED_STREAM, "stream ids exhausted")
         self._next_local_id += 2
         stream = _Stream(
             stream_id,
@@ -377,6 +376,9 @@ class Multiplexer:
         self._transition(stream, StreamInput.SEND_OPEN)
         self._streams[stream_id] = stream
         self._control.append(encode(Open(stream_id, route)))
+        if self._next_local_id > MAX_STREAM_ID:
+            # That was our last id: the peer opens a new session (protocol.md §5.1).
+            self.go_away(ErrorCode.NO_ERROR, "stream ids exhausted")
         return stream_id
 
     def send_data(

@@ -55,6 +55,8 @@ MAX_MESSAGE_BYTES: Final = DEFAULT_MAX_MESSAGE_BYTES
 #: instead of both sides taking turns (docs/performance.md).
 FLUSH_AFTER_QUEUED: Final = 32
 HELLO_TIMEOUT_S: Final = 10.0
+#: The reason a session going away gives as it ends, its last stream done.
+DRAINED: Final = "drained"
 
 
 class Channel(Protocol):
@@ -449,8 +451,11 @@ class Session:
         return stream
 
     def forget_stream(self, stream: Stream) -> None:
-        self.streams.pop(stream.stream_id, None)
+        streams = self.streams
+        streams.pop(stream.stream_id, None)
         self.paused_writers.discard(stream)
+        if not streams:
+            self._end_if_drained()
 
     def flush_soon(self) -> None:
         """Send what the multiplexer has at the end of this loop iteration, or now.
@@ -491,9 +496,15 @@ class Session:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def go_away(self, code: ErrorCode = ErrorCode.NO_ERROR, reason: str = "") -> None:
-        """Announce that no new streams will be opened; open ones go on."""
+        """Announce that no new streams will be opened; open ones go on, then the session ends."""
         self.mux.go_away(code, reason)
         self.flush_soon()
+        self._end_if_drained()
+
+    def _end_if_drained(self) -> None:
+        """End a session we sent away once it carries no stream (the peer waits for our close)."""
+        if self.mux.local_going_away and self.end is None and not self.streams:
+            self._terminate(SessionEnd(ErrorCode.GOING_AWAY, DRAINED, by_peer=False))
 
     @property
     def is_closing(self) -> bool:

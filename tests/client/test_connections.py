@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
+import aiohttp
 import pytest
 
 import server.control
 from tests.support.waiting import wait_until
 from tests.support.world import running_world
+from tunnel.errors import ErrorCode
+from tunnel.frames import MAX_STREAM_ID
 
 
 async def test_a_client_keeps_as_many_connections_as_it_was_told() -> None:
@@ -43,3 +47,30 @@ async def test_against_an_exit_server_that_keeps_one_connection_the_client_keeps
             assert len(world.server.registry) == 1
             assert world.client.sessions_started == 1
             assert "replaced" not in caplog.text
+
+
+async def test_a_session_out_of_stream_ids_hands_over_and_finishes_what_it_carries(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.INFO):
+        async with running_world("pi") as world, aiohttp.ClientSession() as http:
+            (first,) = world.server.registry.clients()
+            first.session.mux._next_local_id = MAX_STREAM_ID - 1  # a billion streams on
+            # /slow does not answer while its visitor waits: that exchange, on the
+            # last stream id, is under way all through the handover.
+            slow = asyncio.create_task(http.get(f"{world.public_url}/slow"))
+            await wait_until(lambda: world.client.sessions_started == 2)
+            await wait_until(lambda: world.server.registry.clients() not in ([], [first]))
+            async with http.get(world.public_url) as response:
+                assert response.status == 200
+                assert await response.text() == "fine"
+            assert first.session.end is None  # not replaced: still carrying /slow
+            assert not slow.done()
+            slow.cancel()  # the visitor leaves, and with its exchange the session's last
+            async with asyncio.timeout(10):
+                await first.session.wait_closed()
+            assert first.session.end is not None
+            assert first.session.end.code is ErrorCode.GOING_AWAY
+            await wait_until(lambda: not world.client._draining)
+    assert "the exit server sent this session away; opening the next" in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]

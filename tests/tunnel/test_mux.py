@@ -18,7 +18,7 @@ from hypothesis.stateful import (
 from tests.support.muxpair import MuxPair
 from tunnel import events as ev
 from tunnel.errors import ErrorCode, ProtocolError, StreamClosed
-from tunnel.frames import Data, Hello, Open, Ping, Rst, WindowUpdate, encode
+from tunnel.frames import MAX_STREAM_ID, Data, Hello, Open, Ping, Rst, WindowUpdate, encode
 from tunnel.mux import (
     DEFAULT_WINDOW_BYTES,
     MAX_AUTOTUNED_WINDOW_BYTES,
@@ -515,6 +515,19 @@ def test_go_away_stops_new_streams_and_refuses_unseen_ones() -> None:
     assert ev.GoAwayReceived(seen, ErrorCode.NO_ERROR, "bye") in events
     assert pair.server.stream_state(seen) is StreamState.OPEN
     with pytest.raises(StreamClosed):
+        pair.server.open_stream("")
+
+
+def test_a_side_that_uses_its_last_stream_id_goes_away_with_it() -> None:
+    pair = MuxPair()
+    pair.server._next_local_id = MAX_STREAM_ID - 1  # the last even id: a billion streams on
+    last = pair.server.open_stream("")
+    assert last == MAX_STREAM_ID - 1
+    events = pair.deliver(pair.server, pair.client)
+    assert ev.StreamOpened(last, "") in events
+    assert ev.GoAwayReceived(0, ErrorCode.NO_ERROR, "stream ids exhausted") in events
+    assert pair.server.stream_state(last) is StreamState.OPEN  # it carries on to its end
+    with pytest.raises(StreamClosed, match="going away"):
         pair.server.open_stream("")
 
 
