@@ -1,8 +1,8 @@
 """The ``homeport`` command line: a thin layer mapping options onto config objects.
 
-Every option can also come from an environment variable (shown in
-``--help``) or from a TOML file given with ``--config``; the command line wins
-over the environment, and the environment over the file.
+Every option of ``server`` and ``client`` can also come from an environment
+variable (shown in ``--help``) or from a TOML file given with ``--config``;
+the command line wins over the environment, and the environment over the file.
 """
 
 from __future__ import annotations
@@ -374,7 +374,7 @@ def token(output: Path | None) -> None:
     show_envvar=True,
     envvar="HOMEPORT_DATA_DIR",
     help="Where the server keeps its TLS key. [default: $STATE_DIRECTORY, "
-    "else ~/.local/state/homeport]",
+    "else $XDG_STATE_HOME/homeport, else ~/.local/state/homeport]",
 )
 @click.option(
     "--tls-cert",
@@ -433,7 +433,8 @@ def token(output: Path | None) -> None:
     show_default=True,
     show_envvar=True,
     envvar="HOMEPORT_BODY_TIMEOUT",
-    help="Seconds a request body may stall before the connection is closed.",
+    help="Seconds a request body may stall before the connection is closed "
+    "(with a 408 if no answer has begun).",
 )
 @click.option(
     "--keepalive-timeout",
