@@ -119,7 +119,7 @@ class TunnelClient:
                 await self._connect_and_serve(index)
             except _SentAway:
                 if loop.time() - started >= DEFAULT_STABLE_AFTER_S:
-                    delay = 0.0  # its successor at once; the backoff's floor otherwise
+                    delay = 0.0  # its successor at once; a young one waits its backoff
             except AuthRejected as exc:
                 logger.error("%s: check the token (--token-file) matches the exit server's", exc)
                 delay = AUTH_FAILURE_DELAY_S * random.uniform(0.8, 1.2)  # noqa: S311
