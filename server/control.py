@@ -118,14 +118,16 @@ class ControlServer:
             return rejection(
                 429, "too many failed attempts; try again later", {"Retry-After": "60"}
             )
-        token = bearer_token(request.headers.get("Authorization"))
+        presented = request.headers.get_all("Authorization")
+        # Two credentials are no credential: never pick one of them.
+        token = bearer_token(presented[0]) if len(presented) == 1 else None
         if not self.verifier.verify(token):
             self.auth_failures += 1
             self.limiter.failed(source, now)
             logger.warning(
                 "rejected a client from %s: %s token",
                 connection.remote_address,
-                "missing" if token is None else "wrong",
+                "wrong" if presented else "missing",
             )
             return rejection(401, "unauthorized", {"WWW-Authenticate": 'Bearer realm="homeport"'})
         self.limiter.succeeded(source)

@@ -975,7 +975,12 @@ class Exchange(StreamHandler):
             self._bad_response()
             return
         except httptools.HttpParserError:
-            self._bad_response()
+            if self._message_complete:
+                # llhttp refuses any byte after a complete response that said
+                # Connection: close; that response stands.
+                self._drop_extra_bytes()
+            else:
+                self._bad_response()
             return
         self._flush_out()
         if self._message_complete:
@@ -1051,7 +1056,10 @@ class Exchange(StreamHandler):
             status = 502
             if isinstance(exc, StreamError | SessionClosed):
                 status = HTTP_STATUS_FOR_CODE.get(exc.code, 502)
-            self._upstream_failed(status)
+            if isinstance(exc, SessionClosed):
+                self._fail(status)  # the whole session is gone, not a stale pooled stream
+            else:
+                self._upstream_failed(status)
         elif self._close_delimited and exc is None:
             self._message_complete = True
             self._finish()

@@ -330,6 +330,11 @@ EXTRA_AFTER_RESPONSE = {
 BODIES = {"a short body": b"ok", "a body of 1 MiB": bytes(range(256)) * 4096}
 
 
+# llhttp refuses any byte after a complete response that said Connection: close.
+CONNECTION = {"kept alive": b"", "Connection: close": b"Connection: close\r\n"}
+
+
+@pytest.mark.parametrize("connection", CONNECTION.values(), ids=CONNECTION.keys())
 @pytest.mark.parametrize("body", BODIES.values(), ids=BODIES.keys())
 @pytest.mark.parametrize("extra", EXTRA_AFTER_RESPONSE.values(), ids=EXTRA_AFTER_RESPONSE.keys())
 async def test_bytes_after_a_complete_response_are_never_passed_on(
@@ -337,6 +342,7 @@ async def test_bytes_after_a_complete_response_are_never_passed_on(
     start_client: Callable[..., ClientProcess],
     extra: bytes,
     body: bytes,
+    connection: bytes,
 ) -> None:
     """An upstream that says more than its answer cannot answer the visitor's next request.
 
@@ -344,7 +350,7 @@ async def test_bytes_after_a_complete_response_are_never_passed_on(
     upstream connection is not reused; the visitor's next request goes to a
     fresh one.
     """
-    head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body)
+    head = b"HTTP/1.1 200 OK\r\n%sContent-Length: %d\r\n\r\n" % (connection, len(body))
     upstream = RawUpstream(head + body + extra, close_after=False)
     async with await upstream.start():
         server = start_server()

@@ -447,7 +447,9 @@ async def assert_the_session_kept_and_settled(
 
 
 async def control(
-    server: ExitServerProcess, path: str = "/connect", headers: dict[str, str] | None = None
+    server: ExitServerProcess,
+    path: str = "/connect",
+    headers: dict[str, str] | list[tuple[str, str]] | None = None,
 ) -> tuple[int, str]:
     async with (
         aiohttp.ClientSession() as http,
@@ -461,13 +463,15 @@ async def control(
 @pytest.mark.parametrize(
     "authorization",
     [
-        None,
-        "Bearer wrong-token-of-some-length",
-        "Basic dXNlcjpwYXNz",
-        "Bearer",
-        "{token}x",
-        "Bearer {token}.",
-        "Bearer {short}",
+        [],
+        ["Bearer wrong-token-of-some-length"],
+        ["Basic dXNlcjpwYXNz"],
+        ["Bearer"],
+        ["{token}x"],
+        ["Bearer {token}."],
+        ["Bearer {short}"],
+        ["Bearer {token}", "Bearer {token}"],
+        ["Bearer wrong-token-of-some-length", "Bearer {token}"],
     ],
     ids=[
         "missing",
@@ -477,21 +481,22 @@ async def control(
         "no scheme",
         "one extra character",
         "truncated",
+        "the token twice",
+        "a wrong token and the token",
     ],
 )
 async def test_a_missing_or_wrong_token_gets_401_before_the_upgrade(
-    start_server: Server, token: str, authorization: str | None
+    start_server: Server, token: str, authorization: list[str]
 ) -> None:
     server = start_server()
-    headers = {
-        "Upgrade": "websocket",
-        "Connection": "Upgrade",
-        "Sec-WebSocket-Version": "13",
-        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
-        "Sec-WebSocket-Protocol": "homeport.v1",
-    }
-    if authorization is not None:
-        headers["Authorization"] = authorization.format(token=token, short=token[:-3])
+    headers = [
+        ("Upgrade", "websocket"),
+        ("Connection", "Upgrade"),
+        ("Sec-WebSocket-Version", "13"),
+        ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ("Sec-WebSocket-Protocol", "homeport.v1"),
+    ]
+    headers += [("Authorization", a.format(token=token, short=token[:-3])) for a in authorization]
     status, body = await control(server, headers=headers)
     assert status == 401
     assert body == "unauthorized\n"

@@ -138,6 +138,23 @@ async def test_killing_the_client_turns_requests_into_502_or_503_within_seconds(
         await asyncio.sleep(0.05)
 
 
+async def test_a_request_on_a_reused_stream_gets_502_when_the_client_dies(
+    tunnel: tuple[ExitServerProcess, ClientProcess], upstream: Upstream
+) -> None:
+    """A whole session lost is no stale pooled stream: no retry, and 502 as on a fresh one."""
+    server, client = tunnel
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{server.url}/") as first:
+            assert first.status == 200  # its stream goes back to the pool
+            await first.read()
+        mark = upstream.process.mark()
+        slow = asyncio.create_task(fetch(f"{server.url}/slow?seconds=60"))
+        await upstream.process.wait_for_async(r"answering in 60", since=mark)
+        client.process.kill()
+        status, body, _ = await asyncio.wait_for(slow, 10)
+    assert status == 502, body
+
+
 async def test_restarting_the_server_brings_the_same_client_back(
     start_server: Callable[..., ExitServerProcess],
     start_client: Callable[..., ClientProcess],

@@ -169,7 +169,9 @@ def make_app(name: str, files: Path) -> web.Application:
         return response
 
     async def slow(request: web.Request) -> web.Response:
-        await asyncio.sleep(float(request.query.get("seconds", "1")))
+        seconds = float(request.query.get("seconds", "1"))
+        say(f"upstream {name}: answering in {seconds} s")
+        await asyncio.sleep(seconds)
         return web.Response(text="slow but done\n")
 
     async def websocket(request: web.Request) -> web.WebSocketResponse:
