@@ -437,6 +437,16 @@ def token(output: Path | None) -> None:
     "(with a 408 if no answer has begun).",
 )
 @click.option(
+    "--send-timeout",
+    type=click.FloatRange(min=0.1),
+    default=60.0,
+    show_default=True,
+    show_envvar=True,
+    envvar="HOMEPORT_SEND_TIMEOUT",
+    help="Seconds a visitor may leave its response unread (our buffer for it "
+    "full) before its connection is dropped.",
+)
+@click.option(
     "--keepalive-timeout",
     type=click.FloatRange(min=0.1),
     default=30.0,
@@ -516,6 +526,7 @@ def server(
     drain_timeout: float,
     head_timeout: float,
     body_timeout: float,
+    send_timeout: float,
     keepalive_timeout: float,
     max_connections: int,
     max_streams_per_client: int,
@@ -571,6 +582,7 @@ def server(
             response_timeout_s=response_timeout,
             head_timeout_s=head_timeout,
             body_timeout_s=body_timeout,
+            send_timeout_s=send_timeout,
             keepalive_timeout_s=keepalive_timeout,
             drain_timeout_s=drain_timeout,
             max_connections=max_connections,

@@ -28,6 +28,8 @@ class ServerConfig:
     body_timeout_s: float = 60.0
     #: an idle keep-alive connection is closed after this
     keepalive_timeout_s: float = 30.0
+    #: a visitor may leave our writes to it stalled this long, then it is dropped
+    send_timeout_s: float = 60.0
     #: in-flight requests get this long to finish on SIGTERM
     drain_timeout_s: float = 25.0
     max_connections: int = 1024

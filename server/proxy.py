@@ -248,6 +248,7 @@ class VisitorConnection(asyncio.Protocol):
         "_deadline",
         "_early_upgrade_bytes",
         "_exchange",
+        "_heads_begun",
         "_in_head",
         "_lingered_bytes",
         "_lingering",
@@ -258,11 +259,12 @@ class VisitorConnection(asyncio.Protocol):
         "_queue",
         "_raw_head_bytes",
         "_request",
+        "_send_timer",
         "_timer",
         "_timer_kind",
         "_tunnel",
         "_visitor_ended",
-        "_write_paused",
+        "_write_paused_at",
         "config",
         "local_authority",
         "server",
@@ -289,8 +291,10 @@ class VisitorConnection(asyncio.Protocol):
         self._visitor_ended = False
         self._parser_stopped = False
         self._paused = 0
-        self._write_paused = False
+        self._write_paused_at = 0.0
+        self._send_timer: asyncio.TimerHandle | None = None
         self._in_head = False
+        self._heads_begun = 0
         self._raw_head_bytes = 0
         self._timer_kind = _Timer.NONE
         self._deadline = 0.0
@@ -341,6 +345,9 @@ class VisitorConnection(asyncio.Protocol):
 
     def _feed(self, data: bytes) -> None:
         head_continues = self._in_head
+        request = self._request
+        between_requests = not head_continues and (request is None or request.complete)
+        heads_begun = self._heads_begun
         parser = self._parser
         assert parser is not None  # dropped only when the connection is lost
         try:
@@ -362,12 +369,17 @@ class VisitorConnection(asyncio.Protocol):
         except httptools.HttpParserError:
             self._reject(400)
             return
-        if self._in_head and head_continues:
+        if self._in_head:
             # llhttp gathers a header's pieces until it completes, unseen by
             # our callbacks: bound the raw bytes of an unfinished head too, so
             # the limit holds however the bytes are split (docs/security.md).
-            # Counted only for reads that are all head; one read is bounded.
-            self._raw_head_bytes += len(data)
+            # Counted for reads that are all head: those that continue one,
+            # and one that began it with nothing of another request before.
+            # Any other read is bounded by itself.
+            if head_continues:
+                self._raw_head_bytes += len(data)
+            elif between_requests and self._heads_begun == heads_begun + 1:
+                self._raw_head_bytes = len(data)
             if self._raw_head_bytes > h.MAX_HEAD_BYTES + h.MAX_FIELD_BYTES:
                 self._reject(431)
 
@@ -395,9 +407,10 @@ class VisitorConnection(asyncio.Protocol):
         self._parser = None
         self._parser_stopped = True
         self._disarm()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        for timer in (self._timer, self._send_timer):
+            if timer is not None:
+                timer.cancel()
+        self._timer = self._send_timer = None
         if self._lingering is not None:
             self._lingering.cancel()
         self.server.connections.discard(self)
@@ -408,13 +421,17 @@ class VisitorConnection(asyncio.Protocol):
         self._queue.clear()
 
     def pause_writing(self) -> None:
-        self._write_paused = True
+        self._write_paused_at = now = self._loop.time()
+        if self._send_timer is None:
+            self._send_timer = self._loop.call_at(
+                now + self.config.send_timeout_s, self._check_sending
+            )
         exchange = self._tunnel or self._exchange
         if exchange is not None and exchange.stream is not None:
             exchange.stream.pause_reading()
 
     def resume_writing(self) -> None:
-        self._write_paused = False
+        self._write_paused_at = 0.0  # the timer, if any, finds nothing to do
         exchange = self._tunnel or self._exchange
         if exchange is not None and exchange.stream is not None:
             exchange.stream.resume_reading()
@@ -424,6 +441,7 @@ class VisitorConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._request = _Request(time.monotonic())
         self._in_head = True
+        self._heads_begun += 1
         self._raw_head_bytes = 0
         if self._timer_kind is _Timer.KEEPALIVE:
             self._arm(_Timer.HEAD, self.config.head_timeout_s)
@@ -629,6 +647,7 @@ class VisitorConnection(asyncio.Protocol):
             # Bad framing or too much body in the middle of a streamed request.
             if not exchange.head_sent:
                 self.write(h.error_response(status))
+                exchange.status = status  # logged as answered
             exchange.abort()
         else:
             self.write(h.error_response(status))
@@ -703,6 +722,33 @@ class VisitorConnection(asyncio.Protocol):
             self.close()
         else:
             self.close()
+
+    def _check_sending(self) -> None:
+        """Drop a visitor that has left our writes stalled for ``send_timeout_s``.
+
+        As nginx's ``send_timeout``: without it a visitor that never reads
+        would hold its connection, its stream and the upstream request for
+        as long as it liked, and a closed connection's unsent bytes for ever
+        (the kernel keeps probing a zero window). Stalled: the transport
+        stayed above its high-water mark (64 KiB) all that time, the stream
+        meanwhile not read. One timer per stall, not one per pause.
+        """
+        self._send_timer = None
+        paused_at = self._write_paused_at
+        if not paused_at or self.transport is None:
+            return
+        timeout = self.config.send_timeout_s
+        due = paused_at + timeout
+        if self._loop.time() < due:
+            self._send_timer = self._loop.call_at(due, self._check_sending)
+            return
+        logger.info(
+            "a visitor from %s left its response unread for %g s; dropped", self.visitor_ip, timeout
+        )
+        for exchange in (self._exchange, self._tunnel):
+            if exchange is not None:
+                exchange.abort()
+        self.abort()
 
     def log(
         self, request: _Request, client: str, status: int, bytes_in: int, bytes_out: int

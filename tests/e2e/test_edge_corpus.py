@@ -121,6 +121,12 @@ BAD_HEADS: dict[str, tuple[bytes, int]] = {
         b"GET / HTTP/1.1\r\nHost: a\r\nX-Huge: " + b"h" * 41_000 + b"\r\n\r\n",
         431,
     ),
+    # Never finished: llhttp holds the pieces, and the edge must count them
+    # from the first read on, or only a split delivery would be refused.
+    "an unfinished header over 40 KiB": (
+        b"GET / HTTP/1.1\r\nHost: a\r\nX-Huge: " + b"h" * 45_000,
+        431,
+    ),
 }
 
 BAD_BODIES: dict[str, bytes] = {

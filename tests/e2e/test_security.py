@@ -142,6 +142,42 @@ async def test_a_stalled_body_is_closed_after_the_body_timeout(
     writer.close()
 
 
+async def test_a_visitor_that_stops_reading_is_dropped_after_the_send_timeout(
+    start_server: Server, start_client: Client, upstream: Upstream, token: str
+) -> None:
+    """A slow read (R.U.D.Y.'s twin): it must not hold its connection, stream and upstream."""
+    server = start_server("--send-timeout", "1")
+    start_client(server, upstream.url)
+    mark, upstream_mark = server.process.mark(), upstream.process.mark()
+    visitor = socket.socket()
+    visitor.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    visitor.connect(("127.0.0.1", server.port))
+    visitor.sendall(b"GET /pattern/%d HTTP/1.1\r\nHost: a\r\n\r\n" % (500 * 1024 * 1024))
+    started = time.monotonic()  # and never read
+    await server.process.wait_for_async(
+        r"a visitor from 127\.0\.0\.1 left its response unread for 1 s; dropped", since=mark
+    )
+    assert time.monotonic() - started < 8
+    await upstream.process.wait_for_async(r"download aborted after \d+ bytes", since=upstream_mark)
+    visitor.settimeout(10)
+    taken = 0
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := visitor.recv(1 << 20):
+            taken += len(chunk)
+    assert taken < 20 * 1024 * 1024  # the connection ended long before the response could
+    visitor.close()
+
+    async def released() -> bool:
+        snapshot = await server_status(server, token)
+        (client,) = snapshot["clients"]
+        return snapshot["requests_in_flight"] == 0 and client["streams"] == client["idle_streams"]
+
+    deadline = time.monotonic() + 10
+    while not await released():
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.1)
+
+
 async def test_an_idle_keep_alive_connection_is_closed(
     start_server: Server, start_client: Client, upstream: Upstream
 ) -> None:
@@ -203,7 +239,7 @@ async def test_a_body_over_max_body_gets_413(
     )
     assert declared.status == 413  # refused before a byte of the body was sent
     chunked = (
-        b"POST /sha256 HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
         + b"400\r\n"
         + b"x" * 1024
         + b"\r\n"
@@ -214,6 +250,10 @@ async def test_a_body_over_max_body_gets_413(
     status, closed = await deliver(server.port, chunked, "whole")
     assert status in (413, None)
     assert closed
+    logged = await server.process.wait_for_async(r'access: \S+ "POST /echo"')
+    assert " status=413 " in logged.string, (
+        logged.string
+    )  # though the request had begun  # as answered, though the request had begun
     small = await request(
         "127.0.0.1",
         server.port,
@@ -724,6 +764,22 @@ async def rogue(
             await ws.send(hello)
             await asyncio.wait_for(ws.recv(), 5)  # the server's HELLO
         yield ws
+
+
+async def test_compression_offered_by_a_client_is_never_negotiated(
+    start_server: Server, token: str
+) -> None:
+    server = start_server()
+    async with ws_connect(
+        f"ws://127.0.0.1:{server.control_port}/connect",
+        additional_headers={"Authorization": f"Bearer {token}"},
+        subprotocols=[websockets.Subprotocol("homeport.v1")],
+        compression="deflate",
+        ping_interval=None,
+    ) as ws:
+        assert ws.request is not None and ws.response is not None
+        assert "permessage-deflate" in ws.request.headers["Sec-WebSocket-Extensions"]
+        assert "Sec-WebSocket-Extensions" not in ws.response.headers
 
 
 async def drain_until_closed(ws: ClientConnection) -> None:
