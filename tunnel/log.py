@@ -18,6 +18,10 @@ _ESCAPES: Final = {i: f"\\x{i:02x}" for i in (*range(0x20), 0x7F)}
 _ESCAPES.update({ord("\\"): "\\\\", ord('"'): '\\"'})
 #: websockets logs every handshake header at DEBUG, Authorization included.
 _WEBSOCKETS_HEADER_LINE: Final = ("> ", "< ")
+#: the control port's paths (server/control.py), the only request lines logged
+_PLAIN_REQUEST_LINES: Final = frozenset(
+    f"GET {path} HTTP/1.1" for path in ("/connect", "/status", "/healthz")
+)
 
 
 def escape(text: str | bytes, limit: int = 512) -> str:
@@ -41,8 +45,10 @@ class RedactSecrets(logging.Filter):
 
     def add(self, *secrets: str) -> None:
         for secret in secrets:
-            if secret and len(secret) >= 8 and secret not in self._secrets:
-                self._secrets.append(secret)
+            if secret and len(secret) >= 8:
+                for form in _written_forms(secret):
+                    if form not in self._secrets:
+                        self._secrets.append(form)
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not self._secrets:
@@ -64,13 +70,29 @@ class RedactSecrets(logging.Filter):
         return text
 
 
+def _written_forms(secret: str) -> set[str]:
+    """``secret`` as it may be written: itself, URL-encoded, base64-encoded."""
+    import base64  # websockets has loaded these already; deferred all the same
+    from urllib.parse import quote, quote_plus
+
+    raw = secret.encode()
+    return {
+        secret,
+        quote(secret, safe=""),
+        quote_plus(secret),
+        base64.b64encode(raw).decode(),
+        base64.urlsafe_b64encode(raw).decode(),
+    }
+
+
 class _DropWebsocketsHeaders(logging.Filter):
     """websockets' DEBUG handshake dumps carry secrets: never let them through.
 
-    A header line (``< Authorization: ...``) is dropped, and so is a request
-    line with a query string (``< GET /connect?token=... HTTP/1.1``): the
-    server refuses such a request, but a server that holds only the token's
-    hash cannot redact a token it does not know.
+    A header line (``< Authorization: ...``) is dropped, and so is any
+    request line but the plain ones of our own paths: a target may carry a
+    token (``/connect?token=``, ``/connect;token=``, ``/connect%3Ftoken%3D``),
+    the server refuses such a request, but a server that holds only the
+    token's hash cannot redact a token it does not know.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -79,6 +101,8 @@ class _DropWebsocketsHeaders(logging.Filter):
         message = record.getMessage()
         if not message.startswith(_WEBSOCKETS_HEADER_LINE):
             return True
+        if message.endswith(" HTTP/1.1"):
+            return message[2:] in _PLAIN_REQUEST_LINES
         return ":" not in message and "?" not in message
 
 

@@ -559,6 +559,8 @@ async def test_a_token_in_the_url_is_refused_and_never_logged(
     status, body = await control(server, f"/connect?token={token}")
     assert status == 400
     assert "header" in body
+    for target in (f"/connect;token={token}", f"/connect%3Ftoken%3D{token}", f"/{token}"):
+        assert (await control(server, target))[0] == 404
     # A request line without a query is logged; once it is read, so is all before it.
     await control(server, headers={"Authorization": f"Bearer {token}"})
     await server.process.wait_for_async(r"DEBUG +websockets\.server: < GET /connect HTTP/1\.1$")

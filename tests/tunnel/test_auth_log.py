@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 import re
 import stat
 from pathlib import Path
+from urllib.parse import quote, quote_plus
 
 import pytest
 
@@ -123,6 +125,22 @@ def test_redaction_removes_secrets_from_messages_and_tracebacks() -> None:
     assert secret not in record.getMessage()
     assert record.exc_text is not None
     assert secret not in record.exc_text
+
+
+def test_redaction_removes_the_url_and_base64_encoded_forms_too() -> None:
+    secret = "my+secret/token=of-some-length"
+    redactor = RedactSecrets([secret])
+    forms = [
+        secret,
+        quote(secret, safe=""),
+        quote_plus(secret),
+        base64.b64encode(secret.encode()).decode(),
+        base64.urlsafe_b64encode(secret.encode()).decode(),
+    ]
+    record = logging.LogRecord("t", logging.DEBUG, __file__, 1, " ".join(forms), None, None)
+    redactor.filter(record)
+    message = record.getMessage()
+    assert not any(form in message for form in forms), message
 
 
 def test_escape_neutralises_control_characters_for_log_lines() -> None:
