@@ -779,7 +779,8 @@ async def test_compression_offered_by_a_client_is_never_negotiated(
         compression="deflate",
         ping_interval=None,
     ) as ws:
-        assert ws.request is not None and ws.response is not None
+        assert ws.request is not None
+        assert ws.response is not None
         assert "permessage-deflate" in ws.request.headers["Sec-WebSocket-Extensions"]
         assert "Sec-WebSocket-Extensions" not in ws.response.headers
 
