@@ -23,8 +23,9 @@ class Backoff:
     """Delays before successive reconnect attempts.
 
     The n-th delay (from 0) is drawn uniformly from
-    ``[base, min(max_delay, base * 2**n)]``: never a tight loop, never more
-    than ``max_delay``.
+    ``[base, min(max_delay, base * 2**(n + 1))]``: never a tight loop, never
+    more than ``max_delay``, and jittered from the first (clients dropped
+    together, by an exit server's restart, must not all come back in step).
     """
 
     def __init__(
@@ -43,7 +44,7 @@ class Backoff:
 
     def next_delay(self) -> float:
         """The delay before the next attempt; each call counts one attempt."""
-        ceiling = min(self.max_s, self.base_s * 2.0 ** min(self.attempts, 62))
+        ceiling = min(self.max_s, self.base_s * 2.0 ** min(self.attempts + 1, 62))
         self.attempts += 1
         return self._rng.uniform(self.base_s, ceiling)
 

@@ -37,8 +37,7 @@ def test_backoff_grows_to_the_cap_with_jitter_and_a_floor() -> None:
     backoff = Backoff(base_s=1.0, max_s=30.0, rng=random.Random(1))
     delays = [backoff.next_delay() for _ in range(12)]
     assert all(1.0 <= d <= 30.0 for d in delays)
-    assert delays[0] == 1.0  # the first retry comes after exactly the base delay
-    ceilings = [min(30.0, 2.0**n) for n in range(12)]
+    ceilings = [min(30.0, 2.0 ** (n + 1)) for n in range(12)]
     assert all(d <= c for d, c in zip(delays, ceilings, strict=True))
     assert max(delays[6:]) > 10.0  # it does grow
 
@@ -48,7 +47,14 @@ def test_backoff_is_reproducible_with_a_seeded_rng_and_resets() -> None:
     second = Backoff(rng=random.Random(42))
     assert [first.next_delay() for _ in range(5)] == [second.next_delay() for _ in range(5)]
     first.reset()
-    assert first.next_delay() == 1.0
+    assert 1.0 <= first.next_delay() <= 2.0
+
+
+def test_clients_dropped_together_do_not_come_back_in_step() -> None:
+    firsts = [Backoff(rng=random.Random(seed)).next_delay() for seed in range(100)]
+    assert all(1.0 <= d <= 2.0 for d in firsts)
+    assert max(firsts) - min(firsts) > 0.8  # spread over the first second of jitter
+    assert len({round(d, 2) for d in firsts}) > 50
 
 
 def test_backoff_rejects_nonsense_bounds() -> None:
