@@ -163,7 +163,11 @@ class TunnelClient:
         config = self.config
         loop = asyncio.get_running_loop()
         connection = await dial(
-            self.url, config.token, ssl_context=self.ssl_context, pin=config.fingerprint
+            self.url,
+            config.token,
+            ssl_context=self.ssl_context,
+            pin=config.fingerprint,
+            timeout_s=config.handshake_timeout_s,
         )
         mux = Multiplexer(
             Role.CLIENT,

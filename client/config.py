@@ -32,6 +32,8 @@ class ClientConfig:
     #: allow ws:// to a non-loopback server (the token would travel in clear)
     insecure: bool = False
     reconnect_max_delay_s: float = 30.0
+    #: TCP, TLS and the websocket handshake to the exit server, together
+    handshake_timeout_s: float = 10.0
     #: SHA-256 of the server certificate to pin (wss:// only)
     fingerprint: bytes | None = field(default=None, repr=False)
     #: a CA to trust for the server certificate instead of the system's

@@ -36,11 +36,13 @@ async def dial(
     *,
     ssl_context: ssl.SSLContext | None = None,
     pin: bytes | None = None,
+    timeout_s: float = OPEN_TIMEOUT_S,
 ) -> ClientConnection:
     """Open the control websocket to ``url`` with the token in an Authorization header.
 
     With ``pin``, the server's certificate must have that SHA-256; it is
-    checked before anything is sent.
+    checked before anything is sent. TCP, TLS and the websocket handshake
+    together must take less than ``timeout_s``.
 
     Raises:
         PinMismatch: the certificate is not the pinned one.
@@ -59,7 +61,9 @@ async def dial(
     connection = ClientConnection(url, headers, pin, handshake)
     try:
         try:
-            await _open(loop, connection, host, port, ssl_context if secure else None, handshake)
+            await _open(
+                loop, connection, host, port, ssl_context if secure else None, handshake, timeout_s
+            )
         except BaseException:
             connection.abort()
             handshake.cancel()
@@ -76,7 +80,7 @@ async def dial(
     except ssl.SSLError as exc:
         raise DialFailed(f"TLS failed with {url}: {exc.reason or exc}") from None
     except TimeoutError:
-        raise DialFailed(f"no answer from {url} within {OPEN_TIMEOUT_S:.0f} s") from None
+        raise DialFailed(f"no answer from {url} within {timeout_s:g} s") from None
     except InvalidHandshake as exc:
         refused = refused_status(exc)
         if refused is None:
@@ -94,15 +98,16 @@ async def _open(
     port: int,
     tls: ssl.SSLContext | None,
     handshake: asyncio.Future[None],
+    timeout_s: float,
 ) -> None:
-    async with asyncio.timeout(OPEN_TIMEOUT_S):
+    async with asyncio.timeout(timeout_s):
         await loop.create_connection(
             lambda: connection,
             host,
             port,
             ssl=tls,
             server_hostname=host if tls else None,
-            ssl_handshake_timeout=OPEN_TIMEOUT_S if tls else None,
+            ssl_handshake_timeout=timeout_s if tls else None,
         )
         await handshake
 

@@ -706,6 +706,16 @@ def server(
     help="Reconnect when the server is silent this long.",
 )
 @click.option(
+    "--handshake-timeout",
+    type=click.FloatRange(min=1),
+    default=10.0,
+    show_default=True,
+    show_envvar=True,
+    envvar="HOMEPORT_HANDSHAKE_TIMEOUT",
+    help="Seconds to open the connection to the exit server (TCP, TLS and the "
+    "websocket handshake together); raise it on links whose round trips take seconds.",
+)
+@click.option(
     "--reconnect-max-delay",
     type=click.FloatRange(min=1),
     default=30.0,
@@ -751,6 +761,7 @@ def client(
     max_streams: int,
     heartbeat_interval: float,
     heartbeat_timeout: float,
+    handshake_timeout: float,
     reconnect_max_delay: float,
     fingerprint: str | None,
     ca_file: Path | None,
@@ -796,6 +807,7 @@ def client(
             heartbeat_interval_s=heartbeat_interval,
             heartbeat_timeout_s=heartbeat_timeout,
             insecure=insecure,
+            handshake_timeout_s=handshake_timeout,
             reconnect_max_delay_s=reconnect_max_delay,
             fingerprint=pin,
             ca_file=ca_file,

@@ -155,6 +155,35 @@ async def test_a_request_on_a_reused_stream_gets_502_when_the_client_dies(
     assert status == 502, body
 
 
+async def test_a_handshake_that_never_completes_is_given_up_after_the_handshake_timeout(
+    start_server: Callable[..., ExitServerProcess],
+    start_client: Callable[..., ClientProcess],
+    upstream: Upstream,
+) -> None:
+    """A silent control port (a black-holing middlebox) costs one timeout per attempt."""
+    held: list[asyncio.StreamWriter] = []
+    silent = await asyncio.start_server(lambda _, writer: held.append(writer), "127.0.0.1", 0)
+    port = silent.sockets[0].getsockname()[1]
+    async with silent:
+        client = start_client(
+            start_server(),
+            upstream.url,
+            url=f"ws://127.0.0.1:{port}",
+            flags=("--handshake-timeout", "1.5"),
+            wait=False,
+        )
+        started = time.monotonic()
+        pattern = rf"no answer from ws://127\.0\.0\.1:{port}/connect within 1\.5 s"
+        await client.process.wait_for_async(pattern)
+        assert 1.4 < time.monotonic() - started < 8
+        first = client.process.mark()
+        await client.process.wait_for_async(pattern, since=first)  # and it keeps trying
+        assert len(held) >= 2
+        assert client.process.running()
+        for writer in held:
+            writer.close()
+
+
 async def test_restarting_the_server_brings_the_same_client_back(
     start_server: Callable[..., ExitServerProcess],
     start_client: Callable[..., ClientProcess],
