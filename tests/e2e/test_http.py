@@ -319,6 +319,33 @@ async def test_a_malformed_upstream_response_becomes_502_and_is_never_passed_on(
         assert not any(b"Injected" in name or b"Evil" in name for name, _ in response.headers)
 
 
+async def test_hop_by_hop_headers_of_a_response_are_not_passed_on(
+    start_server: Callable[..., ExitServerProcess], start_client: Callable[..., ClientProcess]
+) -> None:
+    upstream = RawUpstream(
+        b"HTTP/1.1 200 OK\r\n"
+        b"Connection: keep-alive, X-Hop\r\n"
+        b"X-Hop: for the proxy only\r\n"
+        b"Keep-Alive: timeout=5\r\n"
+        b"Proxy-Connection: keep-alive\r\n"
+        b"TE: trailers\r\n"
+        b"Trailer: X-T\r\n"
+        b"Upgrade: h2c\r\n"
+        b"X-Kept: yes\r\n"
+        b"Content-Length: 2\r\n\r\nok"
+    )
+    async with await upstream.start():
+        server = start_server()
+        start_client(server, f"http://127.0.0.1:{upstream.port}")
+        response = await request("127.0.0.1", server.port, raw_get("/"))
+    assert (response.status, response.body) == (200, b"ok")
+    assert response.header("X-Kept") == b"yes"
+    names = {name.lower() for name, _ in response.headers}
+    for hop in (b"x-hop", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade"):
+        assert hop not in names
+    assert b"x-hop" not in (response.header("Connection") or b"").lower()
+
+
 EXTRA_AFTER_RESPONSE = {
     "a second response": b"HTTP/1.1 201 Created\r\nContent-Length: 4\r\n\r\nevil",
     "bytes that are no response": b"evil bytes\r\n\r\n",
