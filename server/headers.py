@@ -338,11 +338,20 @@ _ERROR_TEXT: Final = {
     504: "gateway timeout: the upstream did not answer in time",
     505: "HTTP version not supported",
 }
+#: for a request still unanswered when the exit server's drain time is up
+SHUTTING_DOWN_TEXT: Final = "service unavailable: the exit server is restarting"
 
 
-def error_response(status: int, *, keep_alive: bool = False, head_only: bool = False) -> bytes:
-    """A complete short plain-text response for an error the proxy answers itself."""
-    body = f"{status} {_ERROR_TEXT.get(status, _reason(status).decode())}\n".encode()
+def error_response(
+    status: int, *, keep_alive: bool = False, head_only: bool = False, text: str | None = None
+) -> bytes:
+    """A complete short plain-text response for an error the proxy answers itself.
+
+    ``text``, one of ours (never the visitor's or an upstream's), says more
+    than the status's usual one.
+    """
+    text = text or _ERROR_TEXT.get(status) or _reason(status).decode()
+    body = f"{status} {text}\n".encode()
     lines = [
         b"HTTP/1.1 %d %s\r\n" % (status, _reason(status)),
         b"Content-Type: text/plain; charset=utf-8\r\n",

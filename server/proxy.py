@@ -235,8 +235,13 @@ class PublicServer:
             await self._drained.wait()
 
     def abort_all(self) -> None:
+        """The drain time is up: answer what has no answer yet (503), drop the rest."""
         for connection in list(self.connections):
-            connection.abort()
+            exchange = connection._exchange
+            if exchange is not None and not exchange.head_sent and not exchange.done:
+                exchange._fail(503, text=h.SHUTTING_DOWN_TEXT)  # then the connection closes
+            else:
+                connection.abort()
 
 
 class VisitorConnection(asyncio.Protocol):
@@ -1298,7 +1303,7 @@ class Exchange(StreamHandler):
             self._out.clear()
             self._fail(502)
 
-    def _fail(self, status: int) -> None:
+    def _fail(self, status: int, *, text: str | None = None) -> None:
         """Answer the visitor with an error of ours; the upstream gave nothing usable."""
         if self.done:
             return
@@ -1310,7 +1315,9 @@ class Exchange(StreamHandler):
         request = self.request
         keep_alive = request.keep_alive and request.complete and not self.connection._closing
         self.connection.write(
-            h.error_response(status, keep_alive=keep_alive, head_only=request.method == b"HEAD")
+            h.error_response(
+                status, keep_alive=keep_alive, head_only=request.method == b"HEAD", text=text
+            )
         )
         self._log()
         self._ended(keep_alive=keep_alive)

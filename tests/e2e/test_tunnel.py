@@ -202,13 +202,13 @@ async def test_restarting_the_server_brings_the_same_client_back(
 
 
 async def test_sigterm_lets_in_flight_requests_finish_and_exits_0(
-    tunnel: tuple[ExitServerProcess, ClientProcess],
+    tunnel: tuple[ExitServerProcess, ClientProcess], upstream: Upstream
 ) -> None:
     server, client = tunnel
     async with aiohttp.ClientSession() as http:
+        mark = upstream.process.mark()
         slow = asyncio.create_task(http.get(f"{server.url}/slow?seconds=1.5"))
-        await server.process.wait_for_async(r"")  # the request is on its way
-        await asyncio.sleep(0.3)
+        await upstream.process.wait_for_async(r"answering in 1\.5 s", since=mark)
         server.process.send_signal(signal.SIGTERM)
         response = await slow
         assert response.status == 200
@@ -217,6 +217,24 @@ async def test_sigterm_lets_in_flight_requests_finish_and_exits_0(
     assert await server.process.wait_async(15) == 0
     assert "exit server stopped" in server.process.output
     await client.process.wait_for_async(r"disconnected from the exit server: GOING_AWAY")
+
+
+async def test_a_request_still_unanswered_when_the_drain_time_is_up_gets_503(
+    start_server: Callable[..., ExitServerProcess],
+    start_client: Callable[..., ClientProcess],
+    upstream: Upstream,
+) -> None:
+    server = start_server("--drain-timeout", "1")
+    start_client(server, upstream.url)
+    mark = upstream.process.mark()
+    slow = asyncio.create_task(fetch(f"{server.url}/slow?seconds=60"))
+    await upstream.process.wait_for_async(r"answering in 60", since=mark)
+    server.process.send_signal(signal.SIGTERM)
+    status, body, headers = await asyncio.wait_for(slow, 10)
+    assert (status, body) == (503, b"503 service unavailable: the exit server is restarting\n")
+    assert headers["Retry-After"] == "5"
+    assert await server.process.wait_async(15) == 0
+    assert re.search(r'access: pi "GET /slow" .*status=503 ', server.process.output)
 
 
 async def test_the_upstream_sees_forwarding_headers_and_no_hop_by_hop_ones(
