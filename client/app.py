@@ -25,6 +25,7 @@ from tunnel.mux import Multiplexer, Role, Settings
 from tunnel.session import Session, SessionEnd, Stream, StreamHandler
 from tunnel.tls import PinMismatch, client_context
 from tunnel.version import SOFTWARE
+from tunnel.websocket import ClientConnection
 
 logger = logging.getLogger("homeport.client")
 
@@ -135,6 +136,8 @@ class TunnelClient:
                 logger.warning("session failed: %s", exc)
             except _NotTaken:
                 return
+            except _Stopped:
+                break
             finally:
                 self.sessions.pop(index, None)
                 if not self.sessions:
@@ -159,16 +162,41 @@ class TunnelClient:
         connections = self.config.connections
         return f"{before}{index + 1} of {connections}" if connections > 1 else ""
 
+    async def _dial(self) -> ClientConnection:
+        """Dial the exit server, unless :meth:`stop` comes first.
+
+        A dial may wait its whole handshake timeout for a server that does
+        not answer; told to stop, the client goes at once.
+        """
+        config = self.config
+        loop = asyncio.get_running_loop()
+        dialling = loop.create_task(
+            dial(
+                self.url,
+                config.token,
+                ssl_context=self.ssl_context,
+                pin=config.fingerprint,
+                timeout_s=config.handshake_timeout_s,
+            )
+        )
+        stopping = loop.create_task(self._stop.wait())
+        try:
+            await asyncio.wait((dialling, stopping), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            if not dialling.done():
+                dialling.cancel()  # dial() aborts what it opened
+                await asyncio.wait((dialling,))
+        if not self._stop.is_set():
+            return dialling.result()
+        if not dialling.cancelled() and dialling.exception() is None:
+            dialling.result().abort()  # connected just as we were told to stop
+        raise _Stopped
+
     async def _connect_and_serve(self, index: int) -> None:
         config = self.config
         loop = asyncio.get_running_loop()
-        connection = await dial(
-            self.url,
-            config.token,
-            ssl_context=self.ssl_context,
-            pin=config.fingerprint,
-            timeout_s=config.handshake_timeout_s,
-        )
+        connection = await self._dial()
         mux = Multiplexer(
             Role.CLIENT,
             Settings(max_concurrent_streams=config.max_streams),
@@ -293,6 +321,10 @@ class _NotTaken(Exception):
 
 class _SentAway(Exception):
     """The exit server sent the session away (GO_AWAY): open its successor."""
+
+
+class _Stopped(Exception):
+    """:meth:`TunnelClient.stop` came while a dial was under way."""
 
 
 def _tls_in_use(transport: asyncio.BaseTransport | None) -> str:

@@ -184,6 +184,32 @@ async def test_a_handshake_that_never_completes_is_given_up_after_the_handshake_
             writer.close()
 
 
+async def test_a_client_told_to_stop_while_dialling_stops_at_once(
+    start_server: Callable[..., ExitServerProcess],
+    start_client: Callable[..., ClientProcess],
+    upstream: Upstream,
+) -> None:
+    held: list[asyncio.StreamWriter] = []
+    silent = await asyncio.start_server(lambda _, writer: held.append(writer), "127.0.0.1", 0)
+    port = silent.sockets[0].getsockname()[1]
+    async with silent:
+        client = start_client(
+            start_server(),
+            upstream.url,
+            url=f"ws://127.0.0.1:{port}",
+            flags=("--handshake-timeout", "60"),
+            wait=False,
+        )
+        await wait_until(lambda: bool(held), 10)  # the client is dialling the silent port
+        started = time.monotonic()
+        client.process.send_signal(signal.SIGTERM)
+        assert await client.process.wait_async(15) == 0
+        assert time.monotonic() - started < 5  # not the 60 s the dial could have taken
+        assert "no answer from" not in client.process.output
+        for writer in held:
+            writer.close()
+
+
 async def test_restarting_the_server_brings_the_same_client_back(
     start_server: Callable[..., ExitServerProcess],
     start_client: Callable[..., ClientProcess],
