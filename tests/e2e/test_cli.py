@@ -73,6 +73,32 @@ def test_server_refuses_a_short_token_without_printing_it() -> None:
     assert "tooShort123" not in result.stderr
 
 
+EMPTY_CREDENTIALS = {
+    "an empty --token": ("--token", None, ""),
+    "an empty token file": ("--token-file", "token", ""),
+    "a token file holding a line end": ("--token-file", "token", "\n"),
+    "an empty --token-hash": ("--token-hash", None, ""),
+    "an empty hash file": ("--token-hash-file", "token.sha256", ""),
+}
+
+
+@pytest.mark.parametrize("case", EMPTY_CREDENTIALS.values(), ids=EMPTY_CREDENTIALS.keys())
+def test_the_server_refuses_to_start_with_an_empty_credential(
+    tmp_path: Path, case: tuple[str, str | None, str]
+) -> None:
+    flag, file_name, content = case
+    value = content
+    if file_name is not None:
+        path = tmp_path / file_name
+        path.write_text(content)
+        path.chmod(0o600)
+        value = str(path)
+    result = run("server", "--port", "0", "--control-port", "0", flag, value)
+    assert result.returncode == 2
+    assert "token" in result.stderr.lower()
+    assert "Traceback" not in result.stderr
+
+
 def test_token_and_token_file_on_the_command_line_conflict(token_file: Path, token: str) -> None:
     result = run("server", "--token", token, "--token-file", str(token_file))
     assert result.returncode == 2
