@@ -826,10 +826,12 @@ async def test_a_rogue_client_loses_its_session_and_others_keep_working(
 
 
 async def test_a_new_session_with_the_same_name_replaces_the_ghost(
-    tunnel: tuple[ExitServerProcess, ClientProcess], token: str
+    tunnel: tuple[ExitServerProcess, ClientProcess], upstream: Upstream, token: str
 ) -> None:
     server, client = tunnel
-    mark = client.process.mark()
+    mark, upstream_mark = client.process.mark(), upstream.process.mark()
+    in_flight = asyncio.create_task(fetch(f"{server.url}/slow?seconds=60"))
+    await upstream.process.wait_for_async(r"answering in 60", since=upstream_mark)
     async with rogue(server, token, hello=client_hello("pi")):
         await client.process.wait_for_async(
             r"replaced this session with a newer one named pi", since=mark
@@ -837,6 +839,8 @@ async def test_a_new_session_with_the_same_name_replaces_the_ghost(
         await server.process.wait_for_async(
             r"client pi reconnected from .*closing its previous session"
         )
+        status, _, _ = await asyncio.wait_for(in_flight, 10)
+        assert status == 502  # its session is gone; the newer one never saw the request
     await asyncio.to_thread(
         client.wait_connected, 15.0, mark
     )  # and it comes back when the other leaves
