@@ -718,12 +718,16 @@ class VisitorConnection(asyncio.Protocol):
         if kind is _Timer.HEAD and self._in_head:
             self._reject(408)
         elif kind is _Timer.BODY:
-            if self._exchange is not None:
-                self._exchange.abort()
-            request = self._request
-            if request is not None and not (self._exchange and self._exchange.head_sent):
+            exchange, request = self._exchange, self._request
+            if request is not None and not (exchange is not None and exchange.head_sent):
+                # Written before the exchange ends: its end closes the connection.
                 self.write(h.error_response(408))
-                self.log(request, "-", 408, request.body_bytes, 0)
+                if exchange is None:
+                    self.log(request, "-", 408, request.body_bytes, 0)
+                else:
+                    exchange.status = 408  # logged so as it ends
+            if exchange is not None:
+                exchange.abort()
             self.close()
         else:
             self.close()

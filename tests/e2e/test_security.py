@@ -138,8 +138,10 @@ async def test_a_stalled_body_is_closed_after_the_body_timeout(
     async with asyncio.timeout(5):
         answer = await reader.read()
     assert 0.9 < time.monotonic() - started < 4
-    assert answer == b"" or answer.startswith(b"HTTP/1.1 408 ")
+    assert answer.startswith(b"HTTP/1.1 408 ")
     writer.close()
+    logged = await server.process.wait_for_async(r'access: \S+ "POST /sha256"')
+    assert " status=408 " in logged.string
 
 
 async def test_a_visitor_that_stops_reading_is_dropped_after_the_send_timeout(
