@@ -23,6 +23,7 @@ from tunnel.errors import AuthRejected, ErrorCode, ProtocolError, SessionClosed,
 from tunnel.events import GoAwayReceived
 from tunnel.mux import Multiplexer, Role, Settings
 from tunnel.session import Session, SessionEnd, Stream, StreamHandler
+from tunnel.systemd import Notifier
 from tunnel.tls import PinMismatch, client_context
 from tunnel.version import SOFTWARE
 from tunnel.websocket import ClientConnection
@@ -55,9 +56,13 @@ class TunnelClient:
         #: how many connections the exit server takes from one client, once a HELLO said
         self._server_max_connections: int | None = None
         self._heard_server = asyncio.Event()
+        #: systemd's readiness and watchdog (deploy/civo-exit-node/pi: Type=notify)
+        self.notifier = Notifier()
 
     def stop(self) -> None:
         """Close the sessions politely and make :meth:`run` return."""
+        if not self._stop.is_set():
+            self.notifier.stopping()
         self._stop.set()
         self._heard_server.set()
         for session in [*self.sessions.values(), *self._draining]:
@@ -79,7 +84,18 @@ class TunnelClient:
                 loop.remove_signal_handler(signum)
 
     async def run(self) -> None:
-        """Keep every connection up until :meth:`stop`."""
+        """Keep every connection up until :meth:`stop`.
+
+        Ready for systemd at once: a Pi may wait minutes for its network
+        after a power cut, and the watchdog guards the loop meanwhile too.
+        """
+        self.notifier.ready()
+        try:
+            await self._keep_everything_up()
+        finally:
+            self.notifier.close()
+
+    async def _keep_everything_up(self) -> None:
         async with asyncio.TaskGroup() as connections:
             connections.create_task(self._keep_up(0), name="connection-0")
             if self.config.connections > 1:

@@ -14,6 +14,7 @@ from server.proxy import PublicServer
 from server.registry import Registry
 from tunnel.auth import TokenVerifier
 from tunnel.errors import ErrorCode
+from tunnel.systemd import Notifier
 from tunnel.version import SOFTWARE
 
 logger = logging.getLogger("homeport.server")
@@ -37,6 +38,8 @@ class ExitServer:
         self.public_addresses: list[tuple[str, int]] = []
         self.control_addresses: list[tuple[str, int]] = []
         self._stop = asyncio.Event()
+        #: systemd's readiness and watchdog (deploy/civo-exit-node: Type=notify)
+        self.notifier = Notifier()
 
     def status(self) -> dict[str, Any]:
         """What ``GET /status`` on the control port reports (with the token)."""
@@ -97,6 +100,7 @@ class ExitServer:
         )
         if config.tls_fingerprint is not None:
             self._announce_fingerprint(config.tls_fingerprint)
+        self.notifier.ready()
 
     def _announce_fingerprint(self, fingerprint: str) -> None:
         """Print what a client needs to pin this server, with the command to run."""
@@ -145,6 +149,7 @@ class ExitServer:
             len(self.registry),
             "" if len(self.registry) == 1 else "s",
         )
+        self.notifier.stopping()
         self.public.begin_shutdown()
         self.control.stop_accepting()
         for client in self.registry.clients():
@@ -162,4 +167,5 @@ class ExitServer:
         for client in self.registry.clients():
             client.close_pool()
         await self.control.close_sessions(ErrorCode.GOING_AWAY, "exit server shutting down")
+        self.notifier.close()
         logger.info("exit server stopped")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -239,6 +240,57 @@ async def test_the_demo_serves_its_page_and_stops_cleanly_on_ctrl_c(processes: P
     demo.send_signal(signal.SIGINT)
     assert await demo.wait_async(15) == 0
     assert "Traceback" not in demo.output
+
+
+async def test_server_and_client_tell_systemd_they_are_ready_and_ping_its_watchdog(
+    processes: Processes, token_file: Path, upstream: Upstream, tmp_path: Path
+) -> None:
+    """What Type=notify and WatchdogSec=30 in deploy/civo-exit-node's units rely on."""
+    loop = asyncio.get_running_loop()
+    sockets = {}
+    for who in ("server", "client"):
+        sockets[who] = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sockets[who].bind(str(tmp_path / f"{who}.notify"))
+        sockets[who].setblocking(False)
+
+    def systemd(who: str) -> dict[str, str]:  # WATCHDOG_PID unset: any process may ping
+        return {"NOTIFY_SOCKET": str(tmp_path / f"{who}.notify"), "WATCHDOG_USEC": "400000"}
+
+    async def next_message(who: str) -> bytes:
+        async with asyncio.timeout(10):
+            return await loop.sock_recv(sockets[who], 4096)
+
+    try:
+        server = processes.start(
+            "server",
+            homeport("server", "--bind", "127.0.0.1", "--port", "0", "--control-port", "0",
+                     "--token-file", str(token_file)),
+            env=systemd("server"),
+        )  # fmt: skip
+        assert await next_message("server") == b"READY=1"  # sent once its ports are bound
+        control_port = server.wait_for(READY).group(2)
+        client = processes.start(
+            "client",
+            homeport("client", "--url", f"ws://127.0.0.1:{control_port}",
+                     "--token-file", str(token_file), "--upstream", upstream.url),
+            env=systemd("client"),
+        )  # fmt: skip
+        assert await next_message("client") == b"READY=1"
+        for who in ("server", "client"):
+            assert {await next_message(who) for _ in range(3)} == {b"WATCHDOG=1"}
+        server.send_signal(signal.SIGTERM)
+        while (message := await next_message("server")) == b"WATCHDOG=1":
+            pass
+        assert message == b"STOPPING=1"
+        assert await server.wait_async(15) == 0
+        client.send_signal(signal.SIGTERM)
+        while (message := await next_message("client")) == b"WATCHDOG=1":
+            pass
+        assert message == b"STOPPING=1"
+        assert await client.wait_async(15) == 0
+    finally:
+        for listener in sockets.values():
+            listener.close()
 
 
 def test_python_dash_m_homeport_is_the_same_command() -> None:

@@ -133,7 +133,11 @@ After=network-online.target
 StartLimitIntervalSec=0
 
 [Service]
-Type=exec
+Type=notify
+NotifyAccess=main
+# It pings systemd from its event loop: a loop stuck for 30 s gets the
+# process restarted (a live process serving nothing would never be noticed).
+WatchdogSec=30
 # HOMEPORT_URL, HOMEPORT_FINGERPRINT, HOMEPORT_UPSTREAM, ...: no secrets in there.
 EnvironmentFile=/etc/homeport/client.env
 Environment=PYTHONDONTWRITEBYTECODE=1
