@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import json
@@ -11,7 +12,7 @@ import re
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import aiohttp
@@ -155,23 +156,41 @@ async def test_a_request_on_a_reused_stream_gets_502_when_the_client_dies(
     assert status == 502, body
 
 
+@contextlib.asynccontextmanager
+async def silent_control_port() -> AsyncIterator[tuple[int, list[asyncio.StreamWriter]]]:
+    """A port that accepts connections and never says a word on them."""
+    held: list[asyncio.StreamWriter] = []
+    silent = await asyncio.start_server(lambda _, writer: held.append(writer), "127.0.0.1", 0)
+    async with silent:
+        yield silent.sockets[0].getsockname()[1], held
+        for writer in held:
+            writer.close()
+
+
+def dial_silent_port(
+    start_server: Callable[..., ExitServerProcess],
+    start_client: Callable[..., ClientProcess],
+    upstream: Upstream,
+    port: int,
+    handshake_timeout: str,
+) -> ClientProcess:
+    return start_client(
+        start_server(),
+        upstream.url,
+        url=f"ws://127.0.0.1:{port}",
+        flags=("--handshake-timeout", handshake_timeout),
+        wait=False,
+    )
+
+
 async def test_a_handshake_that_never_completes_is_given_up_after_the_handshake_timeout(
     start_server: Callable[..., ExitServerProcess],
     start_client: Callable[..., ClientProcess],
     upstream: Upstream,
 ) -> None:
     """A silent control port (a black-holing middlebox) costs one timeout per attempt."""
-    held: list[asyncio.StreamWriter] = []
-    silent = await asyncio.start_server(lambda _, writer: held.append(writer), "127.0.0.1", 0)
-    port = silent.sockets[0].getsockname()[1]
-    async with silent:
-        client = start_client(
-            start_server(),
-            upstream.url,
-            url=f"ws://127.0.0.1:{port}",
-            flags=("--handshake-timeout", "1.5"),
-            wait=False,
-        )
+    async with silent_control_port() as (port, held):
+        client = dial_silent_port(start_server, start_client, upstream, port, "1.5")
         started = time.monotonic()
         pattern = rf"no answer from ws://127\.0\.0\.1:{port}/connect within 1\.5 s"
         await client.process.wait_for_async(pattern)
@@ -180,8 +199,6 @@ async def test_a_handshake_that_never_completes_is_given_up_after_the_handshake_
         await client.process.wait_for_async(pattern, since=first)  # and it keeps trying
         assert len(held) >= 2
         assert client.process.running()
-        for writer in held:
-            writer.close()
 
 
 async def test_a_client_told_to_stop_while_dialling_stops_at_once(
@@ -189,25 +206,14 @@ async def test_a_client_told_to_stop_while_dialling_stops_at_once(
     start_client: Callable[..., ClientProcess],
     upstream: Upstream,
 ) -> None:
-    held: list[asyncio.StreamWriter] = []
-    silent = await asyncio.start_server(lambda _, writer: held.append(writer), "127.0.0.1", 0)
-    port = silent.sockets[0].getsockname()[1]
-    async with silent:
-        client = start_client(
-            start_server(),
-            upstream.url,
-            url=f"ws://127.0.0.1:{port}",
-            flags=("--handshake-timeout", "60"),
-            wait=False,
-        )
+    async with silent_control_port() as (port, held):
+        client = dial_silent_port(start_server, start_client, upstream, port, "60")
         await wait_until(lambda: bool(held), 10)  # the client is dialling the silent port
         started = time.monotonic()
         client.process.send_signal(signal.SIGTERM)
         assert await client.process.wait_async(15) == 0
         assert time.monotonic() - started < 5  # not the 60 s the dial could have taken
         assert "no answer from" not in client.process.output
-        for writer in held:
-            writer.close()
 
 
 async def test_restarting_the_server_brings_the_same_client_back(
