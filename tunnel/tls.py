@@ -211,8 +211,12 @@ def self_signed(
     key: ec.EllipticCurvePrivateKey,
     sans: Sequence[str],
     common_name: str = "homeport exit server",
+    valid_from: datetime.datetime | None = None,
 ) -> X509Certificate:
     """A self-signed certificate for ``key``, valid CERT_VALIDITY_DAYS, naming ``sans``.
+
+    Valid from ``valid_from``, by default a day ago (a day of slack for
+    clients whose clock is a little behind).
 
     Clients pin it by fingerprint, so it needs no names; IP addresses and
     host names in ``sans`` let a CA-style check (``--ca-file``) pass too.
@@ -235,8 +239,7 @@ def self_signed(
         .issuer_name(subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        # A day of slack for clients whose clock is a little behind.
-        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_before(valid_from or now - datetime.timedelta(days=1))
         .not_valid_after(now + datetime.timedelta(days=CERT_VALIDITY_DAYS))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
     )

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import ipaddress
 import re
 import signal
 import socket
@@ -20,13 +19,12 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from tests.e2e.conftest import CONNECTED, ClientProcess, ExitServerProcess, Processes, Upstream
 from tests.support.processes import Process, homeport
+from tunnel.tls import self_signed
 
 NOT_YET_VALID = (
     r"TLS certificate rejected: certificate is not yet valid; "
@@ -51,26 +49,9 @@ def certificate_valid_from(directory: Path, ahead: float) -> tuple[Path, Path, f
     that time (seconds since the epoch).
     """
     key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "homeport exit server")])
     now = datetime.datetime.now(datetime.UTC)
     not_before = (now + datetime.timedelta(seconds=ahead + 1)).replace(microsecond=0)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_before + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
-            ),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
+    certificate = self_signed(key, ["127.0.0.1", "localhost"], valid_from=not_before)
     directory.mkdir()
     cert_path, key_path = directory / "tls.crt", directory / "tls.key"
     cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
