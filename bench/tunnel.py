@@ -186,7 +186,8 @@ def run_tunnel(
     otherwise at WARNING, its output kept in a log file for diagnosis.
     ``routes`` are more ``(host, url)`` upstreams for the client to serve.
     ``max_streams`` raises the exit server's limits on visitor connections and
-    streams per client (both 1024 by default) to that many. Both run on
+    streams per client (both 1024 by default) to that many, and lifts the
+    one per address: every visitor here comes from 127.0.0.1. Both run on
     ``build.python``, the exit server from ``build.server_tree``, the client
     from this checkout, pure Python, as the Pi installs it.
     With ``tls`` the control channel is ``wss://``, as deployed: the exit
@@ -212,6 +213,7 @@ def run_tunnel(
     if max_streams is not None:
         server_args += [
             f"--max-connections={max_streams}",
+            "--max-connections-per-address=0",
             f"--max-streams-per-client={max_streams}",
         ]
     control_tls = None

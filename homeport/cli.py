@@ -465,6 +465,16 @@ def token(output: Path | None) -> None:
     help="Open visitor connections at most (503 beyond).",
 )
 @click.option(
+    "--max-connections-per-address",
+    type=click.IntRange(min=0),
+    default=256,
+    show_default=True,
+    show_envvar=True,
+    envvar="HOMEPORT_MAX_CONNECTIONS_PER_ADDRESS",
+    help="Open visitor connections from one address (an IPv6 /64) at most "
+    "(429 beyond); 0 for no limit, as behind a CDN or load balancer.",
+)
+@click.option(
     "--max-streams-per-client",
     type=click.IntRange(min=1),
     default=1024,
@@ -529,6 +539,7 @@ def server(
     send_timeout: float,
     keepalive_timeout: float,
     max_connections: int,
+    max_connections_per_address: int,
     max_streams_per_client: int,
     max_body: str | None,
     websocket: bool,
@@ -586,6 +597,7 @@ def server(
             keepalive_timeout_s=keepalive_timeout,
             drain_timeout_s=drain_timeout,
             max_connections=max_connections,
+            max_connections_per_address=max_connections_per_address,
             max_streams_per_client=max_streams_per_client,
             max_body_bytes=parse_size(max_body) if max_body else None,
             websocket_passthrough=websocket,

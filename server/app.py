@@ -76,6 +76,11 @@ class ExitServer:
             "software": SOFTWARE,
             "clients": clients,
             "visitor_connections": len(self.public.connections),
+            "visitor_addresses": len(self.public.per_address),
+            "connections_refused": {
+                "max_connections": self.public.refused_at_capacity,
+                "per_address": self.public.per_address.refused,
+            },
             "visitor_write_buffer_bytes": self.public.write_buffer_bytes(),
             "requests_in_flight": self.public.in_flight,
             "auth_failures": self.control.auth_failures,

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from server.limits import MAX_CONNECTIONS_PER_ADDRESS
+
 DEFAULT_PORT: Final = 8000
 DEFAULT_CONTROL_PORT: Final = 8123
 
@@ -33,6 +35,8 @@ class ServerConfig:
     #: in-flight requests get this long to finish on SIGTERM
     drain_timeout_s: float = 25.0
     max_connections: int = 1024
+    #: visitor connections one address (an IPv6 /64) may hold open; 0 for no limit
+    max_connections_per_address: int = MAX_CONNECTIONS_PER_ADDRESS
     max_streams_per_client: int = 1024
     #: largest request body accepted (413 above it); None for no limit
     max_body_bytes: int | None = None

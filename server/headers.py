@@ -338,8 +338,13 @@ _ERROR_TEXT: Final = {
     504: "gateway timeout: the upstream did not answer in time",
     505: "HTTP version not supported",
 }
-#: for a request still unanswered when the exit server's drain time is up
+#: for a request still unanswered when the exit server's drain time is up,
+#: and for a connection made while it drains
 SHUTTING_DOWN_TEXT: Final = "service unavailable: the exit server is restarting"
+#: for a connection beyond --max-connections
+AT_CAPACITY_TEXT: Final = "service unavailable: the exit server has too many open connections"
+#: for a connection beyond --max-connections-per-address
+TOO_MANY_FROM_ADDRESS_TEXT: Final = "too many open connections from your address"
 
 
 def error_response(

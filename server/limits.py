@@ -1,13 +1,17 @@
-"""Rate limiting failed authentication, per source address (docs/security.md).
+"""Limits kept per source address (docs/security.md).
 
-Pure bookkeeping: the caller passes the time. The table of addresses is
-bounded (least recently seen forgotten first), so a flood of failures from
-many addresses costs a fixed amount of memory.
+Pure bookkeeping. :class:`AuthLimiter` rate-limits failed authentication:
+the caller passes the time, and the table of addresses is bounded (least
+recently seen forgotten first), so a flood of failures from many addresses
+costs a fixed amount of memory. :class:`ConnectionsPerAddress` caps the
+visitor connections one address holds open; its table holds only the
+addresses with a connection open, so the global connection cap bounds it.
 """
 
 from __future__ import annotations
 
 import collections
+import ipaddress
 from typing import Final
 
 MAX_FAILURES: Final = 5
@@ -59,3 +63,65 @@ class AuthLimiter:
     def succeeded(self, address: str) -> None:
         """A valid token from ``address`` clears its record."""
         self._failures.pop(address, None)
+
+
+#: Visitor connections one address may hold open by default: a quarter of
+#: the default ``--max-connections``, far more than a browser (six per host)
+#: or an office behind one NAT opens, too few for one host to take them all.
+MAX_CONNECTIONS_PER_ADDRESS: Final = 256
+#: An IPv6 visitor is counted by its /64: one host is given a whole /64.
+IPV6_PREFIX: Final = 64
+
+
+def address_key(address: str) -> str:
+    """What a visitor's connections are counted under: its IPv4 address or its IPv6 /64.
+
+    An IPv4 address mapped into IPv6 (a dual-stack socket) counts as the
+    IPv4 address it is; anything that is no address counts as itself.
+    """
+    if ":" not in address:
+        return address
+    try:
+        ip = ipaddress.IPv6Address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.IPv6Network((ip, IPV6_PREFIX), strict=False))
+
+
+class ConnectionsPerAddress:
+    """Counts the open visitor connections of each address against ``limit`` (0: no limit)."""
+
+    def __init__(self, limit: int = MAX_CONNECTIONS_PER_ADDRESS) -> None:
+        self.limit = limit
+        self._open: dict[str, int] = {}
+        #: connections refused because their address held ``limit`` already
+        self.refused = 0
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def admit(self, address: str) -> str | None:
+        """Count one more connection from ``address``; return its key, or None if refused.
+
+        With no limit nothing is counted and the key is an empty string:
+        :meth:`release` is then a no-op.
+        """
+        if not self.limit:
+            return ""
+        key = address_key(address)
+        count = self._open.get(key, 0)
+        if count >= self.limit:
+            self.refused += 1
+            return None
+        self._open[key] = count + 1
+        return key
+
+    def release(self, key: str) -> None:
+        """One connection admitted under ``key`` has closed."""
+        if not key:
+            return
+        count = self._open.pop(key, 0) - 1
+        if count > 0:
+            self._open[key] = count

@@ -39,6 +39,7 @@ import httptools
 
 from server import headers as h
 from server.accesslog import AccessLog
+from server.limits import ConnectionsPerAddress
 from server.listen import serve
 from server.paths import path_allowed
 from server.registry import ConnectedClient, Registry, normalize_host
@@ -165,6 +166,9 @@ class PublicServer:
         self.registry = registry
         self.access_log = AccessLog()
         self.connections: set[VisitorConnection] = set()
+        self.per_address = ConnectionsPerAddress(config.max_connections_per_address)
+        #: connections refused because --max-connections were open
+        self.refused_at_capacity = 0
         self.in_flight = 0
         self.closing = False
         self._servers: list[asyncio.Server] = []
@@ -249,6 +253,7 @@ class VisitorConnection(asyncio.Protocol):
 
     # Slots: one of each per open visitor connection and request (docs/performance.md).
     __slots__ = (
+        "_address_key",
         "_closing",
         "_deadline",
         "_early_upgrade_bytes",
@@ -282,6 +287,8 @@ class VisitorConnection(asyncio.Protocol):
         self.config = server.config
         self.transport: asyncio.Transport | None = None
         self.visitor_ip = ""
+        #: what this connection is counted under per address, once admitted
+        self._address_key: str | None = None
         self.local_authority = b""
         self._loop = asyncio.get_running_loop()
         self._parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
@@ -318,10 +325,21 @@ class VisitorConnection(asyncio.Protocol):
             host = f"[{local[0]}]" if ":" in str(local[0]) else str(local[0])
             self.local_authority = (host if local[1] == 80 else f"{host}:{local[1]}").encode()
         server = self.server
-        if server.closing or len(server.connections) >= self.config.max_connections:
-            transport.write(h.error_response(503))
+        if server.closing:
+            transport.write(h.error_response(503, text=h.SHUTTING_DOWN_TEXT))
             transport.close()
             return
+        if len(server.connections) >= self.config.max_connections:
+            server.refused_at_capacity += 1
+            transport.write(h.error_response(503, text=h.AT_CAPACITY_TEXT))
+            transport.close()
+            return
+        key = server.per_address.admit(self.visitor_ip)
+        if key is None:
+            transport.write(h.error_response(429, text=h.TOO_MANY_FROM_ADDRESS_TEXT))
+            transport.close()
+            return
+        self._address_key = key
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -419,6 +437,9 @@ class VisitorConnection(asyncio.Protocol):
         if self._lingering is not None:
             self._lingering.cancel()
         self.server.connections.discard(self)
+        if self._address_key is not None:
+            self.server.per_address.release(self._address_key)
+            self._address_key = None
         for exchange in (self._exchange, self._tunnel):
             if exchange is not None:
                 exchange.visitor_gone()

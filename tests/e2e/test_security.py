@@ -205,6 +205,9 @@ async def test_connections_beyond_the_cap_get_503_and_the_rest_keep_working(
     async with asyncio.timeout(5):
         refused = await extra_reader.read()
     assert refused.startswith(b"HTTP/1.1 503 ")
+    assert refused.endswith(
+        b"503 service unavailable: the exit server has too many open connections\n"
+    )
     extra_writer.close()
     reader, writer = held[0]
     writer.write(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
@@ -216,6 +219,46 @@ async def test_connections_beyond_the_cap_get_503_and_the_rest_keep_working(
         await request("127.0.0.1", server.port, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
     ).status != 200:
         assert time.monotonic() < deadline
+
+
+async def test_one_address_beyond_its_share_of_connections_gets_429_and_others_are_served(
+    start_server: Server, start_client: Client, upstream: Upstream, token: str
+) -> None:
+    server = start_server("--max-connections-per-address", "3")
+    start_client(server, upstream.url)
+    held = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(3)]
+    extra_reader, extra_writer = await asyncio.open_connection("127.0.0.1", server.port)
+    async with asyncio.timeout(5):
+        refused = await extra_reader.read()
+    assert refused.startswith(b"HTTP/1.1 429 Too Many Requests\r\n")
+    assert b"\r\nRetry-After: 5\r\n" in refused
+    assert refused.endswith(b"429 too many open connections from your address\n")
+    extra_writer.close()
+    # Another address (all of 127/8 is loopback) is not held back by the first.
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", server.port, local_addr=("127.0.0.2", 0)
+    )
+    writer.write(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert (await ResponseReader(reader).next()).status == 200
+    writer.close()
+    # The held connections are served, and one closed makes room for another.
+    reader, writer = held.pop()
+    writer.write(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert (await ResponseReader(reader).next()).status == 200
+    writer.close()
+    deadline = time.monotonic() + 5
+    while True:  # until the exit server has seen the close
+        with contextlib.suppress(ConnectionError):  # a refusal may race our request
+            answer = await request("127.0.0.1", server.port, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            if answer.status == 200:
+                break
+            assert answer.status == 429
+        assert time.monotonic() < deadline
+    status = await server_status(server, token)
+    assert status["connections_refused"]["per_address"] >= 1
+    assert status["connections_refused"]["max_connections"] == 0
+    for _, writer in held:
+        writer.close()
 
 
 async def test_concurrent_requests_beyond_the_per_client_cap_get_503(
@@ -298,7 +341,7 @@ async def test_a_path_allowlist_keeps_everything_else_off_the_client(
 async def test_abandoned_connections_leave_nothing_behind(
     start_server: Server, start_client: Client, upstream: Upstream, token: str
 ) -> None:
-    server = start_server()
+    server = start_server("--max-connections-per-address", "0")  # all 300 from 127.0.0.1
     start_client(server, upstream.url)
     fds_before = open_fds(server.process.pid)
     sockets = []

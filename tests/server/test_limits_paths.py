@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.limits import AuthLimiter
+from server.limits import AuthLimiter, ConnectionsPerAddress, address_key
 from server.paths import UnsafePath, normalize_path, path_allowed, valid_prefix
 
 
@@ -34,6 +34,66 @@ def test_the_table_of_addresses_is_bounded() -> None:
     for n in range(10_000):
         limiter.failed(f"10.0.{n // 256}.{n % 256}", 1.0)
     assert len(limiter) == 100
+
+
+def test_an_address_holds_at_most_its_limit_of_connections() -> None:
+    limit = ConnectionsPerAddress(2)
+    first, second = limit.admit("203.0.113.5"), limit.admit("203.0.113.5")
+    assert first == second == "203.0.113.5"
+    assert limit.admit("203.0.113.5") is None
+    assert limit.refused == 1
+    assert limit.admit("198.51.100.1") == "198.51.100.1"  # others are not affected
+    limit.release("203.0.113.5")
+    assert limit.admit("203.0.113.5") == "203.0.113.5"  # a closed one makes room
+
+
+def test_the_table_holds_only_addresses_with_a_connection_open() -> None:
+    limit = ConnectionsPerAddress(4)
+    keys = [limit.admit(f"10.0.{n // 256}.{n % 256}") for n in range(1000)]
+    assert len(limit) == 1000
+    for key in keys:
+        assert key is not None
+        limit.release(key)
+    assert len(limit) == 0
+
+
+def test_no_limit_counts_nothing() -> None:
+    limit = ConnectionsPerAddress(0)
+    assert all(limit.admit("203.0.113.5") == "" for _ in range(10_000))
+    limit.release("")
+    assert len(limit) == 0
+    assert limit.refused == 0
+
+
+@pytest.mark.parametrize(
+    ("address", "key"),
+    [
+        ("203.0.113.5", "203.0.113.5"),
+        ("2001:db8:1:2:aaaa::1", "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:bbbb::9", "2001:db8:1:2::/64"),  # the same host's /64
+        ("2001:db8:1:3::1", "2001:db8:1:3::/64"),
+        ("::ffff:203.0.113.5", "203.0.113.5"),  # IPv4 on a dual-stack socket
+        ("fe80::1%eth0", "fe80::/64"),
+        ("-", "-"),  # no peer address: counted as itself
+    ],
+)
+def test_visitors_are_counted_by_ipv4_address_or_ipv6_64(address: str, key: str) -> None:
+    assert address_key(address) == key
+
+
+def test_one_ipv6_host_cannot_take_more_by_changing_its_address() -> None:
+    limit = ConnectionsPerAddress(3)
+    admitted = [limit.admit(f"2001:db8::{n:x}") for n in range(1, 10)]
+    assert admitted.count(None) == 6
+
+
+def test_the_command_line_default_is_the_config_default() -> None:
+    from homeport.cli import main
+    from server.config import ServerConfig
+
+    server = main.commands["server"]  # type: ignore[attr-defined]
+    (option,) = (p for p in server.params if p.name == "max_connections_per_address")
+    assert option.default == ServerConfig.max_connections_per_address == 256
 
 
 @pytest.mark.parametrize(
