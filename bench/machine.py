@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import os
 import platform
+import socket
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from importlib import metadata
@@ -25,6 +28,16 @@ BENCH_PACKAGES: Final = ("matplotlib", "py-spy")
 VERSION_TIMEOUT_S: Final = 10.0
 IDLE_CHECK_S: Final = 1.0
 CLOCK_TICKS_PER_S: Final = os.sysconf("SC_CLK_TCK")
+#: Round trips timed by wake_up_round_trip_us, after as many again to warm up.
+WAKE_UP_ROUND_TRIPS: Final = 5_000
+WAKE_UP_TIMEOUT_S: Final = 10.0
+#: The other process of wake_up_round_trip_us: echoes each byte on the socket it is given.
+_ECHO: Final = (
+    "import socket, sys\n"
+    "s = socket.socket(fileno=int(sys.argv[1]))\n"
+    "while data := s.recv(1):\n"
+    "    s.sendall(data)\n"
+)
 
 
 def machine_info() -> dict[str, Any]:
@@ -37,7 +50,51 @@ def machine_info() -> dict[str, Any]:
         "kernel": platform.release(),
         "load_average_1m_5m_15m": list(os.getloadavg()),
         "cpu_busy_percent_before": cpu_busy_percent(IDLE_CHECK_S),
+        "wake_up_round_trip_us": wake_up_round_trip_us(),
     }
+
+
+def wake_up_round_trip_us(round_trips: int = WAKE_UP_ROUND_TRIPS) -> float | None:
+    """The median time a byte takes to another process and back on a socket pair, in µs.
+
+    Each way wakes the process that waits for it, as every hop of a request
+    through a tunnel does (six at c=1: wrk, exit server, client, nginx and
+    back). What a wake-up costs differs between VMs of the same size by
+    more than the code does, and moves every c=1 figure with it
+    (docs/performance.md, the run of 2026-11-28T04:09Z): recorded so that
+    runs on different machines can be told apart. None if it could not be
+    measured.
+    """
+    ours, theirs = socket.socketpair()
+    ours.settimeout(WAKE_UP_TIMEOUT_S)
+    try:
+        echo = subprocess.Popen(
+            [sys.executable, "-c", _ECHO, str(theirs.fileno())], pass_fds=[theirs.fileno()]
+        )
+    except OSError:
+        ours.close()
+        theirs.close()
+        return None
+    theirs.close()
+    times: list[int] = []
+    try:
+        for _ in range(2 * round_trips):
+            started = time.perf_counter_ns()
+            ours.sendall(b"x")
+            if ours.recv(1) != b"x":
+                return None
+            times.append(time.perf_counter_ns() - started)
+    except OSError:
+        return None
+    finally:
+        ours.close()  # the echo reads the end of the stream and exits
+        try:
+            echo.wait(WAKE_UP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            echo.kill()
+            echo.wait()
+    timed = sorted(times[round_trips:])
+    return timed[len(timed) // 2] / 1000
 
 
 @dataclass(frozen=True)

@@ -865,7 +865,8 @@ def _header(report: Report) -> list[str]:
         f"-t{plan.max_wrk_threads} at most; exit server access log off unless stated; "
         "ratios are to direct in this run",
         f"{machine['nproc']} x {machine['cpu_model']}; load average "
-        f"{' '.join(f'{x:.2f}' for x in machine['load_average_1m_5m_15m'])} at the start",
+        f"{' '.join(f'{x:.2f}' for x in machine['load_average_1m_5m_15m'])} at the start"
+        + _wake_up_text(machine.get("wake_up_round_trip_us")),
         f"{software['python']}; {packages}; nginx {software['nginx']} (1 worker); {ssh} "
         f"({software.get('ssh_cipher') or 'default cipher'})",
         f"homeport: exit server {software.get('exit_server_build', 'pure Python')}, "
@@ -878,6 +879,13 @@ def _header(report: Report) -> list[str]:
             f"PageKite {software.get('pagekite', '?')}, each with its own defaults"
         )
     return lines
+
+
+def _wake_up_text(round_trip_us: float | None) -> str:
+    """The header's note of what a wake-up costs here (older result files lack it)."""
+    if round_trip_us is None:
+        return ""
+    return f"; a round trip between two processes {round_trip_us:.1f} us (two wake-ups)"
 
 
 def _rounds_text(plan: Plan) -> str:
