@@ -35,6 +35,7 @@ from tunnel.tls import aes_in_hardware, ensure_self_signed
 
 Server = Callable[..., ExitServerProcess]
 Client = Callable[..., ClientProcess]
+Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
 
 def open_fds(pid: int) -> int:
@@ -195,30 +196,44 @@ async def test_an_idle_keep_alive_connection_is_closed(
     writer.close()
 
 
+async def fill_then_refused(port: int, count: int) -> tuple[list[Connection], bytes]:
+    """Open ``count`` connections, then one more: those held, and what the extra one got."""
+    held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(count)]
+    extra_reader, extra_writer = await asyncio.open_connection("127.0.0.1", port)
+    async with asyncio.timeout(5):
+        refused = await extra_reader.read()
+    extra_writer.close()
+    return held, refused
+
+
+async def served_again(port: int, refused_status: int) -> None:
+    """Ask on new connections until one is served: the exit server has seen a close."""
+    deadline = time.monotonic() + 5
+    while True:
+        with contextlib.suppress(ConnectionError):  # a refusal may race our request
+            answer = await request("127.0.0.1", port, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            if answer.status == 200:
+                return
+            assert answer.status == refused_status
+        assert time.monotonic() < deadline
+
+
 async def test_connections_beyond_the_cap_get_503_and_the_rest_keep_working(
     start_server: Server, start_client: Client, upstream: Upstream
 ) -> None:
     server = start_server("--max-connections", "10")
     start_client(server, upstream.url)
-    held = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(10)]
-    extra_reader, extra_writer = await asyncio.open_connection("127.0.0.1", server.port)
-    async with asyncio.timeout(5):
-        refused = await extra_reader.read()
+    held, refused = await fill_then_refused(server.port, 10)
     assert refused.startswith(b"HTTP/1.1 503 ")
     assert refused.endswith(
         b"503 service unavailable: the exit server has too many open connections\n"
     )
-    extra_writer.close()
     reader, writer = held[0]
     writer.write(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
     assert (await ResponseReader(reader).next()).status == 200
     for _, writer in held:
         writer.close()
-    deadline = time.monotonic() + 5
-    while (
-        await request("127.0.0.1", server.port, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
-    ).status != 200:
-        assert time.monotonic() < deadline
+    await served_again(server.port, 503)
 
 
 async def test_one_address_beyond_its_share_of_connections_gets_429_and_others_are_served(
@@ -226,14 +241,10 @@ async def test_one_address_beyond_its_share_of_connections_gets_429_and_others_a
 ) -> None:
     server = start_server("--max-connections-per-address", "3")
     start_client(server, upstream.url)
-    held = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(3)]
-    extra_reader, extra_writer = await asyncio.open_connection("127.0.0.1", server.port)
-    async with asyncio.timeout(5):
-        refused = await extra_reader.read()
+    held, refused = await fill_then_refused(server.port, 3)
     assert refused.startswith(b"HTTP/1.1 429 Too Many Requests\r\n")
     assert b"\r\nRetry-After: 5\r\n" in refused
     assert refused.endswith(b"429 too many open connections from your address\n")
-    extra_writer.close()
     # Another address (all of 127/8 is loopback) is not held back by the first.
     reader, writer = await asyncio.open_connection(
         "127.0.0.1", server.port, local_addr=("127.0.0.2", 0)
@@ -246,14 +257,7 @@ async def test_one_address_beyond_its_share_of_connections_gets_429_and_others_a
     writer.write(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
     assert (await ResponseReader(reader).next()).status == 200
     writer.close()
-    deadline = time.monotonic() + 5
-    while True:  # until the exit server has seen the close
-        with contextlib.suppress(ConnectionError):  # a refusal may race our request
-            answer = await request("127.0.0.1", server.port, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
-            if answer.status == 200:
-                break
-            assert answer.status == 429
-        assert time.monotonic() < deadline
+    await served_again(server.port, 429)
     status = await server_status(server, token)
     assert status["connections_refused"]["per_address"] >= 1
     assert status["connections_refused"]["max_connections"] == 0
