@@ -105,14 +105,12 @@ class ConnectionsPerAddress:
     def admit(self, address: str) -> str | None:
         """Count one more connection from ``address``; return its key, or None if refused.
 
-        With no limit nothing is counted and the key is an empty string:
-        :meth:`release` is then a no-op.
+        With no limit every connection is admitted, and still counted (for
+        ``GET /status``).
         """
-        if not self.limit:
-            return ""
         key = address_key(address)
         count = self._open.get(key, 0)
-        if count >= self.limit:
+        if self.limit and count >= self.limit:
             self.refused += 1
             return None
         self._open[key] = count + 1
@@ -120,8 +118,6 @@ class ConnectionsPerAddress:
 
     def release(self, key: str) -> None:
         """One connection admitted under ``key`` has closed."""
-        if not key:
-            return
         count = self._open.pop(key, 0) - 1
         if count > 0:
             self._open[key] = count

@@ -369,6 +369,7 @@ async def test_abandoned_connections_leave_nothing_behind(
         fds = open_fds(server.process.pid)
         return (
             status["visitor_connections"] == 0
+            and status["visitor_addresses"] == 0  # every connection's count given back
             and status["requests_in_flight"] == 0
             and client["streams"] == client["idle_streams"]
             and fds <= fds_before + 2

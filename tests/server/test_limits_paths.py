@@ -57,12 +57,14 @@ def test_the_table_holds_only_addresses_with_a_connection_open() -> None:
     assert len(limit) == 0
 
 
-def test_no_limit_counts_nothing() -> None:
+def test_no_limit_refuses_nothing_and_still_counts() -> None:
     limit = ConnectionsPerAddress(0)
-    assert all(limit.admit("203.0.113.5") == "" for _ in range(10_000))
-    limit.release("")
-    assert len(limit) == 0
+    assert all(limit.admit("203.0.113.5") == "203.0.113.5" for _ in range(10_000))
     assert limit.refused == 0
+    assert len(limit) == 1  # the addresses holding connections, for /status
+    for _ in range(10_000):
+        limit.release("203.0.113.5")
+    assert len(limit) == 0
 
 
 @pytest.mark.parametrize(
