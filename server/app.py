@@ -81,6 +81,11 @@ class ExitServer:
                 "max_connections": self.public.refused_at_capacity,
                 "per_address": self.public.per_address.refused,
             },
+            "control_handshakes": len(self.control.handshakes),
+            "control_connections_refused": {
+                "max_handshakes": self.control.handshakes_refused_at_capacity,
+                "per_address": self.control.handshake_addresses.refused,
+            },
             "visitor_write_buffer_bytes": self.public.write_buffer_bytes(),
             "requests_in_flight": self.public.in_flight,
             "auth_failures": self.control.auth_failures,

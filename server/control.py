@@ -6,23 +6,35 @@ refused, an address with too many failures gets 429, a missing or wrong
 bearer token gets 401, and a client speaking another protocol version gets
 426 with a message saying which. Only then is the connection upgraded and
 the HELLO exchanged.
+
+Before any of that, a connection is admitted: at most
+:data:`MAX_HANDSHAKES` connections may be in their handshake (TLS, then
+HTTP) at once, :data:`MAX_HANDSHAKES_PER_ADDRESS` of them from one address,
+and each has :data:`HANDSHAKE_TIMEOUT_S` from its accept for both. A
+connection beyond a limit is closed as it is accepted, before TLS has cost
+anything. So the port accepts its own connections (``sock_accept``) and
+hands each admitted one to the loop with ``connect_accepted_socket``:
+``create_server`` would start TLS before we could see who is calling.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import re
 import secrets
+import socket
+import ssl
 from collections.abc import Callable
 from typing import Any, Final
 
 from websockets.http11 import Request, Response
 
 from server.config import ServerConfig
-from server.limits import AuthLimiter
-from server.listen import serve
+from server.limits import AuthLimiter, ConnectionsPerAddress
+from server.listen import bind
 from server.paths import MAX_ALLOWED_PATHS, valid_prefix
 from server.registry import ConnectedClient, Registry, Route, normalize_host, valid_client_name
 from tunnel.auth import TokenVerifier, bearer_token
@@ -42,6 +54,20 @@ MAX_ROUTES: Final = 64
 #: connections one client may keep (``homeport client --connections``)
 MAX_CONNECTIONS: Final = 8
 _INSTANCE: Final = re.compile(r"[0-9a-f]{8,64}")
+#: Control connections in their handshake at once, in all and from one
+#: address (an IPv6 /64). Each holds a socket, and over TLS some 50 KiB,
+#: until its deadline: unbounded, one host opening connections and sending
+#: nothing filled the exit server's memory (5,000 took 280 MiB) and would
+#: take every file descriptor (docs/security.md). A Pi keeps at most
+#: MAX_CONNECTIONS, so a whole household reconnecting at once fits.
+MAX_HANDSHAKES: Final = 256
+MAX_HANDSHAKES_PER_ADDRESS: Final = 16
+#: accept() failing for want of descriptors or memory is retried after this
+ACCEPT_RETRY_S: Final = 1.0
+#: accept() errors that concern one connection only (accept(2)): the next one is accepted
+_ONE_CONNECTION: Final = frozenset(
+    {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR, errno.EAGAIN}
+)
 
 
 class ControlServer:
@@ -61,7 +87,15 @@ class ControlServer:
         self.sessions: set[Session] = set()
         self.auth_failures = 0
         self.limiter = AuthLimiter(max_failures=config.max_auth_failures)
-        self._servers: list[asyncio.Server] = []
+        #: connections in their handshake, each with its address's key
+        self.handshakes: dict[ServerConnection, str] = {}
+        self.handshake_addresses = ConnectionsPerAddress(MAX_HANDSHAKES_PER_ADDRESS)
+        #: connections closed as accepted because MAX_HANDSHAKES were under way
+        self.handshakes_refused_at_capacity = 0
+        self._tls: ssl.SSLContext | None = None
+        self._listeners: list[socket.socket] = []
+        self._acceptors: list[asyncio.Task[None]] = []
+        self._connecting: set[asyncio.Task[None]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def listen(self) -> list[tuple[str, int]]:
@@ -72,22 +106,112 @@ class ControlServer:
             OSError: the port cannot be bound.
         """
         config = self.config
-        tls = None
         if config.tls_cert is not None and config.tls_key is not None:
-            tls = server_context(config.tls_cert, config.tls_key)
-        self._servers, addresses = await serve(
-            lambda: ServerConnection(self._decide, self._opened),
-            config.bind,
-            config.control_port,
-            ssl=tls,
-            ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S if tls else None,
-            backlog=config.backlog,
-        )
-        return addresses
+            self._tls = server_context(config.tls_cert, config.tls_key)
+        listeners = bind(config.bind, config.control_port)
+        try:
+            for listener in listeners:
+                listener.setblocking(False)
+                listener.listen(config.backlog)
+        except BaseException:
+            for listener in listeners:
+                listener.close()
+            raise
+        loop = asyncio.get_running_loop()
+        self._listeners = listeners
+        self._acceptors = [
+            loop.create_task(self._accept(listener), name="control-accept")
+            for listener in listeners
+        ]
+        return [listener.getsockname()[:2] for listener in listeners]
 
     def stop_accepting(self) -> None:
-        for server in self._servers:
-            server.close()
+        """Close the port, and every connection not yet upgraded: no new session starts."""
+        for task in (*self._acceptors, *self._connecting):
+            task.cancel()
+        for listener in self._listeners:
+            listener.close()
+        self._acceptors, self._listeners = [], []
+        for connection in list(self.handshakes):
+            connection.abort()
+
+    # -- admission -----------------------------------------------------------------------
+
+    async def _accept(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, peer = await loop.sock_accept(listener)
+            except OSError as exc:
+                if exc.errno in _ONE_CONNECTION:
+                    continue
+                # Out of descriptors or memory (EMFILE, ENOBUFS …): retrying at
+                # once would spin, and the connections that hold them may close.
+                logger.warning(
+                    "cannot accept a connection on the control port: %s; retrying in %.0f s",
+                    exc.strerror or exc,
+                    ACCEPT_RETRY_S,
+                )
+                await asyncio.sleep(ACCEPT_RETRY_S)
+                continue
+            try:
+                self._admit(sock, str(peer[0]) if isinstance(peer, tuple) else "-")
+            except OSError as exc:  # the caller reset the connection already
+                logger.debug("dropped a control connection as it was accepted: %s", exc)
+                sock.close()
+
+    def _admit(self, sock: socket.socket, host: str) -> None:
+        """Hand an accepted connection to its handshake, or close it if over a limit.
+
+        Raises:
+            OSError: the socket is unusable already (the caller reset it).
+        """
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as on every socket of ours
+        if len(self.handshakes) >= MAX_HANDSHAKES:
+            self.handshakes_refused_at_capacity += 1
+            sock.close()
+            return
+        key = self.handshake_addresses.admit(host)
+        if key is None:
+            sock.close()
+            return
+        loop = asyncio.get_running_loop()
+        connection = ServerConnection(
+            self._decide,
+            self._opened,
+            deadline=loop.time() + HANDSHAKE_TIMEOUT_S,
+            lost=self._handshake_over,
+        )
+        self.handshakes[connection] = key
+        task = loop.create_task(self._connect(sock, connection), name="control-handshake")
+        self._connecting.add(task)
+        task.add_done_callback(self._connecting.discard)
+
+    async def _connect(self, sock: socket.socket, connection: ServerConnection) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.connect_accepted_socket(
+                lambda: connection,
+                sock,
+                ssl=self._tls,
+                ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S if self._tls else None,
+            )
+        except (OSError, ssl.SSLError, TimeoutError) as exc:
+            # TLS failed or timed out: a port scanner, or a caller that gave up.
+            # Logged at debug only, or every probe of the port would log a line.
+            logger.debug("TLS handshake on the control port failed: %s", exc)
+            sock.close()
+            self._handshake_over(connection)
+        except BaseException:
+            sock.close()
+            self._handshake_over(connection)
+            raise
+
+    def _handshake_over(self, connection: ServerConnection) -> None:
+        """``connection`` was upgraded, or closed: it no longer counts against the limits."""
+        key = self.handshakes.pop(connection, None)
+        if key is not None:
+            self.handshake_addresses.release(key)
 
     async def close_sessions(self, code: ErrorCode, reason: str) -> None:
         """Close every session with ``code`` and wait for them to end."""
@@ -149,6 +273,7 @@ class ControlServer:
         return None
 
     def _opened(self, connection: ServerConnection, request: Request) -> None:
+        self._handshake_over(connection)
         task = asyncio.get_running_loop().create_task(
             self._serve(connection), name=f"session-{connection.remote_address}"
         )

@@ -571,7 +571,10 @@ class ServerConnection(WebSocketConnection):
     ``decide(connection, request)`` returns a response to refuse the upgrade
     (or to answer a plain request such as ``/healthz``), or None to accept.
     ``opened(connection, request)`` is called once the connection is a
-    websocket.
+    websocket, and ``lost(connection)``, when given, once it has closed.
+    The HTTP handshake must be done by ``deadline`` (the loop's time: the
+    exit server counts from the accept, so TLS and HTTP share it), or
+    within :data:`HANDSHAKE_TIMEOUT_S` of the connection when None.
     """
 
     protocol: ServerProtocol
@@ -580,19 +583,33 @@ class ServerConnection(WebSocketConnection):
         self,
         decide: Callable[[ServerConnection, Request], Response | None],
         opened: Callable[[ServerConnection, Request], None],
+        *,
+        deadline: float | None = None,
+        lost: Callable[[ServerConnection], None] | None = None,
     ) -> None:
         from websockets.server import ServerProtocol  # the client never loads it
 
         super().__init__()
         self._decide = decide
         self._opened = opened
+        self._deadline = deadline
+        self._lost = lost
         self.protocol = ServerProtocol(
             subprotocols=[Subprotocol(SUBPROTOCOL)], max_size=MAX_MESSAGE_BYTES
         )
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        self._arm(HANDSHAKE_TIMEOUT_S, self.abort)
+        if self._deadline is None:
+            self._arm(HANDSHAKE_TIMEOUT_S, self.abort)
+        else:
+            self._arm(max(0.0, self._deadline - self._loop.time()), self.abort)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if self._lost is not None:
+            lost, self._lost = self._lost, None
+            lost(self)
 
     def _handshake_event(self, event: Any) -> None:
         if not isinstance(event, Request):

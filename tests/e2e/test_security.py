@@ -25,6 +25,7 @@ from websockets.client import ClientProtocol
 from websockets.protocol import OPEN
 from websockets.uri import parse_uri
 
+from server.control import MAX_HANDSHAKES_PER_ADDRESS
 from tests.e2e.conftest import ClientProcess, ExitServerProcess, Upstream
 from tests.e2e.test_edge_corpus import BAD_HEADS, deliver
 from tests.e2e.test_tunnel import fetch, lines_matching, server_status
@@ -765,6 +766,39 @@ async def test_a_real_certificate_can_be_given_with_tls_cert_and_tls_key(
 
 
 # -- the control channel: handshake and session limits ------------------------------------------------
+
+
+async def test_a_flood_of_silent_control_connections_holds_only_its_share(
+    start_server: Server, start_client: Client, upstream: Upstream, token: str
+) -> None:
+    """Connections that never finish their handshake hold at most a few slots of one address.
+
+    Unbounded, 5,000 of them took the exit server from 28 to 289 MiB over
+    TLS, each holding a socket and its TLS state until its deadline
+    (server/control.py; tests/server/test_control_admission.py covers TLS).
+    """
+    server = start_server()
+
+    async def status_until(condition: Callable[[dict], bool]) -> dict:
+        deadline = time.monotonic() + 10
+        while not condition(current := await server_status(server, token)):
+            assert time.monotonic() < deadline, current
+        return current
+
+    flood = [
+        await asyncio.open_connection("127.0.0.1", server.control_port, local_addr=("127.0.0.3", 0))
+        for _ in range(MAX_HANDSHAKES_PER_ADDRESS + 40)
+    ]
+    seen = await status_until(lambda s: s["control_connections_refused"]["per_address"] == 40)
+    # The flood's share, and the request asking for the status, in its own handshake.
+    assert seen["control_handshakes"] == MAX_HANDSHAKES_PER_ADDRESS + 1
+    # A client from elsewhere connects and is served all the while.
+    start_client(server, upstream.url)
+    response = await request("127.0.0.1", server.port, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert response.status == 200
+    for _, writer in flood:
+        writer.close()
+    await status_until(lambda s: s["control_handshakes"] == 1)
 
 
 @pytest.mark.timeout(60)
