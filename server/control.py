@@ -57,7 +57,7 @@ _INSTANCE: Final = re.compile(r"[0-9a-f]{8,64}")
 #: Control connections in their handshake at once, in all and from one
 #: address (an IPv6 /64). Each holds a socket, and over TLS some 50 KiB,
 #: until its deadline: unbounded, one host opening connections and sending
-#: nothing filled the exit server's memory (5,000 took 280 MiB) and would
+#: nothing filled the exit server's memory (5,000 took 289 MiB) and would
 #: take every file descriptor (docs/security.md). A Pi keeps at most
 #: MAX_CONNECTIONS, so a whole household reconnecting at once fits.
 MAX_HANDSHAKES: Final = 256
@@ -196,16 +196,15 @@ class ControlServer:
                 ssl=self._tls,
                 ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S if self._tls else None,
             )
-        except (OSError, ssl.SSLError, TimeoutError) as exc:
-            # TLS failed or timed out: a port scanner, or a caller that gave up.
-            # Logged at debug only, or every probe of the port would log a line.
+        except BaseException as exc:
+            sock.close()
+            self._handshake_over(connection)
+            if not isinstance(exc, OSError):  # cancelled: the port is closing
+                raise
+            # TLS failed or timed out (ssl.SSLError and TimeoutError are OSErrors):
+            # a port scanner, or a caller that gave up. At debug only, or every
+            # probe of the port would log a line.
             logger.debug("TLS handshake on the control port failed: %s", exc)
-            sock.close()
-            self._handshake_over(connection)
-        except BaseException:
-            sock.close()
-            self._handshake_over(connection)
-            raise
 
     def _handshake_over(self, connection: ServerConnection) -> None:
         """``connection`` was upgraded, or closed: it no longer counts against the limits."""
