@@ -498,6 +498,16 @@ def token(output: Path | None) -> None:
     help="Pass visitors' WebSocket upgrades through to upstreams.",
 )
 @click.option(
+    "--websocket-idle-timeout",
+    type=click.FloatRange(min=0),
+    default=300.0,
+    show_default=True,
+    show_envvar=True,
+    envvar="HOMEPORT_WEBSOCKET_IDLE_TIMEOUT",
+    help="Seconds a passed-through WebSocket may carry nothing either way "
+    "before it is closed; 0 for no limit.",
+)
+@click.option(
     "--heartbeat-interval",
     type=click.FloatRange(min=0.1),
     default=10.0,
@@ -543,6 +553,7 @@ def server(
     max_streams_per_client: int,
     max_body: str | None,
     websocket: bool,
+    websocket_idle_timeout: float,
     heartbeat_interval: float,
     heartbeat_timeout: float,
     log_level: str,
@@ -601,6 +612,7 @@ def server(
             max_streams_per_client=max_streams_per_client,
             max_body_bytes=parse_size(max_body) if max_body else None,
             websocket_passthrough=websocket,
+            websocket_idle_timeout_s=websocket_idle_timeout or None,
             heartbeat_interval_s=heartbeat_interval,
             heartbeat_timeout_s=heartbeat_timeout,
             tls_cert=tls_cert,

@@ -41,6 +41,9 @@ class ServerConfig:
     #: largest request body accepted (413 above it); None for no limit
     max_body_bytes: int | None = None
     websocket_passthrough: bool = True
+    #: an upgraded (WebSocket) connection that carries nothing either way
+    #: this long is closed; None for no limit
+    websocket_idle_timeout_s: float | None = 300.0
     heartbeat_interval_s: float = 10.0
     heartbeat_timeout_s: float = 20.0
     backlog: int = 1024

@@ -106,6 +106,7 @@ class _Timer(enum.Enum):
     HEAD = 1  #: the request head must complete
     BODY = 2  #: the request body must keep coming
     KEEPALIVE = 3  #: an idle connection waits for its next request
+    TUNNEL_IDLE = 4  #: an upgraded (WebSocket) connection must carry something
 
 
 _PAUSE_PIPELINE: Final = 1
@@ -353,6 +354,7 @@ class VisitorConnection(asyncio.Protocol):
                 self.abort()
             return
         if self._tunnel is not None:
+            self.tunnel_traffic()
             stream = self._tunnel.stream
             if stream is not None:
                 stream.write(data)
@@ -651,11 +653,24 @@ class VisitorConnection(asyncio.Protocol):
         self._exchange = None
         self._tunnel = exchange
         self._disarm()
+        idle_s = self.config.websocket_idle_timeout_s
+        if idle_s is not None:
+            self._arm(_Timer.TUNNEL_IDLE, idle_s)
         early = self._early_upgrade_bytes or b""
         self._early_upgrade_bytes = None
         self._resume(_PAUSE_UPGRADE | _PAUSE_PIPELINE | _PAUSE_STREAM)
         if early and exchange.stream is not None:
             exchange.stream.write(bytes(early))
+
+    def tunnel_traffic(self) -> None:
+        """Bytes crossed the upgraded connection, either way: its idle deadline starts again.
+
+        Only the deadline moves; the timer set when the tunnel opened finds
+        it later when it fires and waits on (as every timer here does).
+        """
+        idle_s = self.config.websocket_idle_timeout_s
+        if idle_s is not None:
+            self._deadline = self._loop.time() + idle_s
 
     def _reject(self, status: int) -> None:
         """A request we refuse before it reaches any upstream: answer and close."""
@@ -749,6 +764,15 @@ class VisitorConnection(asyncio.Protocol):
                     exchange.status = 408  # logged so as it ends
             if exchange is not None:
                 exchange.abort()
+            self.close()
+        elif kind is _Timer.TUNNEL_IDLE:
+            logger.info(
+                "a WebSocket of a visitor from %s carried nothing for %g s; closed",
+                self.visitor_ip,
+                self.config.websocket_idle_timeout_s,
+            )
+            if self._tunnel is not None:
+                self._tunnel.abort()  # resets its stream, then closes this connection
             self.close()
         else:
             self.close()
@@ -1021,6 +1045,7 @@ class Exchange(StreamHandler):
         if self.done:
             return
         if self.connection._tunnel is self:
+            self.connection.tunnel_traffic()
             self.connection.write(data)
             self.bytes_out += len(data)
             return

@@ -167,6 +167,46 @@ async def test_a_websocket_close_from_the_visitor_reaches_the_upstream(
     await upstream.process.wait_for_async(r"websocket closed with 4002", since=mark)
 
 
+async def test_a_websocket_idle_for_the_idle_timeout_is_closed_and_busy_ones_are_not(
+    start_server: Callable[..., ExitServerProcess],
+    start_client: Callable[..., ClientProcess],
+    upstream: Upstream,
+) -> None:
+    server = start_server("--websocket-idle-timeout", "2")
+    start_client(server, upstream.url)
+    url = f"ws://127.0.0.1:{server.port}/ws"
+    mark = upstream.process.mark()
+    async with (
+        ws_connect(url, compression=None, ping_interval=None) as idle,
+        ws_connect(url, compression=None, ping_interval=None) as talking,
+        ws_connect(url, compression=None, ping_interval=None) as listening,
+    ):
+        await idle.send("one message, then nothing")
+        assert await idle.recv() == "one message, then nothing"
+        quiet_since = time.monotonic()
+        closed = asyncio.ensure_future(idle.wait_closed())
+        closed_after: list[float] = []
+        closed.add_done_callback(lambda _: closed_after.append(time.monotonic() - quiet_since))
+        # For two idle timeouts, bytes cross the other two one way only: the
+        # visitor talks to an upstream that does not answer, and an upstream
+        # talks to a visitor that says nothing.
+        await talking.send("mute")
+        await listening.send("ticks:16:0.25")
+        for n in range(16):
+            await talking.send(f"talk {n}")
+            assert await asyncio.wait_for(listening.recv(), timeout=5) == f"tick {n}"
+        await asyncio.wait_for(closed, timeout=10)
+        assert closed_after[0] >= 1.9  # not before its two seconds of silence
+        assert idle.close_code == 1006  # the TCP connection closed under it
+        # Its upstream connection was dropped too, while the others go on.
+        await upstream.process.wait_for_async(r"websocket closed with", since=mark)
+        for ws in (talking, listening):
+            await ws.send("unmute")
+            await ws.send("still here")
+            assert await asyncio.wait_for(ws.recv(), timeout=5) == "still here"
+    await server.process.wait_for_async(r"carried nothing for 2 s; closed")
+
+
 async def test_websocket_pass_through_can_be_turned_off(
     start_server: Callable[..., ExitServerProcess],
     start_client: Callable[..., ClientProcess],

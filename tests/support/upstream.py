@@ -177,14 +177,25 @@ def make_app(name: str, files: Path) -> web.Application:
     async def websocket(request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse(protocols=("chat", "superchat"), max_msg_size=8 * 1024 * 1024)
         await ws.prepare(request)
+        muted = False  # "mute": take messages without answering, until "unmute"
         async for message in ws:
             if message.type == WSMsgType.TEXT:
                 if message.data.startswith("close:"):
                     _, code, reason = message.data.split(":", 2)
                     await ws.close(code=int(code), message=reason.encode())
                     break
-                await ws.send_str(message.data)
-            elif message.type == WSMsgType.BINARY:
+                if message.data.startswith("ticks:"):  # "ticks:COUNT:SECONDS" apart
+                    _, count, seconds = message.data.split(":")
+                    for n in range(int(count)):
+                        await asyncio.sleep(float(seconds))
+                        await ws.send_str(f"tick {n}")
+                    continue
+                if message.data in ("mute", "unmute"):
+                    muted = message.data == "mute"
+                    continue
+                if not muted:
+                    await ws.send_str(message.data)
+            elif message.type == WSMsgType.BINARY and not muted:
                 await ws.send_bytes(message.data)
         say(f"upstream {name}: websocket closed with {ws.close_code}")
         return ws
