@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import signal
 import time
-from typing import Any
+from typing import Any, Final
 
 from server.config import ServerConfig
-from server.control import CONNECT_PATH, ControlServer
+from server.control import CONNECT_PATH, MAX_HANDSHAKES, ControlServer
 from server.proxy import PublicServer
 from server.registry import Registry
 from tunnel.auth import TokenVerifier
@@ -18,6 +19,13 @@ from tunnel.systemd import Notifier
 from tunnel.version import SOFTWARE
 
 logger = logging.getLogger("homeport.server")
+
+#: How often connections refused by a limit are summed up in the log: one
+#: line then, not one per connection, which a flood would turn into a flood
+#: of the log.
+REFUSALS_LOG_INTERVAL_S: Final = 60.0
+#: Addresses a summary names, those refused most first.
+REFUSALS_LOG_ADDRESSES: Final = 3
 
 
 def format_address(address: tuple[str, int]) -> str:
@@ -40,6 +48,9 @@ class ExitServer:
         self._stop = asyncio.Event()
         #: systemd's readiness and watchdog (deploy/civo-exit-node: Type=notify)
         self.notifier = Notifier()
+        self._refusals_timer: asyncio.TimerHandle | None = None
+        #: the refusal counters as the last summary saw them
+        self._refusals_seen = self._refusal_counts()
 
     def status(self) -> dict[str, Any]:
         """What ``GET /status`` on the control port reports (with the token)."""
@@ -110,7 +121,61 @@ class ExitServer:
         )
         if config.tls_fingerprint is not None:
             self._announce_fingerprint(config.tls_fingerprint)
+        self._refusals_timer = asyncio.get_running_loop().call_later(
+            REFUSALS_LOG_INTERVAL_S, self._log_refusals
+        )
         self.notifier.ready()
+
+    def _refusal_counts(self) -> tuple[int, int, int, int]:
+        """Connections refused so far: visitors at capacity and per address, then callers so."""
+        return (
+            self.public.refused_at_capacity,
+            self.public.per_address.refused,
+            self.control.handshakes_refused_at_capacity,
+            self.control.handshake_addresses.refused,
+        )
+
+    def _log_refusals(self) -> None:
+        """Sum up, in one line, the connections refused since the last summary (if any).
+
+        Each refusal is counted (``GET /status``) but not logged as it
+        happens; this says how many, under which limit, and from where.
+        """
+        self._refusals_timer = asyncio.get_running_loop().call_later(
+            REFUSALS_LOG_INTERVAL_S, self._log_refusals
+        )
+        counts = self._refusal_counts()
+        visitors_full, visitors_over, callers_full, callers_over = (
+            now - then for now, then in zip(counts, self._refusals_seen, strict=True)
+        )
+        self._refusals_seen = counts
+        visitors_from = self.public.per_address.take_refused()
+        callers_from = self.control.handshake_addresses.take_refused()
+        parts = []
+        if visitors_full:
+            parts.append(
+                f"{_connections(visitors_full, 'visitor')} at --max-connections "
+                f"({self.config.max_connections:,} open)"
+            )
+        if visitors_over:
+            parts.append(
+                f"{_connections(visitors_over, 'visitor')} from addresses at "
+                f"--max-connections-per-address ({_most_refused(visitors_from)})"
+            )
+        if callers_full:
+            parts.append(
+                f"{_connections(callers_full, 'control')} beyond the {MAX_HANDSHAKES:,} "
+                f"that may be in their handshake at once"
+            )
+        if callers_over:
+            parts.append(
+                f"{_connections(callers_over, 'control')} from addresses at their "
+                f"handshake limit ({_most_refused(callers_from)})"
+            )
+        if parts:
+            logger.warning(
+                "refused in the last %g s: %s", REFUSALS_LOG_INTERVAL_S, "; ".join(parts)
+            )
 
     def _announce_fingerprint(self, fingerprint: str) -> None:
         """Print what a client needs to pin this server, with the command to run."""
@@ -160,6 +225,8 @@ class ExitServer:
             "" if len(self.registry) == 1 else "s",
         )
         self.notifier.stopping()
+        if self._refusals_timer is not None:
+            self._refusals_timer.cancel()
         self.public.begin_shutdown()
         self.control.stop_accepting()
         for client in self.registry.clients():
@@ -179,3 +246,16 @@ class ExitServer:
         await self.control.close_sessions(ErrorCode.GOING_AWAY, "exit server shutting down")
         self.notifier.close()
         logger.info("exit server stopped")
+
+
+def _connections(count: int, kind: str) -> str:
+    return f"{count:,} {kind} connection{'' if count == 1 else 's'}"
+
+
+def _most_refused(refused: collections.Counter[str]) -> str:
+    """The addresses refused most, with their counts: ``203.0.113.7: 950, …, and 4 more``."""
+    named = ", ".join(
+        f"{key}: {count:,}" for key, count in refused.most_common(REFUSALS_LOG_ADDRESSES)
+    )
+    more = len(refused) - REFUSALS_LOG_ADDRESSES
+    return f"{named}, and {more:,} more" if more > 0 else named

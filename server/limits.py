@@ -71,6 +71,9 @@ class AuthLimiter:
 MAX_CONNECTIONS_PER_ADDRESS: Final = 256
 #: An IPv6 visitor is counted by its /64: one host is given a whole /64.
 IPV6_PREFIX: Final = 64
+#: Addresses whose refusals are counted apart between two summaries in the
+#: log; refusals from any more are in the total only.
+MAX_REFUSED_ADDRESSES: Final = 1024
 
 
 def address_key(address: str) -> str:
@@ -98,6 +101,8 @@ class ConnectionsPerAddress:
         self._open: dict[str, int] = {}
         #: connections refused because their address held ``limit`` already
         self.refused = 0
+        #: the same, by address, since :meth:`take_refused` (bounded)
+        self._refused_from: collections.Counter[str] = collections.Counter()
 
     def __len__(self) -> int:
         return len(self._open)
@@ -112,9 +117,17 @@ class ConnectionsPerAddress:
         count = self._open.get(key, 0)
         if self.limit and count >= self.limit:
             self.refused += 1
+            refused_from = self._refused_from
+            if key in refused_from or len(refused_from) < MAX_REFUSED_ADDRESSES:
+                refused_from[key] += 1
             return None
         self._open[key] = count + 1
         return key
+
+    def take_refused(self) -> collections.Counter[str]:
+        """Refusals by address since the last call (the first MAX_REFUSED_ADDRESSES addresses)."""
+        taken, self._refused_from = self._refused_from, collections.Counter()
+        return taken
 
     def release(self, key: str) -> None:
         """One connection admitted under ``key`` has closed."""
