@@ -293,7 +293,11 @@ def test_a_large_download_over_a_bad_uplink_arrives_bit_exact(
     clean = download(topology, tmp_path / "clean.bin")
 
     with topology.bed.impaired_uplink(delay_ms=100, jitter_ms=20, loss_percent=1) as how:
-        small = topology.visit("/style.css")
+        # The first request after the switch shares the session's one TCP
+        # connection with whatever recovery the switch set off: once in some
+        # forty runs (a machine busy with other tests) its answer took over
+        # 10 s. Here it only shows that the uplink is impaired.
+        small = topology.visit("/style.css", max_time=30)
         bad = download(topology, tmp_path / "bad.bin")
 
     assert small.status == 200
