@@ -49,8 +49,6 @@ class ExitServer:
         #: systemd's readiness and watchdog (deploy/civo-exit-node: Type=notify)
         self.notifier = Notifier()
         self._refusals_timer: asyncio.TimerHandle | None = None
-        #: the refusal counters as the last summary saw them
-        self._refusals_seen = self._refusal_counts()
 
     def status(self) -> dict[str, Any]:
         """What ``GET /status`` on the control port reports (with the token)."""
@@ -89,17 +87,18 @@ class ExitServer:
             "visitor_connections": len(self.public.connections),
             "visitor_addresses": len(self.public.per_address),
             "connections_refused": {
-                "max_connections": self.public.refused_at_capacity,
+                "max_connections": self.public.refused_at_capacity.total,
                 "per_address": self.public.per_address.refused,
             },
             "control_handshakes": len(self.control.handshakes),
             "control_connections_refused": {
-                "max_handshakes": self.control.handshakes_refused_at_capacity,
+                "max_handshakes": self.control.handshakes_refused_at_capacity.total,
                 "per_address": self.control.handshake_addresses.refused,
             },
             "visitor_write_buffer_bytes": self.public.write_buffer_bytes(),
             "requests_in_flight": self.public.in_flight,
             "auth_failures": self.control.auth_failures,
+            "auth_rate_limited": self.control.rate_limited.total,
         }
 
     async def start(self) -> None:
@@ -126,15 +125,6 @@ class ExitServer:
         )
         self.notifier.ready()
 
-    def _refusal_counts(self) -> tuple[int, int, int, int]:
-        """Connections refused so far: visitors at capacity and per address, then callers so."""
-        return (
-            self.public.refused_at_capacity,
-            self.public.per_address.refused,
-            self.control.handshakes_refused_at_capacity,
-            self.control.handshake_addresses.refused,
-        )
-
     def _log_refusals(self) -> None:
         """Sum up, in one line, the connections refused since the last summary (if any).
 
@@ -144,33 +134,38 @@ class ExitServer:
         self._refusals_timer = asyncio.get_running_loop().call_later(
             REFUSALS_LOG_INTERVAL_S, self._log_refusals
         )
-        counts = self._refusal_counts()
-        visitors_full, visitors_over, callers_full, callers_over = (
-            now - then for now, then in zip(counts, self._refusals_seen, strict=True)
-        )
-        self._refusals_seen = counts
-        visitors_from = self.public.per_address.take_refused()
-        callers_from = self.control.handshake_addresses.take_refused()
+        public, control = self.public, self.control
         parts = []
+        visitors_full, _ = public.refused_at_capacity.take()
         if visitors_full:
             parts.append(
                 f"{_connections(visitors_full, 'visitor')} at --max-connections "
                 f"({self.config.max_connections:,} open)"
             )
+        visitors_over, visitors_from = public.per_address.refusals.take()
         if visitors_over:
             parts.append(
                 f"{_connections(visitors_over, 'visitor')} from addresses at "
                 f"--max-connections-per-address ({_most_refused(visitors_from)})"
             )
+        callers_full, _ = control.handshakes_refused_at_capacity.take()
         if callers_full:
             parts.append(
                 f"{_connections(callers_full, 'control')} beyond the {MAX_HANDSHAKES:,} "
                 f"that may be in their handshake at once"
             )
+        callers_over, callers_from = control.handshake_addresses.refusals.take()
         if callers_over:
             parts.append(
                 f"{_connections(callers_over, 'control')} from addresses at their "
                 f"handshake limit ({_most_refused(callers_from)})"
+            )
+        limited, limited_from = control.rate_limited.take()
+        if limited:
+            parts.append(
+                f"{limited:,} login{'' if limited == 1 else 's'} from addresses at "
+                f"--max-auth-failures, "
+                f"answered 429 ({_most_refused(limited_from)})"
             )
         if parts:
             logger.warning(

@@ -33,7 +33,7 @@ from typing import Any, Final
 from websockets.http11 import Request, Response
 
 from server.config import ServerConfig
-from server.limits import AuthLimiter, ConnectionsPerAddress
+from server.limits import AuthLimiter, ConnectionsPerAddress, Refusals
 from server.listen import bind
 from server.paths import MAX_ALLOWED_PATHS, valid_prefix
 from server.registry import ConnectedClient, Registry, Route, normalize_host, valid_client_name
@@ -87,11 +87,13 @@ class ControlServer:
         self.sessions: set[Session] = set()
         self.auth_failures = 0
         self.limiter = AuthLimiter(max_failures=config.max_auth_failures)
+        #: requests answered 429: their address failed too often of late
+        self.rate_limited = Refusals()
         #: connections in their handshake, each with its address's key
         self.handshakes: dict[ServerConnection, str] = {}
         self.handshake_addresses = ConnectionsPerAddress(MAX_HANDSHAKES_PER_ADDRESS)
         #: connections closed as accepted because MAX_HANDSHAKES were under way
-        self.handshakes_refused_at_capacity = 0
+        self.handshakes_refused_at_capacity = Refusals()
         self._tls: ssl.SSLContext | None = None
         self._listeners: list[socket.socket] = []
         self._acceptors: list[asyncio.Task[None]] = []
@@ -168,7 +170,7 @@ class ControlServer:
         """
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as on every socket of ours
         if len(self.handshakes) >= MAX_HANDSHAKES:
-            self.handshakes_refused_at_capacity += 1
+            self.handshakes_refused_at_capacity.count(host)
             sock.close()
             return
         key = self.handshake_addresses.admit(host)
@@ -238,6 +240,7 @@ class ControlServer:
         source = connection.remote_address.rpartition(":")[0].strip("[]")
         now = asyncio.get_running_loop().time()
         if self.limiter.blocked(source, now):
+            self.rate_limited.count(source)
             return rejection(
                 429, "too many failed attempts; try again later", {"Retry-After": "60"}
             )

@@ -93,6 +93,38 @@ def address_key(address: str) -> str:
     return str(ipaddress.IPv6Network((ip, IPV6_PREFIX), strict=False))
 
 
+class Refusals:
+    """Refusals under one limit: a running total, and by address since :meth:`take`.
+
+    Addresses are told apart for the first MAX_REFUSED_ADDRESSES of them
+    between two takes; refusals from any more count in the total only.
+    """
+
+    __slots__ = ("_from", "_since", "total")
+
+    def __init__(self) -> None:
+        self.total = 0
+        self._since = 0
+        self._from: collections.Counter[str] = collections.Counter()
+
+    def count(self, address: str) -> None:
+        """One refusal, of a connection from ``address``."""
+        self.total += 1
+        self._since += 1
+        refused_from = self._from
+        if address in refused_from or len(refused_from) < MAX_REFUSED_ADDRESSES:
+            refused_from[address] += 1
+
+    def take(self) -> tuple[int, collections.Counter[str]]:
+        """The refusals since the last take, and those of the addresses told apart, by address.
+
+        For the log's summary (server/app.py).
+        """
+        taken = self._since, self._from
+        self._since, self._from = 0, collections.Counter()
+        return taken
+
+
 class ConnectionsPerAddress:
     """Counts the open visitor connections of each address against ``limit`` (0: no limit)."""
 
@@ -100,12 +132,15 @@ class ConnectionsPerAddress:
         self.limit = limit
         self._open: dict[str, int] = {}
         #: connections refused because their address held ``limit`` already
-        self.refused = 0
-        #: the same, by address, since :meth:`take_refused` (bounded)
-        self._refused_from: collections.Counter[str] = collections.Counter()
+        self.refusals = Refusals()
 
     def __len__(self) -> int:
         return len(self._open)
+
+    @property
+    def refused(self) -> int:
+        """Connections refused so far."""
+        return self.refusals.total
 
     def admit(self, address: str) -> str | None:
         """Count one more connection from ``address``; return its key, or None if refused.
@@ -116,18 +151,10 @@ class ConnectionsPerAddress:
         key = address_key(address)
         count = self._open.get(key, 0)
         if self.limit and count >= self.limit:
-            self.refused += 1
-            refused_from = self._refused_from
-            if key in refused_from or len(refused_from) < MAX_REFUSED_ADDRESSES:
-                refused_from[key] += 1
+            self.refusals.count(key)
             return None
         self._open[key] = count + 1
         return key
-
-    def take_refused(self) -> collections.Counter[str]:
-        """Refusals by address since the last call (the first MAX_REFUSED_ADDRESSES addresses)."""
-        taken, self._refused_from = self._refused_from, collections.Counter()
-        return taken
 
     def release(self, key: str) -> None:
         """One connection admitted under ``key`` has closed."""

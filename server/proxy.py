@@ -39,7 +39,7 @@ import httptools
 
 from server import headers as h
 from server.accesslog import AccessLog
-from server.limits import ConnectionsPerAddress
+from server.limits import ConnectionsPerAddress, Refusals
 from server.listen import serve
 from server.paths import path_allowed
 from server.registry import ConnectedClient, Registry, normalize_host
@@ -169,7 +169,7 @@ class PublicServer:
         self.connections: set[VisitorConnection] = set()
         self.per_address = ConnectionsPerAddress(config.max_connections_per_address)
         #: connections refused because --max-connections were open
-        self.refused_at_capacity = 0
+        self.refused_at_capacity = Refusals()
         self.in_flight = 0
         self.closing = False
         self._servers: list[asyncio.Server] = []
@@ -331,7 +331,7 @@ class VisitorConnection(asyncio.Protocol):
             transport.close()
             return
         if len(server.connections) >= self.config.max_connections:
-            server.refused_at_capacity += 1
+            server.refused_at_capacity.count(self.visitor_ip)
             transport.write(h.error_response(503, text=h.AT_CAPACITY_TEXT))
             transport.close()
             return

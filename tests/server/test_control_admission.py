@@ -104,7 +104,7 @@ async def test_all_addresses_together_hold_at_most_max_handshakes(tmp_path: Path
         await wait_until(lambda: len(server.handshakes) == MAX_HANDSHAKES)
         reader, writer = await dial(port, f"127.0.0.{addresses + 2}")
         assert await closed_by_peer(reader, REFUSED_WITHIN_S)
-        assert server.handshakes_refused_at_capacity == 1
+        assert server.handshakes_refused_at_capacity.total == 1
         for held in [*writers, writer]:
             held.close()
         await wait_until(lambda: not server.handshakes)
