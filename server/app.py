@@ -135,38 +135,24 @@ class ExitServer:
             REFUSALS_LOG_INTERVAL_S, self._log_refusals
         )
         public, control = self.public, self.control
+        limits = (
+            (public.refused_at_capacity, "visitor connection",
+             f"at --max-connections ({self.config.max_connections:,} open)", False),
+            (public.per_address.refusals, "visitor connection",
+             "from addresses at --max-connections-per-address", True),
+            (control.handshakes_refused_at_capacity, "control connection",
+             f"beyond the {MAX_HANDSHAKES:,} that may be in their handshake at once", False),
+            (control.handshake_addresses.refusals, "control connection",
+             "from addresses at their handshake limit", True),
+            (control.rate_limited, "login",
+             "from addresses at --max-auth-failures, answered 429", True),
+        )  # fmt: skip
         parts = []
-        visitors_full, _ = public.refused_at_capacity.take()
-        if visitors_full:
-            parts.append(
-                f"{_connections(visitors_full, 'visitor')} at --max-connections "
-                f"({self.config.max_connections:,} open)"
-            )
-        visitors_over, visitors_from = public.per_address.refusals.take()
-        if visitors_over:
-            parts.append(
-                f"{_connections(visitors_over, 'visitor')} from addresses at "
-                f"--max-connections-per-address ({_most_refused(visitors_from)})"
-            )
-        callers_full, _ = control.handshakes_refused_at_capacity.take()
-        if callers_full:
-            parts.append(
-                f"{_connections(callers_full, 'control')} beyond the {MAX_HANDSHAKES:,} "
-                f"that may be in their handshake at once"
-            )
-        callers_over, callers_from = control.handshake_addresses.refusals.take()
-        if callers_over:
-            parts.append(
-                f"{_connections(callers_over, 'control')} from addresses at their "
-                f"handshake limit ({_most_refused(callers_from)})"
-            )
-        limited, limited_from = control.rate_limited.take()
-        if limited:
-            parts.append(
-                f"{limited:,} login{'' if limited == 1 else 's'} from addresses at "
-                f"--max-auth-failures, "
-                f"answered 429 ({_most_refused(limited_from)})"
-            )
+        for refusals, what, limit, by_address in limits:
+            count, refused_from = refusals.take()
+            if count:
+                part = f"{count:,} {what}{'' if count == 1 else 's'} {limit}"
+                parts.append(f"{part} ({_most_refused(refused_from)})" if by_address else part)
         if parts:
             logger.warning(
                 "refused in the last %g s: %s", REFUSALS_LOG_INTERVAL_S, "; ".join(parts)
@@ -241,10 +227,6 @@ class ExitServer:
         await self.control.close_sessions(ErrorCode.GOING_AWAY, "exit server shutting down")
         self.notifier.close()
         logger.info("exit server stopped")
-
-
-def _connections(count: int, kind: str) -> str:
-    return f"{count:,} {kind} connection{'' if count == 1 else 's'}"
 
 
 def _most_refused(refused: collections.Counter[str]) -> str:
