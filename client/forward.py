@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 
 from client.upstreams import Upstream
 from tunnel.errors import ErrorCode, TunnelError
@@ -82,9 +81,6 @@ class Forwarder(StreamHandler):
         if self._closed:
             transport.abort()
             return
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.transport = transport
         self.stream.resume_reading()
 

@@ -456,6 +456,16 @@ def token(output: Path | None) -> None:
     help="Seconds an idle visitor connection is kept open.",
 )
 @click.option(
+    "--tcp-keepalive",
+    type=click.IntRange(min=0, max=32767),  # the kernel's TCP_KEEPIDLE at most
+    default=15,
+    show_default=True,
+    show_envvar=True,
+    envvar="HOMEPORT_TCP_KEEPALIVE",
+    help="Seconds a visitor connection may be silent before TCP keep-alive "
+    "probes it, and between probes; after 9 unanswered it is dropped. 0 for none.",
+)
+@click.option(
     "--max-connections",
     type=click.IntRange(min=1),
     default=1024,
@@ -548,6 +558,7 @@ def server(
     body_timeout: float,
     send_timeout: float,
     keepalive_timeout: float,
+    tcp_keepalive: int,
     max_connections: int,
     max_connections_per_address: int,
     max_streams_per_client: int,
@@ -606,6 +617,7 @@ def server(
             body_timeout_s=body_timeout,
             send_timeout_s=send_timeout,
             keepalive_timeout_s=keepalive_timeout,
+            tcp_keepalive_s=tcp_keepalive or None,
             drain_timeout_s=drain_timeout,
             max_connections=max_connections,
             max_connections_per_address=max_connections_per_address,

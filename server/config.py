@@ -32,6 +32,9 @@ class ServerConfig:
     keepalive_timeout_s: float = 30.0
     #: a visitor may leave our writes to it stalled this long, then it is dropped
     send_timeout_s: float = 60.0
+    #: a visitor connection silent this long is probed with TCP keep-alive, and
+    #: dropped after 9 unanswered probes this far apart (server/listen.py); None: off
+    tcp_keepalive_s: int | None = 15
     #: in-flight requests get this long to finish on SIGTERM
     drain_timeout_s: float = 25.0
     max_connections: int = 1024

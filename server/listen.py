@@ -8,6 +8,11 @@ life of the process. The exit server resolves its bind address once, at
 start, with the blocking call (a numeric address, or none for every
 interface, needs no DNS), binds the sockets as asyncio would, and hands them
 over: 0.2 MiB less resident memory, and no threads (docs/performance.md).
+
+Options set on a listening socket are given, on Linux, to every connection it
+accepts: TCP keep-alive is set here once (:func:`keep_alive`), not with a
+system call per visitor. TCP_NODELAY needs nothing of ours: uvloop (and
+asyncio) set it on every TCP transport.
 """
 
 from __future__ import annotations
@@ -15,15 +20,26 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
+
+#: unanswered keep-alive probes before the kernel drops a connection: Go's
+#: default since 1.23, so that of inlets, frp, Caddy and Traefik
+KEEPALIVE_PROBES: Final = 9
 
 
 async def serve(
-    factory: Callable[[], asyncio.BaseProtocol], host: str | None, port: int, **options: Any
+    factory: Callable[[], asyncio.BaseProtocol],
+    host: str | None,
+    port: int,
+    *,
+    keepalive_s: int | None = None,
+    **options: Any,
 ) -> tuple[list[asyncio.Server], list[tuple[str, int]]]:
     """Serve ``factory``'s protocol on every address ``host`` names; the servers and addresses.
 
-    ``options`` go to ``loop.create_server`` (``backlog``, ``ssl``, …).
+    With ``keepalive_s``, every accepted connection has TCP keep-alive
+    (:func:`keep_alive`). ``options`` go to ``loop.create_server``
+    (``backlog``, ``ssl``, …).
 
     Raises:
         OSError: as :func:`bind`.
@@ -31,6 +47,8 @@ async def serve(
     loop = asyncio.get_running_loop()
     servers, addresses = [], []
     for sock in bind(host, port):
+        if keepalive_s is not None:
+            keep_alive(sock, keepalive_s)
         addresses.append(sock.getsockname()[:2])
         servers.append(await loop.create_server(factory, sock=sock, **options))
     return servers, addresses
@@ -70,3 +88,23 @@ def bind(host: str | None, port: int) -> list[socket.socket]:
     if not bound:
         raise OSError(f"no address to listen on for {host!r}")
     return bound
+
+
+def keep_alive(sock: socket.socket, seconds: int) -> None:
+    """Probe a peer silent for ``seconds``, every ``seconds``; drop it after 9 unanswered.
+
+    A peer that vanished without a FIN or RST (a phone that lost its
+    network, a laptop closed) is then dropped ``10 * seconds`` after it last
+    answered, where otherwise a connection that is waiting on the far side
+    (a long poll, an event stream with nothing to say) would be held until
+    that far side spoke. ``TCP_USER_TIMEOUT`` is given the same total, so a
+    peer that stops acknowledging data sent to it is dropped as soon,
+    instead of after the ~15 minutes of retransmissions ``tcp_retries2``
+    allows; a peer that acknowledges, however slowly, is never cut by it.
+    """
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, seconds)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, seconds)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES)
+    total_ms = (1 + KEEPALIVE_PROBES) * seconds * 1000
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, total_ms)

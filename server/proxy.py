@@ -31,7 +31,6 @@ import asyncio
 import collections
 import enum
 import logging
-import socket
 import time
 from typing import TYPE_CHECKING, Final, cast
 
@@ -182,7 +181,11 @@ class PublicServer:
     async def listen(self, host: str | None, port: int) -> list[tuple[str, int]]:
         """Start listening; return the bound addresses."""
         servers, addresses = await serve(
-            lambda: VisitorConnection(self), host, port, backlog=self.config.backlog
+            lambda: VisitorConnection(self),
+            host,
+            port,
+            keepalive_s=self.config.tcp_keepalive_s,
+            backlog=self.config.backlog,
         )
         self._servers += servers
         if self._sweeper is None:
@@ -341,9 +344,6 @@ class VisitorConnection(asyncio.Protocol):
             transport.close()
             return
         self._address_key = key
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         server.connections.add(self)
         self._arm(_Timer.HEAD, self.config.head_timeout_s)
 

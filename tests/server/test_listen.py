@@ -1,14 +1,20 @@
-"""The exit server binds its listening sockets itself (server/listen.py)."""
+"""The exit server binds its listening sockets itself, with their options (server/listen.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
+import gc
 import os
 import socket
 
 import pytest
+import uvloop
 
-from server.listen import bind
+from client.forward import Forwarder
+from server.listen import KEEPALIVE_PROBES, bind, keep_alive
+from tests.support.waiting import wait_until
+from tests.support.world import running_world
 
 
 def open_fds() -> set[str]:
@@ -57,3 +63,64 @@ def test_a_port_in_use_raises_eaddrinuse_and_leaves_no_socket_open() -> None:
             bind("127.0.0.1", taken.getsockname()[1])
         assert raised.value.errno == errno.EADDRINUSE
         assert open_fds() == before
+
+
+def test_keep_alive_sets_probes_and_a_matching_user_timeout() -> None:
+    with socket.socket() as sock:
+        keep_alive(sock, 7)
+        assert options(sock) == {
+            "keepalive": 1, "idle": 7, "interval": 7, "probes": KEEPALIVE_PROBES,
+            "user_timeout_ms": 7_000 * (1 + KEEPALIVE_PROBES),
+        }  # fmt: skip
+
+
+def options(sock: socket.socket) -> dict[str, int]:
+    return {
+        "keepalive": sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+        "idle": sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+        "interval": sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+        "probes": sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
+        "user_timeout_ms": sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT),
+    }
+
+
+def nodelay(transport: asyncio.BaseTransport | None) -> int:
+    assert transport is not None
+    sock = transport.get_extra_info("socket")
+    return int(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+
+async def sockets_during_a_request(keepalive_s: int | None) -> tuple[dict[str, int], list[int]]:
+    """The visitor's socket options on the exit server, and TCP_NODELAY on the visitor's and
+    the client's upstream socket, while a request is under way."""
+    async with running_world(tcp_keepalive_s=keepalive_s) as world:
+        port = world.server.public_addresses[0][1]
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /slow HTTP/1.1\r\nHost: example.test\r\n\r\n")
+        await wait_until(lambda: world.server.public.in_flight == 1)
+        [visitor] = world.server.public.connections
+        forwarders = [obj for obj in gc.get_objects() if type(obj) is Forwarder]
+        await wait_until(lambda: all(f.transport is not None for f in forwarders))
+        assert visitor.transport is not None
+        assert len(forwarders) == 1
+        found = options(visitor.transport.get_extra_info("socket"))
+        nodelays = [nodelay(visitor.transport), nodelay(forwarders[0].transport)]
+        writer.close()
+        return found, nodelays
+
+
+LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_visitor_connections_get_keep_alive_from_the_listener(loop: str) -> None:
+    """Linux gives an accepted socket its listener's options: no system call per visitor."""
+    with asyncio.Runner(loop_factory=LOOPS[loop]) as runner:
+        found, nodelays = runner.run(sockets_during_a_request(keepalive_s=11))
+        assert found == {
+            "keepalive": 1, "idle": 11, "interval": 11, "probes": KEEPALIVE_PROBES,
+            "user_timeout_ms": 11_000 * (1 + KEEPALIVE_PROBES),
+        }  # fmt: skip
+        assert nodelays == [1, 1], "the event loop no longer sets TCP_NODELAY on its transports"
+        found, _ = runner.run(sockets_during_a_request(keepalive_s=None))
+        assert (found["keepalive"], found["user_timeout_ms"]) == (0, 0)

@@ -88,9 +88,12 @@ async def _late_body(_request: web.Request) -> web.StreamResponse:
 
 
 @contextlib.asynccontextmanager
-async def running_world(client_name: str = "honest", connections: int = 1) -> AsyncIterator[World]:
+async def running_world(
+    client_name: str = "honest", connections: int = 1, **server_settings: object
+) -> AsyncIterator[World]:
     """Serve ``GET /`` ("fine") through a tunnel; stop everything on the way out.
 
+    ``server_settings`` are fields of the exit server's :class:`ServerConfig`.
     Also ``/chunked`` ("one two three" in chunks), ``/empty`` (204),
     ``/late`` ("late", its body a moment after its head) and ``/slow`` (no
     answer for a minute).
@@ -113,6 +116,7 @@ async def running_world(client_name: str = "honest", connections: int = 1) -> As
                 port=0,
                 control_port=0,
                 max_auth_failures=10_000,
+                **server_settings,  # type: ignore[arg-type]
             )
         )
         await server.start()

@@ -306,6 +306,27 @@ class TestBed:
     def restore_pi_traffic(self) -> None:
         self.router.run("nft", "delete", "table", "inet", FAULT_TABLE, check=False)
 
+    def drop_visitor_traffic(self) -> None:
+        """Make the internet drop the visitor's packets, both ways, without a word.
+
+        As when a phone loses its network: no FIN, no RST, the exit server's
+        packets to it go nowhere.
+        """
+        self.internet.nft(
+            f"""
+            table inet {FAULT_TABLE} {{
+                chain forward {{
+                    type filter hook forward priority filter - 10; policy accept;
+                    ip saddr {VISITOR_IP} drop
+                    ip daddr {VISITOR_IP} drop
+                }}
+            }}
+            """
+        )
+
+    def restore_visitor_traffic(self) -> None:
+        self.internet.run("nft", "delete", "table", "inet", FAULT_TABLE, check=False)
+
     def client_port(self) -> int:
         """The Pi's local port of its established connection to the exit server's control port."""
         result = self.pi.run(

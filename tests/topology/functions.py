@@ -10,6 +10,8 @@ It answers as an OpenFaaS gateway does, for the paths a tunnel must carry:
   ``X-Call-Id`` and runs the function afterwards;
 - ``GET /system/functions`` lists the functions, behind basic auth
   (``admin:secret``, faasd's ``basic-auth-user``/``-password``);
+- ``GET /function/ticks?ms=N`` is an event stream: ``data: tick`` every
+  0.5 s for N milliseconds;
 - ``GET /ws`` is a WebSocket echo, for the browser page of the bed's site.
 
 Every invocation prints ``invoked NAME id=ID`` (the ``id`` query parameter,
@@ -32,6 +34,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import WSMsgType, web
 
+TICK_MS = 500
 BASIC_AUTH_USER = "admin"
 BASIC_AUTH_PASSWORD = "secret"  # the test bed's faasd password
 _EXPECTED_AUTH = (
@@ -121,7 +124,18 @@ def make_app() -> web.Application:
     async def health(request: web.Request) -> web.Response:
         return web.Response(text="OK")
 
+    async def ticks(request: web.Request) -> web.StreamResponse:
+        say(f"invoked ticks id={request.query.get('id', '-')}")
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for _ in range(int(request.query.get("ms", "0")) // TICK_MS):
+            await response.write(b"data: tick\n\n")
+            await asyncio.sleep(TICK_MS / 1000)
+        await response.write_eof()
+        return response
+
     app = web.Application(client_max_size=64 * 1024 * 1024)
+    app.router.add_get("/function/ticks", ticks)
     app.router.add_route("*", "/function/{name}", invoke)
     app.router.add_post("/async-function/{name}", invoke_async)
     app.router.add_get("/system/functions", list_functions)

@@ -51,6 +51,9 @@ OUTAGE_S = 20.0
 #: an error answered at once: well under the heartbeat interval
 FAST_ANSWER_S = 1.0
 MAX_VISITS_DURING_A_DOWNLOAD = 200
+TCP_KEEPALIVE_S = 1
+#: the kernel gives up 10 x --tcp-keepalive after the visitor's last packet; plus slack
+VANISHED_DROPPED_WITHIN_S = 10 * TCP_KEEPALIVE_S + 8.0
 #: the bulk TCP sink's port on the exit node (the exit server uses 80 and 8123)
 BULK_PORT = 9000
 
@@ -218,6 +221,78 @@ def test_a_silently_cut_link_is_noticed_within_the_heartbeat_timeout(topology: T
         f"silent cut (heartbeat {HEARTBEAT_INTERVAL_S:.0f}/{HEARTBEAT_TIMEOUT_S:.0f} s): "
         f"server noticed after {noticed_s:.1f} s, client after {client_noticed_s:.1f} s; "
         f"client back {back_s:.1f} s after the link was restored"
+    )
+
+
+def wait_visitors(server: ExitServer, connections: int, in_flight: int, within: float) -> float:
+    """Wait until the server holds ``connections`` visitors and ``in_flight`` requests; when."""
+    deadline = time.monotonic() + within
+    while True:
+        status = server.status()
+        if (status["visitor_connections"], status["requests_in_flight"]) == (
+            connections,
+            in_flight,
+        ):
+            return time.monotonic()
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"not {connections} visitors and {in_flight} requests after {within} s: "
+                f"{json.dumps(status)}"
+            )
+        time.sleep(0.1)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    ("path", "logged"),
+    [
+        # nothing sent to the visitor: the kernel's keep-alive probes go unanswered
+        ("/function/record?ms=60000&id=vanish", r'"GET /function/record" .*status=499'),
+        # events sent and never acknowledged: TCP_USER_TIMEOUT (keep-alive does not
+        # probe while data is in flight; the kernel would retransmit for ~15 minutes)
+        ("/function/ticks?ms=60000&id=vanish", r'"GET /function/ticks" .*status=200'),
+    ],
+    ids=["long-poll", "event-stream"],
+)
+def test_a_visitor_that_vanishes_mid_request_is_dropped_by_tcp_keepalive(
+    topology: Topology, path: str, logged: str
+) -> None:
+    """A visitor that lost its network: nothing else would end its request for a minute."""
+    server = topology.start_server("--tcp-keepalive", str(TCP_KEEPALIVE_S))
+    topology.start_client(server)
+    assert topology.visit("/").status == 200
+    wait_visitors(server, connections=0, in_flight=0, within=10)
+    server_mark = server.process.mark()
+
+    sent_at = time.monotonic()
+    visitor = topology.processes.start(
+        "vanishing-visitor",
+        topology.bed.visitor.argv(
+            "curl", "-sS", "-N", "--max-time", "90", f"http://{PUBLIC_IP}{path}"
+        ),
+    )
+    try:
+        wait_visitors(server, connections=1, in_flight=1, within=10)
+        topology.bed.drop_visitor_traffic()
+        cut_at = time.monotonic()
+        try:
+            dropped_at = wait_visitors(
+                server, connections=0, in_flight=0, within=VANISHED_DROPPED_WITHIN_S
+            )
+        finally:
+            topology.bed.restore_visitor_traffic()
+    finally:
+        visitor.kill()
+
+    # The kernel gives up 10 x --tcp-keepalive after the visitor's last packet: its
+    # request (or its last acknowledgement), which came after sent_at and before cut_at.
+    assert dropped_at - sent_at >= 10 * TCP_KEEPALIVE_S - 0.5, dropped_at - sent_at
+    assert dropped_at - cut_at <= VANISHED_DROPPED_WITHIN_S
+    server.process.wait_for(logged, 5, server_mark)  # the access log names no query
+    wait_no_leaks(server)
+    record_figure(
+        f"vanished visitor, {path.split('?')[0]} (--tcp-keepalive {TCP_KEEPALIVE_S}): "
+        f"dropped {dropped_at - cut_at:.1f} s after its network went, its stream reset"
     )
 
 
