@@ -229,12 +229,15 @@ class TunnelClient:
                 "allow_paths": list(u.allow_paths),
             }
             for u in config.upstreams
+            if u.tcp_port is None
         ]
+        tcp_ports = [u.tcp_port for u in config.upstreams if u.tcp_port is not None]
         try:
             await session.send_hello(
                 {
                     "client_name": config.name,
                     "routes": routes,
+                    "tcp_ports": tcp_ports,
                     "instance": self.instance,
                     "connection": index,
                     "connections": config.connections,
@@ -255,6 +258,7 @@ class TunnelClient:
             await session.run()
             raise _NotTaken
         self.sessions_started += 1
+        self._check_tcp_ports(tcp_ports, hello.get("tcp_ports"), index)
         logger.info(
             "connected to %s as %s (session %s)%s%s; serving %s",
             self.url,
@@ -318,6 +322,19 @@ class TunnelClient:
                 "disconnected from the exit server: %s%s",
                 end.code.name,
                 f" ({end.reason})" if end.reason else "",
+            )
+
+    def _check_tcp_ports(self, asked: list[int], granted: object, index: int) -> None:
+        """Warn of our TCP ports the exit server does not carry (on the first connection)."""
+        if not asked or index != 0:
+            return
+        carried = set(granted) if isinstance(granted, list) else set()
+        missing = [str(port) for port in asked if port not in carried]
+        if missing:
+            logger.warning(
+                "the exit server does not listen on TCP port %s (start it with --tcp-port); "
+                "those are not served",
+                ", ".join(missing),
             )
 
     def _accept(self, stream: Stream) -> StreamHandler:

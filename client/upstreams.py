@@ -2,9 +2,10 @@
 
 ``--upstream http://127.0.0.1:8080`` serves every host without a route of
 its own (the default route); ``--upstream fn.example.com=http://127.0.0.1:8080``
-serves that host only. The exit server only ever names a route; the client
-alone decides the address it dials, so a compromised server cannot make a Pi
-connect anywhere else on its LAN.
+serves that host only; ``--tcp 2222=127.0.0.1:22`` serves the exit server's
+raw TCP port 2222 (route ``tcp:2222``; server/tcp.py). The exit server only
+ever names a route; the client alone decides the address it dials, so a
+compromised server cannot make a Pi connect anywhere else on its LAN.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import urllib.parse
 from dataclasses import dataclass
 
 from tunnel.errors import ConfigError
+from tunnel.frames import TCP_ROUTE_PREFIX, tcp_route
 
 DEFAULT_ROUTE = ""
 _LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
@@ -26,7 +28,7 @@ _LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
 class Upstream:
     """One route and the upstream that serves it."""
 
-    route: str  #: host name the route serves; "" for the default route
+    route: str  #: host name the route serves; "" for the default route; ``tcp:PORT``
     url: str  #: as the user wrote it
     host: str  #: address to dial
     port: int
@@ -39,7 +41,16 @@ class Upstream:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
 
+    @property
+    def tcp_port(self) -> int | None:
+        """The exit server's public port this upstream serves, for a raw TCP one."""
+        if not self.route.startswith(TCP_ROUTE_PREFIX):
+            return None
+        return int(self.route.removeprefix(TCP_ROUTE_PREFIX))
+
     def describe(self) -> str:
+        if self.tcp_port is not None:
+            return f"TCP port {self.tcp_port} -> {self.authority}"
         paths = f" (only {', '.join(self.allow_paths)})" if self.allow_paths else ""
         return f"{self.route or 'default route'} -> {self.url}{paths}"
 
@@ -83,20 +94,46 @@ def parse_upstream(spec: str, *, rewrite_hosts: frozenset[str] = frozenset()) ->
     return Upstream(route, url.strip(), host, port or 80, rewrite_host=rewrite)
 
 
+def parse_tcp_upstream(spec: str) -> Upstream:
+    """Parse ``PUBLIC_PORT=ADDRESS:PORT`` (``--tcp``).
+
+    Raises:
+        ConfigError: the spec is malformed (the message says how to write it).
+    """
+    public, sep, target = spec.partition("=")
+    example = "for example --tcp 2222=127.0.0.1:22"
+    if not sep or not public.strip().isdigit() or not 0 < int(public) < 65536:
+        raise ConfigError(f"--tcp {spec!r} must be PUBLIC_PORT=ADDRESS:PORT, {example}")
+    try:
+        parsed = urllib.parse.urlsplit(f"tcp://{target.strip()}")
+        port = parsed.port
+    except ValueError:
+        raise ConfigError(f"--tcp {spec!r}: {target!r} is not ADDRESS:PORT, {example}") from None
+    if not parsed.hostname or port is None or port == 0 or parsed.path or parsed.username:
+        raise ConfigError(f"--tcp {spec!r}: {target!r} is not ADDRESS:PORT, {example}")
+    host = parsed.hostname
+    with contextlib.suppress(ValueError):  # a name, not an IP literal
+        host = str(ipaddress.ip_address(host))
+    return Upstream(tcp_route(int(public)), f"tcp://{target.strip()}", host, port)
+
+
 def parse_upstreams(
     specs: list[str] | tuple[str, ...],
     rewrite_hosts: frozenset[str] = frozenset(),
     allow_paths: tuple[str, ...] = (),
+    tcp: list[str] | tuple[str, ...] = (),
 ) -> tuple[Upstream, ...]:
-    """Parse every ``--upstream``, with the ``--rewrite-host`` and ``--allow-path`` that name them.
+    """Parse every ``--upstream``, with the ``--rewrite-host`` and ``--allow-path`` that name them,
+    and every ``--tcp``.
 
     Raises:
-        ConfigError: no upstream, a malformed one, a route given twice, or a
-            rewrite or allowlist for a route that does not exist.
+        ConfigError: no upstream, a malformed one, a route or port given twice,
+            or a rewrite or allowlist for a route that does not exist.
     """
-    if not specs:
+    if not specs and not tcp:
         raise ConfigError(
-            "give at least one --upstream, for example --upstream http://127.0.0.1:8080"
+            "give at least one --upstream, for example --upstream http://127.0.0.1:8080 "
+            "(or a --tcp port)"
         )
     allowed = _parse_allow_paths(allow_paths)
     upstreams = []
@@ -109,6 +146,12 @@ def parse_upstreams(
         prefixes = tuple(allowed.get(upstream.route or "default", ()))
         upstreams.append(dataclasses.replace(upstream, allow_paths=prefixes))
     names = {u.route or "default" for u in upstreams}
+    for spec in tcp:
+        upstream = parse_tcp_upstream(spec)
+        if upstream.route in seen:
+            raise ConfigError(f"--tcp port {upstream.tcp_port} is given twice")
+        seen.add(upstream.route)
+        upstreams.append(upstream)
     for option, named in (("--rewrite-host", set(rewrite_hosts)), ("--allow-path", set(allowed))):
         unknown = named - names
         if unknown:

@@ -102,6 +102,20 @@ def parse_size(text: str) -> int:
     return int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
 
 
+def check_tcp_ports(ports: tuple[int, ...], port: int, control_port: int) -> tuple[int, ...]:
+    """``--tcp-port``s, each once, none of them the HTTP or the control port.
+
+    Raises:
+        ConfigError: a port given twice, or one the exit server uses already.
+    """
+    for taken, option in ((port, "--port"), (control_port, "--control-port")):
+        if taken in ports:
+            raise ConfigError(f"--tcp-port {taken} is the {option} already")
+    if len(set(ports)) < len(ports):
+        raise ConfigError("a --tcp-port is given twice")
+    return ports
+
+
 def _load_config_file(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
     """``--config FILE``: TOML whose keys are the long option names."""
     if value is None:
@@ -336,6 +350,16 @@ def token(output: Path | None) -> None:
     envvar="HOMEPORT_CONTROL_PORT",
     help="Port clients connect to.",
 )
+@click.option(
+    "--tcp-port",
+    "tcp_ports",
+    type=click.IntRange(1, 65535),
+    multiple=True,
+    show_envvar=True,
+    envvar="HOMEPORT_TCP_PORT",
+    help="A raw TCP port to listen on, each connection carried to the client that "
+    "serves it (client --tcp); repeatable.",
+)
 @token_options
 @click.option(
     "--token-hash",
@@ -542,6 +566,7 @@ def server(
     bind: str | None,
     port: int,
     control_port: int,
+    tcp_ports: tuple[int, ...],
     token: str | None,
     token_file: Path | None,
     token_hash: str | None,
@@ -612,6 +637,7 @@ def server(
             bind=bind or None,
             port=port,
             control_port=control_port,
+            tcp_ports=check_tcp_ports(tcp_ports, port, control_port),
             response_timeout_s=response_timeout,
             head_timeout_s=head_timeout,
             body_timeout_s=body_timeout,
@@ -642,7 +668,8 @@ def server(
         try:
             await exit_server.start()
         except OSError as exc:
-            raise bind_failure(exc, f"port {port} or {control_port}") from None
+            ports = ", ".join(str(p) for p in (port, *tcp_ports))
+            raise bind_failure(exc, f"port {ports} or {control_port}") from None
         settle_memory()
         await exit_server.serve_until_signalled()
 
@@ -667,6 +694,16 @@ def server(
     metavar="[HOST=]URL",
     help="A LAN service to serve: http://127.0.0.1:8080 for every host, or "
     "fn.example.com=http://127.0.0.1:8080 for one. Repeatable.",
+)
+@click.option(
+    "--tcp",
+    "tcp_upstreams",
+    multiple=True,
+    show_envvar=True,
+    envvar="HOMEPORT_TCP",
+    metavar="PORT=ADDRESS:PORT",
+    help="Serve the exit server's raw TCP port PORT (its --tcp-port) from this LAN "
+    "address, e.g. 2222=127.0.0.1:22. Repeatable.",
 )
 @click.option(
     "--rewrite-host",
@@ -789,6 +826,7 @@ def client(
     token: str | None,
     token_file: Path | None,
     upstreams: tuple[str, ...],
+    tcp_upstreams: tuple[str, ...],
     rewrite_hosts: tuple[str, ...],
     allow_paths: tuple[str, ...],
     name: str | None,
@@ -835,6 +873,7 @@ def client(
                 upstreams,
                 frozenset(r.lower().removesuffix(".") for r in rewrite_hosts),
                 allow_paths,
+                tcp_upstreams,
             ),
             name=client_name,
             upstream_connect_timeout_s=upstream_connect_timeout,

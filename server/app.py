@@ -45,6 +45,8 @@ class ExitServer:
         )
         self.public_addresses: list[tuple[str, int]] = []
         self.control_addresses: list[tuple[str, int]] = []
+        #: where the raw TCP ports (--tcp-port) listen
+        self.tcp_addresses: list[tuple[str, int]] = []
         self._stop = asyncio.Event()
         #: systemd's readiness and watchdog (deploy/civo-exit-node: Type=notify)
         self.notifier = Notifier()
@@ -84,7 +86,8 @@ class ExitServer:
         return {
             "software": SOFTWARE,
             "clients": clients,
-            "visitor_connections": len(self.public.connections),
+            "visitor_connections": self.public.open_connections(),
+            "tcp_connections": len(self.public.tcp_connections),
             "visitor_addresses": len(self.public.per_address),
             "connections_refused": {
                 "max_connections": self.public.refused_at_capacity.total,
@@ -109,8 +112,16 @@ class ExitServer:
         """
         config = self.config
         self.public_addresses = await self.public.listen(config.bind, config.port)
+        self.tcp_addresses = []
+        for port in config.tcp_ports:
+            self.tcp_addresses += await self.public.listen_tcp(config.bind, port)
         self.control_addresses = await self.control.listen()
         scheme = "wss" if config.tls_cert is not None else "ws"
+        if self.tcp_addresses:
+            logger.info(
+                "raw TCP on %s, each connection carried to the client that serves its port",
+                ", ".join(f"tcp://{format_address(a)}" for a in self.tcp_addresses),
+            )
         logger.info(
             "exit server ready: visitors on %s, clients on %s",
             ", ".join(f"http://{format_address(a)}/" for a in self.public_addresses),

@@ -22,6 +22,8 @@ class ServerConfig:
     bind: str | None = None
     port: int = DEFAULT_PORT
     control_port: int = DEFAULT_CONTROL_PORT
+    #: raw TCP ports to listen on, each carried to a client that serves it (server/tcp.py)
+    tcp_ports: tuple[int, ...] = ()
     #: upstream answer deadline (longer than faasd's own 65 s)
     response_timeout_s: float = 70.0
     #: a visitor's request head must complete within this

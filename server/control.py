@@ -39,6 +39,7 @@ from server.paths import MAX_ALLOWED_PATHS, valid_prefix
 from server.registry import ConnectedClient, Registry, Route, normalize_host, valid_client_name
 from tunnel.auth import TokenVerifier, bearer_token
 from tunnel.errors import ErrorCode, ProtocolError, SessionClosed
+from tunnel.frames import TCP_ROUTE_PREFIX, tcp_route
 from tunnel.mux import Multiplexer, Role, Settings
 from tunnel.session import Session
 from tunnel.tls import server_context
@@ -299,6 +300,9 @@ class ControlServer:
         try:
             hello = await session.wait_hello()
             name, routes = _read_client_hello(hello)
+            tcp_ports = _read_tcp_ports(hello)
+            if not routes and not tcp_ports:
+                raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "no route and no TCP port to serve")
             instance, index, connections = _read_connection(hello)
         except (ProtocolError, SessionClosed) as exc:
             reason = exc.message if isinstance(exc, ProtocolError) else exc.reason
@@ -308,6 +312,17 @@ class ControlServer:
             return
         session_id = secrets.token_hex(8)
         session.name = name
+        offered = [port for port in tcp_ports if port in config.tcp_ports]
+        if len(offered) < len(tcp_ports):
+            missing = ", ".join(str(port) for port in tcp_ports if port not in offered)
+            logger.warning(
+                "client %s asks for TCP port %s, which this exit server does not listen on "
+                "(--tcp-port); not served",
+                name,
+                missing,
+            )
+        for port in offered:
+            routes[tcp_route(port)] = Route(tcp_route(port))
         client = ConnectedClient(
             name=name,
             session=session,
@@ -319,7 +334,7 @@ class ControlServer:
             connection=index,
             connections=connections,
         )
-        await session.send_hello(server_hello(session_id))
+        await session.send_hello(server_hello(session_id, offered))
         which = f"connection {index + 1} of {connections}" if connections > 1 else ""
         for replaced in self.registry.add(client):
             if replaced.session.is_closing:
@@ -367,8 +382,8 @@ def _read_client_hello(hello: dict[str, Any]) -> tuple[str, dict[str, Route]]:
         raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "client_name is missing or invalid")
     assert isinstance(name, str)
     entries = hello.get("routes")
-    if not isinstance(entries, list) or not 0 < len(entries) <= MAX_ROUTES:
-        raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"routes must list 1 to {MAX_ROUTES} routes")
+    if not isinstance(entries, list) or not len(entries) <= MAX_ROUTES:
+        raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"routes must list 0 to {MAX_ROUTES} routes")
     routes: dict[str, Route] = {}
     for entry in entries:
         if not isinstance(entry, dict):
@@ -394,14 +409,39 @@ def _read_client_hello(hello: dict[str, Any]) -> tuple[str, dict[str, Route]]:
     return name, routes
 
 
-def server_hello(session_id: str) -> dict[str, Any]:
+def _read_tcp_ports(hello: dict[str, Any]) -> list[int]:
+    """The raw TCP ports the client serves (none when it names none).
+
+    Raises:
+        ProtocolError: not a list of distinct port numbers, or too many.
+    """
+    ports = hello.get("tcp_ports", [])
+    if (
+        not isinstance(ports, list)
+        or len(ports) > MAX_ROUTES
+        or not all(type(port) is int and 0 < port < 65536 for port in ports)
+        or len(set(ports)) < len(ports)
+    ):
+        raise ProtocolError(
+            ErrorCode.PROTOCOL_ERROR, f"tcp_ports must list up to {MAX_ROUTES} distinct ports"
+        )
+    return ports
+
+
+def server_hello(session_id: str, tcp_ports: list[int] | None = None) -> dict[str, Any]:
     """What the exit server says in its HELLO, besides the multiplexer's settings.
 
     ``max_connections`` tells a client that several of its sessions may
     stand side by side; one that does not see it (from an older exit
     server, which would have each replace the other) keeps one.
+    ``tcp_ports`` are those of the client's that this server carries.
     """
-    return {"session_id": session_id, "max_connections": MAX_CONNECTIONS, "software": SOFTWARE}
+    return {
+        "session_id": session_id,
+        "max_connections": MAX_CONNECTIONS,
+        "tcp_ports": tcp_ports or [],
+        "software": SOFTWARE,
+    }
 
 
 def _read_connection(hello: dict[str, Any]) -> tuple[str, int, int]:
@@ -432,5 +472,7 @@ def _read_connection(hello: dict[str, Any]) -> tuple[str, int, int]:
 
 
 def _describe(route: Route) -> str:
+    if route.host.startswith(TCP_ROUTE_PREFIX):
+        return f"TCP port {route.host.removeprefix(TCP_ROUTE_PREFIX)}"
     name = route.host or "the default route"
     return f"{name} (paths {', '.join(route.allow_paths)})" if route.allow_paths else name

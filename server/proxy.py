@@ -42,6 +42,7 @@ from server.limits import ConnectionsPerAddress, Refusals
 from server.listen import serve
 from server.paths import path_allowed
 from server.registry import ConnectedClient, Registry, normalize_host
+from server.tcp import TcpVisitor
 from tunnel.errors import (
     HTTP_STATUS_FOR_CODE,
     SessionClosed,
@@ -166,6 +167,8 @@ class PublicServer:
         self.registry = registry
         self.access_log = AccessLog()
         self.connections: set[VisitorConnection] = set()
+        #: visitors of the raw TCP ports (server/tcp.py), under the same limits
+        self.tcp_connections: set[TcpVisitor] = set()
         self.per_address = ConnectionsPerAddress(config.max_connections_per_address)
         #: connections refused because --max-connections were open
         self.refused_at_capacity = Refusals()
@@ -191,6 +194,22 @@ class PublicServer:
         if self._sweeper is None:
             self._sweeper = asyncio.get_running_loop().call_later(SWEEP_INTERVAL_S, self._sweep)
         return addresses
+
+    async def listen_tcp(self, host: str | None, port: int) -> list[tuple[str, int]]:
+        """Start listening on a raw TCP port (server/tcp.py); return the bound addresses."""
+        servers, addresses = await serve(
+            lambda: TcpVisitor(self, port),
+            host,
+            port,
+            keepalive_s=self.config.tcp_keepalive_s,
+            backlog=self.config.backlog,
+        )
+        self._servers += servers
+        return addresses
+
+    def open_connections(self) -> int:
+        """Visitor connections open, HTTP and TCP."""
+        return len(self.connections) + len(self.tcp_connections)
 
     def exchange_started(self) -> None:
         self.in_flight += 1
@@ -227,13 +246,14 @@ class PublicServer:
             self._sweeper.cancel()
         for connection in list(self.connections):
             connection.shut_down()
+        # TCP visitors carry on until the drain time is up: nothing tells them to end.
 
     def write_buffer_bytes(self) -> int:
         """Bytes written to visitors and not yet taken by their sockets."""
+        transports = [c.transport for c in self.connections]
+        transports += [c.transport for c in self.tcp_connections]
         return sum(
-            c.transport.get_write_buffer_size()
-            for c in self.connections
-            if c.transport is not None and not c.transport.is_closing()
+            t.get_write_buffer_size() for t in transports if t is not None and not t.is_closing()
         )
 
     async def wait_drained(self) -> None:
@@ -250,6 +270,8 @@ class PublicServer:
                 exchange._fail(503, text=h.SHUTTING_DOWN_TEXT)  # then the connection closes
             else:
                 connection.abort()
+        for tcp in list(self.tcp_connections):
+            tcp.abort()
 
 
 class VisitorConnection(asyncio.Protocol):
@@ -333,7 +355,7 @@ class VisitorConnection(asyncio.Protocol):
             transport.write(h.error_response(503, text=h.SHUTTING_DOWN_TEXT))
             transport.close()
             return
-        if len(server.connections) >= self.config.max_connections:
+        if server.open_connections() >= self.config.max_connections:
             server.refused_at_capacity.count(self.visitor_ip)
             transport.write(h.error_response(503, text=h.AT_CAPACITY_TEXT))
             transport.close()

@@ -350,18 +350,22 @@ class Registry:
         under way; of those, the next in turn.
         """
         for key in (host, DEFAULT_ROUTE) if host else (DEFAULT_ROUTE,):
-            serving = self._by_host.get(key)
-            if not serving:
-                continue
-            if len(serving) == 1:
-                if not serving[0].session.is_closing:
-                    return serving[0], key
-                continue
-            live = [c for c in serving if not c.session.is_closing]
-            if not live:
-                continue
-            busy = [c.busy_streams() for c in live]
-            fewest = min(busy)
-            least_busy = [live[i] for i, n in enumerate(busy) if n == fewest]
-            return least_busy[next(self._turn) % len(least_busy)], key
+            client = self.lookup_route(key)
+            if client is not None:
+                return client, key
         return None
+
+    def lookup_route(self, route: str) -> ConnectedClient | None:
+        """The session for exactly ``route`` (a host, ``""`` or ``tcp:PORT``), as :meth:`lookup`."""
+        serving = self._by_host.get(route)
+        if not serving:
+            return None
+        if len(serving) == 1:
+            return None if serving[0].session.is_closing else serving[0]
+        live = [c for c in serving if not c.session.is_closing]
+        if not live:
+            return None
+        busy = [c.busy_streams() for c in live]
+        fewest = min(busy)
+        least_busy = [live[i] for i, n in enumerate(busy) if n == fewest]
+        return least_busy[next(self._turn) % len(least_busy)]

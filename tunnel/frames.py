@@ -37,6 +37,15 @@ MAX_WINDOW_BYTES = 2**31 - 1
 ABSOLUTE_MAX_PAYLOAD_BYTES = 16 * 1024 * 1024
 DEFAULT_MAX_PAYLOAD_BYTES = 256 * 1024  # matches the multiplexer's default frame size
 MAX_ROUTE_BYTES = 255
+#: An OPEN's route for a raw TCP port (protocol.md §4.2): ``tcp:`` and the public port.
+TCP_ROUTE_PREFIX: Final = "tcp:"
+
+
+def tcp_route(port: int) -> str:
+    """The route that names a client's raw TCP tunnel for public ``port``."""
+    return f"{TCP_ROUTE_PREFIX}{port}"
+
+
 MAX_REASON_BYTES = 256
 MAX_HELLO_BYTES = 16 * 1024
 PING_PAYLOAD_BYTES = 8

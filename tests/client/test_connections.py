@@ -35,8 +35,8 @@ async def test_against_an_exit_server_that_keeps_one_connection_the_client_keeps
     # each of the client's sessions replace the other.
     newer_hello = server.control.server_hello
 
-    def older_hello(session_id: str) -> dict[str, Any]:
-        hello = newer_hello(session_id)
+    def older_hello(session_id: str, tcp_ports: list[int] | None = None) -> dict[str, Any]:
+        hello = newer_hello(session_id, tcp_ports)
         del hello["max_connections"]
         return hello
 
