@@ -118,7 +118,8 @@ class TcpVisitor(asyncio.Protocol):
             return
         self._client_name = client.name
         try:
-            self.stream = client.session.open_stream(route, _Carrier(self))
+            # Never pooled, so always a new stream, under the client's stream limit.
+            self.stream, _, _ = client.acquire(route, _Carrier(self))
         except StreamClosed as exc:
             self._refuse(HTTP_STATUS_FOR_CODE.get(exc.code, 503))
             return

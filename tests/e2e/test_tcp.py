@@ -103,8 +103,10 @@ async def test_a_tcp_port_carries_bytes_both_ways_and_the_half_close(
     assert echo == payload  # 8 MiB each way, bit-exact
     # Our half-close reached the upstream, which still answered and then closed.
     assert last == summary(payload)
-    tcp_upstream.process.wait_for(rf"tcp connection ended after {len(payload)} bytes \(closed")
-    server.process.wait_for(
+    await tcp_upstream.process.wait_for_async(
+        rf"tcp connection ended after {len(payload)} bytes \(closed"
+    )
+    await server.process.wait_for_async(
         rf'pi "TCP :{port}" host=- status=200 in={len(payload)} '
         rf"out={len(GREETING) + len(payload) + len(last)} "
     )
@@ -148,7 +150,7 @@ async def test_a_tcp_port_no_client_serves_resets_its_visitors(
     port = free_port()
     server = start_server("--tcp-port", str(port))
     assert await wait_reset_or_closed(port) == b"reset"
-    server.process.wait_for(rf'- "TCP :{port}" host=- status=503 in=0 out=0 ')
+    await server.process.wait_for_async(rf'- "TCP :{port}" host=- status=503 in=0 out=0 ')
 
 
 async def test_an_upstream_that_refuses_resets_the_visitor(
@@ -159,8 +161,29 @@ async def test_an_upstream_that_refuses_resets_the_visitor(
     server = start_server("--tcp-port", str(port))
     client = start_client(server, flags=("--tcp", f"{port}=127.0.0.1:{closed}"))
     assert await wait_reset_or_closed(port) == b"reset"
-    client.process.wait_for(rf"cannot connect to upstream tcp://127\.0\.0\.1:{closed}")
-    server.process.wait_for(rf'pi "TCP :{port}" host=- status=502 in=0 out=0 ')
+    await client.process.wait_for_async(rf"cannot connect to upstream tcp://127\.0\.0\.1:{closed}")
+    await server.process.wait_for_async(rf'pi "TCP :{port}" host=- status=502 in=0 out=0 ')
+
+
+async def test_tcp_connections_count_against_the_clients_stream_limit(
+    start_server: Callable[..., ExitServerProcess],
+    start_client: Callable[..., ClientProcess],
+    tcp_upstream: TcpUpstream,
+) -> None:
+    port = free_port()
+    server = start_server("--tcp-port", str(port), "--max-streams-per-client", "1")
+    start_client(server, flags=("--tcp", f"{port}={tcp_upstream.address}"))
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        async with asyncio.timeout(TIMEOUT_S):
+            assert await reader.readexactly(len(GREETING)) == GREETING
+        assert await wait_reset_or_closed(port) == b"reset"  # the one stream is taken
+        await server.process.wait_for_async(rf'pi "TCP :{port}" host=- status=503 in=0 out=0 ')
+    finally:
+        writer.close()
+    await server.process.wait_for_async(rf'pi "TCP :{port}" host=- status=200 ')  # the first ended
+    greeting, _, last = await exchange(port, b"next")  # and its stream is free again
+    assert (greeting, last) == (GREETING, summary(b"next"))
 
 
 def test_a_visitor_that_resets_ends_the_upstream_connection(
@@ -188,10 +211,12 @@ async def test_a_port_the_exit_server_does_not_listen_on_is_reported_and_http_go
     server = start_server()
     port = free_port()
     client = start_client(server, upstream.url, flags=("--tcp", f"{port}=127.0.0.1:22"))
-    client.process.wait_for(
+    await client.process.wait_for_async(
         rf"the exit server does not listen on TCP port {port} \(start it with --tcp-port\)"
     )
-    server.process.wait_for(rf"client pi asks for TCP port {port}, which this exit server")
+    await server.process.wait_for_async(
+        rf"client pi asks for TCP port {port}, which this exit server"
+    )
     async with aiohttp.ClientSession() as http, http.get(f"{server.url}/") as response:
         assert response.status == 200
 
