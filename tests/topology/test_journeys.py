@@ -13,9 +13,11 @@ from tests.topology.bed import PI_IP, PUBLIC_IP, WAN_IP, Namespace
 from tests.topology.browser import Browser
 from tests.topology.conftest import ARTIFACTS, Topology
 from tests.topology.functions import BASIC_AUTH_PASSWORD, BASIC_AUTH_USER
-from tests.topology.services import FUNCTIONS_PORT, NGINX_PORT, curl
+from tests.topology.services import FUNCTIONS_PORT, LARGE_FILE, NGINX_PORT, curl
 
 SITE_PATHS = ("/", "/style.css", "/app.js", "/logo.png", "/badge.svg")
+#: the exit node's raw TCP port (it serves visitors on 80, clients on 8123)
+TCP_PORT = 2222
 
 
 def test_curl_on_the_visitor_gets_the_site_from_the_pi(topology: Topology) -> None:
@@ -144,3 +146,22 @@ def test_functions_are_invoked_through_the_tunnel_as_on_faasd(
     counts = {f["name"]: f["invocationCount"] for f in json.loads(listed.body)}
     assert counts["hello"] >= 2
     assert counts["sha256"] >= 1
+
+
+def test_a_raw_tcp_port_reaches_the_pi_through_the_nat(topology: Topology) -> None:
+    """``--tcp-port`` on the exit node, ``--tcp`` on the Pi: its nginx, spoken to over raw TCP.
+
+    The exit server parses nothing on that port: curl's request and nginx's
+    answer cross as bytes (the access log counts a connection, not a request).
+    """
+    server = topology.start_server("--tcp-port", str(TCP_PORT))
+    topology.start_client(server, "--tcp", f"{TCP_PORT}=127.0.0.1:{NGINX_PORT}")
+
+    page = curl(topology.bed.visitor, f"http://{PUBLIC_IP}:{TCP_PORT}/")
+    assert page.status == 200, page
+    assert b'<h1 id="title">Served from the Pi</h1>' in page.body
+    large = curl(topology.bed.visitor, f"http://{PUBLIC_IP}:{TCP_PORT}/{LARGE_FILE}")
+    assert large.status == 200, large
+    assert hashlib.sha256(large.body).hexdigest() == topology.pi.large_file_sha256
+    server.process.wait_for(rf'pi "TCP :{TCP_PORT}" host=- status=200 ')
+    assert topology.visit("/").status == 200  # HTTP on port 80 beside it, as before
