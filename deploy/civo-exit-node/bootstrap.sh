@@ -19,6 +19,7 @@ ROOT=${HOMEPORT_ROOT:-}
 PACKAGE='@@PACKAGE@@'
 PUBLIC_PORT='@@PUBLIC_PORT@@'
 CONTROL_PORT='@@CONTROL_PORT@@'
+TCP_PORTS='@@TCP_PORTS@@'
 TOKEN_HASH='@@TOKEN_HASH@@'
 
 VENV=/opt/homeport/venv
@@ -51,6 +52,16 @@ must_match "control port" "$CONTROL_PORT" '^[1-9][0-9]{0,4}$'
 must_match "token hash" "$TOKEN_HASH" '^[0-9a-f]{64}$'
 ((PUBLIC_PORT <= 65535 && CONTROL_PORT <= 65535 && PUBLIC_PORT != CONTROL_PORT)) ||
   die "the ports must be two different numbers from 1 to 65535"
+# The raw TCP ports: port numbers one space apart, each once, none the two above.
+must_match "TCP ports" "$TCP_PORTS" '^([1-9][0-9]{0,4}( [1-9][0-9]{0,4})*)?$'
+read -ra tcp_ports <<<"$TCP_PORTS"
+taken=" $PUBLIC_PORT $CONTROL_PORT "
+for port in "${tcp_ports[@]}"; do
+  if ((port > 65535)) || [[ $taken == *" $port "* ]]; then
+    die "TCP port $port is over 65535, given twice, or the public or control port"
+  fi
+  taken+="$port "
+done
 
 apt_get() {
   apt-get -o DPkg::Lock::Timeout=600 -q "$@"
@@ -67,6 +78,7 @@ chmod 0700 "$ROOT$CONF"
 put 0600 "$CONF/exit.env" <<EOF_ENV
 HOMEPORT_PORT=$PUBLIC_PORT
 HOMEPORT_CONTROL_PORT=$CONTROL_PORT
+HOMEPORT_TCP_PORT="$TCP_PORTS"
 EOF_ENV
 put 0600 "$CONF/token-hash" <<EOF_HASH
 $TOKEN_HASH

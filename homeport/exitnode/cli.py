@@ -124,7 +124,16 @@ def api_options(func: F) -> F:
 
 
 def port_options(func: F) -> F:
-    """The exit server's two ports."""
+    """The exit server's ports: public, control, and the raw TCP ones."""
+    func = click.option(
+        "--tcp-port",
+        "tcp_ports",
+        type=click.IntRange(1, 65535),
+        multiple=True,
+        metavar="PORT",
+        help="A raw TCP port the exit server carries to the Pi (install-client.sh "
+        "--tcp PORT=ADDRESS:PORT there), open to anyone. Repeatable. [default: none]",
+    )(func)
     func = click.option(
         "--control-port",
         type=click.IntRange(1, 65535),
@@ -258,6 +267,7 @@ def create(
     image: str,
     port: int,
     control_port: int,
+    tcp_ports: tuple[int, ...],
     allow_ssh_from: tuple[str, ...],
     ssh_key_id: str | None,
     package: str,
@@ -278,6 +288,7 @@ def create(
         package=package,
         timeout_s=timeout,
         poll_interval_s=poll_interval,
+        tcp_ports=tcp_ports,
     )
     store = _store(ctx)
     secrets = generate_secrets(name)
@@ -325,7 +336,7 @@ def _pi_instructions(record: NodeRecord, store: NodeStore, host: str) -> list[st
     copy = shlex.join(
         ["scp", str(folder / "token"), str(folder / INSTALL_CLIENT), f"{PI_ADDRESS}:"]
     )
-    return [
+    lines = [
         "On the Pi, install the client: copy the token and the installer there",
         f"  {copy}",
         "then run, on the Pi:",
@@ -333,6 +344,17 @@ def _pi_instructions(record: NodeRecord, store: NodeStore, host: str) -> list[st
         "(for a faasd gateway, add --allow-path default=/function/ "
         "--allow-path default=/async-function/ before the &&)",
     ]
+    if record.tcp_ports:
+        lines.append(
+            f"(to serve the raw TCP {_ports(record.tcp_ports)}, add --tcp PORT=ADDRESS:PORT "
+            f"for each before the &&, e.g. --tcp {record.tcp_ports[0]}=127.0.0.1:22)"
+        )
+    return lines
+
+
+def _ports(ports: tuple[int, ...]) -> str:
+    """``port 2222`` or ``ports 2222, 5432``."""
+    return ("port " if len(ports) == 1 else "ports ") + ", ".join(str(port) for port in ports)
 
 
 def ready_message(record: NodeRecord, store: NodeStore) -> str:
@@ -343,6 +365,7 @@ def ready_message(record: NodeRecord, store: NodeStore) -> str:
     lines = [
         f"exit node {record.name} is ready: visitors on {public}, "
         f"clients on wss://{host}:{record.control_port}",
+        *([f"raw TCP {_ports(record.tcp_ports)} on {host}"] if record.tcp_ports else []),
         f"control port certificate: {record.fingerprint}",
         f"token: {store.token_path(record.name)} (mode 0600; it is not printed)",
         "",
@@ -464,24 +487,33 @@ def userdata(
     output: Path,
     port: int,
     control_port: int,
+    tcp_ports: tuple[int, ...],
     package: str,
 ) -> None:
     """Write first-boot user data for a VM at any provider (cloud-init or a script).
 
     Makes the node's token and TLS certificate like `create` does; give the
-    file to your provider when you create the VM, open --port and
-    --control-port in its firewall, then delete the file.
+    file to your provider when you create the VM, open --port,
+    --control-port and every --tcp-port in its firewall, then delete the file.
     """
     store = _store(ctx)
     if store.exists(name):
         raise CommandFailed(f"an exit node named {name} is already recorded; pick another --name")
     secrets = generate_secrets(name)
     settings = NodeSettings(
-        package, port, control_port, secrets.token_hash, secrets.tls_cert_pem, secrets.tls_key_pem
+        package,
+        port,
+        control_port,
+        secrets.token_hash,
+        secrets.tls_cert_pem,
+        secrets.tls_key_pem,
+        tcp_ports,
     )
     try:
         text = cloud_config(settings) if form == "cloud-config" else bootstrap_script(settings)
-        record = NodeRecord(name, "manual", "-", port, control_port, secrets.fingerprint)
+        record = NodeRecord(
+            name, "manual", "-", port, control_port, secrets.fingerprint, tcp_ports=tcp_ports
+        )
         store.save_new(record, secrets.token, secrets.tls_cert_pem, template(INSTALL_CLIENT))
         write_secret_file(output, text.rstrip("\n"))
     except ExitNodeError as exc:

@@ -2,12 +2,13 @@
 
 Create, in order: refuse a name already taken; find the default network
 and the disk image; write the token and record locally; create a firewall
-that opens only the public port, the control port and (if asked) SSH from
-one network; create the instance with the bootstrap script; wait until it
-is ACTIVE with a public IP; wait until the exit server answers on the
-control port with the certificate made for it. Each thing created is
-recorded at once, and any failure after the first one says what exists and
-how to delete it, so nothing is left behind silently.
+that opens only the public port, the control port, the raw TCP ports (if
+any) and (if asked) SSH from one network; create the instance with the
+bootstrap script; wait until it is ACTIVE with a public IP; wait until the
+exit server answers on the control port with the certificate made for it.
+Each thing created is recorded at once, and any failure after the first
+one says what exists and how to delete it, so nothing is left behind
+silently.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from homeport.exitnode.render import (
     bootstrap_script,
     check_package,
     check_port,
+    check_tcp_ports,
     template,
 )
 from homeport.exitnode.store import NodeRecord, NodeStore, check_name
@@ -58,6 +60,7 @@ class CreateRequest:
     package: str
     timeout_s: float
     poll_interval_s: float
+    tcp_ports: tuple[int, ...] = ()
 
     def checked(self) -> CreateRequest:
         """Itself, once every field is known to be well formed.
@@ -72,6 +75,7 @@ class CreateRequest:
         check_port(self.control_port, "--control-port")
         if self.port == self.control_port:
             raise ExitNodeError("--port and --control-port must differ")
+        check_tcp_ports(self.tcp_ports, self.port, self.control_port)
         check_package(self.package)
         if self.timeout_s <= 0 or self.poll_interval_s <= 0:
             raise ExitNodeError("--timeout and --poll-interval must be positive")
@@ -98,15 +102,19 @@ def _rule(
 
 
 def firewall_rules(
-    port: int, control_port: int, allow_ssh_from: tuple[str, ...]
+    port: int, control_port: int, allow_ssh_from: tuple[str, ...], tcp_ports: tuple[int, ...] = ()
 ) -> list[dict[str, Json]]:
-    """In: the public port and the control port from anywhere, SSH only from the given networks.
+    """In: the public, control and raw TCP ports from anywhere, SSH only from the given networks.
 
     Out: all TCP and UDP (the VM installs packages, resolves names and keeps time).
     """
     rules = [
         _rule("ingress", "tcp", (port, port), [ANY_IPV4], "homeport public port"),
         _rule("ingress", "tcp", (control_port, control_port), [ANY_IPV4], "homeport control"),
+    ]
+    rules += [
+        _rule("ingress", "tcp", (tcp_port, tcp_port), [ANY_IPV4], f"homeport tcp {tcp_port}")
+        for tcp_port in tcp_ports
     ]
     if allow_ssh_from:
         rules.append(_rule("ingress", "tcp", (22, 22), list(allow_ssh_from), "ssh"))
@@ -179,6 +187,7 @@ class Creation:
             port=request.port,
             control_port=request.control_port,
             fingerprint=secrets.fingerprint,
+            tcp_ports=request.tcp_ports,
         )
 
     def _save(self) -> None:
@@ -202,6 +211,7 @@ class Creation:
                 token_hash=self.secrets.token_hash,
                 tls_cert_pem=self.secrets.tls_cert_pem,
                 tls_key_pem=self.secrets.tls_key_pem,
+                tcp_ports=self.request.tcp_ports,
             )
         )
         if self.store is not None:
@@ -239,13 +249,14 @@ class Creation:
                 )
 
     async def _create_firewall(self, network_id: str) -> None:
-        self.say(f"creating firewall {firewall_name(self.request.name)}")
-        self.record.firewall_name = firewall_name(self.request.name)
+        request = self.request
+        self.say(f"creating firewall {firewall_name(request.name)}")
+        self.record.firewall_name = firewall_name(request.name)
         rules = firewall_rules(
-            self.request.port, self.request.control_port, self.request.allow_ssh_from
+            request.port, request.control_port, request.allow_ssh_from, request.tcp_ports
         )
         self.record.firewall_id = await self.civo.create_firewall(
-            firewall_name(self.request.name), network_id, rules
+            firewall_name(request.name), network_id, rules
         )
         self._save()
 

@@ -4,10 +4,11 @@ Two forms say the same thing: ``bootstrap.sh`` (a shell script, what Civo's
 ``script`` field runs once at first boot) and ``cloud-config.yaml`` (for
 providers that take cloud-init); a test keeps them equal. Each value is
 checked against a strict pattern *before* it is put into a template, so
-nothing a user types can become shell or YAML: ports are numbers, the token
-hash is 64 hex digits, PEM blocks are base64 lines between their armour
-lines, and the package spec is a pinned name or an https URL of a fixed
-alphabet. The shell script checks the simple values again itself.
+nothing a user types can become shell or YAML: ports are numbers (the raw
+TCP ports a list of them, one space apart), the token hash is 64 hex
+digits, PEM blocks are base64 lines between their armour lines, and the
+package spec is a pinned name or an https URL of a fixed alphabet. The
+shell script checks the simple values again itself.
 
 Templates mark a value as ``@@NAME@@``. A marker alone on its line takes a
 multi-line value, each line indented as the marker was.
@@ -103,6 +104,25 @@ def check_port(port: int, what: str) -> int:
     return port
 
 
+def check_tcp_ports(tcp_ports: tuple[int, ...], port: int, control_port: int) -> tuple[int, ...]:
+    """The raw TCP ports (``--tcp-port``): each once, none the public or the control port.
+
+    The exit server refuses the same at its start; refused here, nothing is
+    created for a node that would never serve.
+
+    Raises:
+        ExitNodeError: one is not.
+    """
+    for tcp_port in tcp_ports:
+        check_port(tcp_port, "--tcp-port")
+        for taken, option in ((port, "--port"), (control_port, "--control-port")):
+            if tcp_port == taken:
+                raise ExitNodeError(f"--tcp-port {tcp_port} is the {option} already")
+        if tcp_ports.count(tcp_port) > 1:
+            raise ExitNodeError(f"--tcp-port {tcp_port} is given twice")
+    return tcp_ports
+
+
 def check_pem(text: str, what: str) -> str:
     """One PEM block (a certificate or a PKCS#8 key), nothing around it.
 
@@ -141,6 +161,7 @@ class NodeSettings:
     token_hash: str
     tls_cert_pem: str
     tls_key_pem: str
+    tcp_ports: tuple[int, ...] = ()  #: raw TCP ports, carried to the client that serves each
 
     def checked_values(self) -> dict[str, str]:
         """The template values, each checked against its strict pattern.
@@ -152,12 +173,14 @@ class NodeSettings:
         check_port(self.control_port, "the control port")
         if self.public_port == self.control_port:
             raise ExitNodeError("the public port and the control port must differ")
+        check_tcp_ports(self.tcp_ports, self.public_port, self.control_port)
         if _TOKEN_HASH.fullmatch(self.token_hash) is None:
             raise ExitNodeError("the token hash must be 64 lowercase hex digits")
         return {
             "PACKAGE": check_package(self.package),
             "PUBLIC_PORT": str(self.public_port),
             "CONTROL_PORT": str(self.control_port),
+            "TCP_PORTS": " ".join(str(tcp_port) for tcp_port in self.tcp_ports),
             "TOKEN_HASH": self.token_hash,
             "TLS_CERT": check_pem(self.tls_cert_pem, "TLS certificate"),
             "TLS_KEY": check_pem(self.tls_key_pem, "TLS key"),

@@ -67,6 +67,7 @@ class NodeRecord:
     firewall_id: str | None = None
     firewall_name: str | None = None
     public_ip: str | None = None
+    tcp_ports: tuple[int, ...] = ()  #: raw TCP ports; a record from before them has none
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> NodeRecord:
@@ -82,6 +83,11 @@ class NodeRecord:
             raise ExitNodeError(f"the node record is incomplete: {exc}") from None
         if not isinstance(record.name, str) or not isinstance(record.port, int):
             raise ExitNodeError("the node record is malformed")
+        if not isinstance(record.tcp_ports, list | tuple) or not all(
+            isinstance(port, int) for port in record.tcp_ports
+        ):
+            raise ExitNodeError("the node record's tcp_ports is not a list of ports")
+        record.tcp_ports = tuple(record.tcp_ports)  # JSON has lists
         return record
 
 

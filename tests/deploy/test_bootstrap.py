@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from homeport.cli import server
 from homeport.exitnode.errors import ExitNodeError
 from homeport.exitnode.material import NodeSecrets
 from homeport.exitnode.render import (
@@ -19,7 +20,7 @@ from homeport.exitnode.render import (
     render,
     template,
 )
-from tests.deploy.helpers import FakeBin, Written, require, run_script, snapshot
+from tests.deploy.helpers import FakeBin, Written, parse_env_file, require, run_script, snapshot
 
 APT = ["apt-get", "-o", "DPkg::Lock::Timeout=600", "-q"]
 PACKAGES = ["ca-certificates", "python3", "python3-venv", "gcc", "libc6-dev", "python3-dev"]
@@ -69,7 +70,9 @@ def test_bootstrap_writes_config_secrets_and_unit_with_tight_modes(
     root = boot(tmp_path, fakebin, bootstrap_script(node_settings(secrets, public_port=8080)))
 
     written = snapshot(root)
-    expected = expected_files(secrets, "HOMEPORT_PORT=8080\nHOMEPORT_CONTROL_PORT=8123\n")
+    expected = expected_files(
+        secrets, 'HOMEPORT_PORT=8080\nHOMEPORT_CONTROL_PORT=8123\nHOMEPORT_TCP_PORT=""\n'
+    )
     for path, (mode, content) in expected.items():
         assert written[path] == Written(mode, os.getuid(), os.getgid(), content), path
     files = {path for path, item in written.items() if item.content is not None}
@@ -85,6 +88,35 @@ def test_bootstrap_writes_config_secrets_and_unit_with_tight_modes(
         ["systemctl", "enable", UNIT],
         ["systemctl", "restart", UNIT],
     ]
+
+
+@pytest.mark.parametrize(
+    ("tcp_ports", "line"),
+    [
+        ((), 'HOMEPORT_TCP_PORT=""'),
+        ((2222,), 'HOMEPORT_TCP_PORT="2222"'),
+        ((2222, 5432, 443), 'HOMEPORT_TCP_PORT="2222 5432 443"'),
+    ],
+)
+def test_the_exit_server_reads_the_tcp_ports_bootstrap_writes(
+    tmp_path: Path,
+    fakebin: FakeBin,
+    secrets: NodeSecrets,
+    monkeypatch: pytest.MonkeyPatch,
+    tcp_ports: tuple[int, ...],
+    line: str,
+) -> None:
+    root = boot(tmp_path, fakebin, bootstrap_script(node_settings(secrets, tcp_ports=tcp_ports)))
+
+    exit_env = root / "etc/homeport/exit.env"
+    assert exit_env.read_text().splitlines()[2] == line
+    # The environment systemd gives the unit, read by the real `homeport server`
+    # options: an empty list is no TCP port at all.
+    for key, value in parse_env_file(exit_env).items():
+        monkeypatch.setenv(key, value)
+    options = server.make_context("server", []).params
+    assert (options["port"], options["control_port"]) == (80, 8123)
+    assert options["tcp_ports"] == tcp_ports
 
 
 def test_the_script_carries_the_token_hash_never_the_token(secrets: NodeSecrets) -> None:
@@ -131,6 +163,14 @@ def test_bootstrap_stops_on_an_old_python(
         ("TOKEN_HASH", "$(touch {pwned})", "token hash is malformed"),
         ("PACKAGE", "homeport==1 $(touch {pwned})", "package is malformed"),
         ("PUBLIC_PORT", "8123", "two different numbers"),
+        ("TCP_PORTS", "2222 $(touch {pwned})", "TCP ports is malformed"),
+        ("TCP_PORTS", "2222\nHOMEPORT_INSECURE=1", "TCP ports is malformed"),
+        ("TCP_PORTS", "2222  5432", "TCP ports is malformed"),
+        ("TCP_PORTS", "0", "TCP ports is malformed"),
+        ("TCP_PORTS", "70000", "TCP port 70000 is over 65535"),
+        ("TCP_PORTS", "2222 80", "TCP port 80 is over 65535, given twice, or the public"),
+        ("TCP_PORTS", "8123", "TCP port 8123 is over 65535, given twice, or the public"),
+        ("TCP_PORTS", "2222 5432 2222", "TCP port 2222 is over 65535, given twice"),
     ],
 )
 def test_the_script_itself_refuses_values_that_bypassed_the_renderer(
@@ -167,6 +207,11 @@ def test_the_script_itself_refuses_values_that_bypassed_the_renderer(
         ({"public_port": 0}, "public port"),
         ({"control_port": 65536}, "control port"),
         ({"control_port": 80}, "must differ"),
+        ({"tcp_ports": (0,)}, "--tcp-port 0 must be from 1 to 65535"),
+        ({"tcp_ports": (2222, 70000)}, "--tcp-port 70000 must be from 1 to 65535"),
+        ({"tcp_ports": (80,)}, "--tcp-port 80 is the --port already"),
+        ({"tcp_ports": (2222, 8123)}, "--tcp-port 8123 is the --control-port already"),
+        ({"tcp_ports": (2222, 5432, 2222)}, "--tcp-port 2222 is given twice"),
         ({"token_hash": "A" * 64}, "token hash"),
         ({"token_hash": "0" * 63}, "token hash"),
         ({"tls_key_pem": "-----BEGIN PRIVATE KEY-----\nEOF_KEY\nrm -rf /\n"}, "TLS key"),
@@ -209,10 +254,11 @@ def load_yaml(text: str) -> Any:
     return json.loads(result.stdout)
 
 
+@pytest.mark.parametrize("tcp_ports", [(), (2222, 5432)])
 def test_cloud_config_says_exactly_what_the_bootstrap_script_does(
-    tmp_path: Path, fakebin: FakeBin, secrets: NodeSecrets
+    tmp_path: Path, fakebin: FakeBin, secrets: NodeSecrets, tcp_ports: tuple[int, ...]
 ) -> None:
-    settings = node_settings(secrets)
+    settings = node_settings(secrets, tcp_ports=tcp_ports)
     root = boot(tmp_path, fakebin, bootstrap_script(settings))
     written = snapshot(root)
     commands = fakebin.commands()

@@ -14,6 +14,7 @@ tunnel. ``list`` and ``delete`` finish the story.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import shlex
 import stat
@@ -28,8 +29,17 @@ import pytest
 from aiohttp import web
 
 from tests.deploy.fakecivo import FakeCivo
-from tests.deploy.helpers import ROOT, FakeBin, free_port, require, run_script, start_unit
+from tests.deploy.helpers import (
+    ROOT,
+    FakeBin,
+    free_port,
+    parse_env_file,
+    require,
+    run_script,
+    start_unit,
+)
 from tests.support.processes import Process
+from tests.support.tcp_upstream import GREETING
 
 pytestmark = pytest.mark.e2e  # real processes on 127.0.0.1
 
@@ -67,6 +77,10 @@ def cli_env(fake: FakeCivo, config_dir: Path, key: str | None = None) -> dict[st
 FAST = ("--poll-interval", "0.05")
 
 
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 @pytest.fixture
 async def upstream() -> AsyncIterator[str]:
     """A LAN service on the 'Pi'."""
@@ -93,14 +107,23 @@ def started() -> Iterator[list[Process]]:
         process.stop(timeout=10)
 
 
+@pytest.fixture
+def tcp_upstream(started: list[Process]) -> str:
+    """A raw TCP service on the 'Pi' (it greets, echoes, and sums up on the half-close)."""
+    process = Process("tcp-upstream", [sys.executable, "-m", "tests.support.tcp_upstream"])
+    started.append(process.start())
+    return process.wait_for(r"tcp upstream listening on (127\.0\.0\.1:\d+)").group(1)
+
+
 async def test_create_install_on_the_pi_browse_list_and_delete(
     tmp_path: Path,
     fake_civo: FakeCivo,
     fakebin: FakeBin,
     upstream: str,
+    tcp_upstream: str,
     started: list[Process],
 ) -> None:
-    public_port, control_port = free_port(), free_port()
+    public_port, control_port, tcp_port = free_port(), free_port(), free_port()
     vm_root, pi_root, config_dir = tmp_path / "vm", tmp_path / "pi", tmp_path / "config"
     vm_root.mkdir()
     pi_root.mkdir()
@@ -122,18 +145,21 @@ async def test_create_install_on_the_pi_browse_list_and_delete(
         "exit-node",
         "create",
         *("--name", NAME, "--port", str(public_port), "--control-port", str(control_port)),
-        *("--allow-ssh-from", "198.51.100.7", "--timeout", "60", *FAST),
+        *("--tcp-port", str(tcp_port), "--allow-ssh-from", "198.51.100.7"),
+        *("--timeout", "60", *FAST),
         env=cli_env(fake_civo, config_dir),
     )
 
     assert code == 0, err
     assert f"exit node {NAME} is ready: visitors on http://127.0.0.1:{public_port}/" in out
+    assert f"raw TCP port {tcp_port} on 127.0.0.1" in out
+    assert f"add --tcp PORT=ADDRESS:PORT for each before the &&, e.g. --tcp {tcp_port}=" in out
     folder = config_dir / "exit-nodes" / NAME
     token = (folder / "token").read_text().strip()
     assert stat.S_IMODE((folder / "token").stat().st_mode) == 0o600
     assert token not in out + err
     assert fake_civo.api_key not in out + err
-    # The firewall opens the two ports to all, SSH to one address, nothing else in.
+    # The firewall opens the three ports to all, SSH to one address, nothing else in.
     (firewall,) = fake_civo.firewalls.values()
     ingress = {
         (r["start_port"], tuple(r["cidr"]))
@@ -143,14 +169,18 @@ async def test_create_install_on_the_pi_browse_list_and_delete(
     assert ingress == {
         (str(public_port), ("0.0.0.0/0",)),
         (str(control_port), ("0.0.0.0/0",)),
+        (str(tcp_port), ("0.0.0.0/0",)),
         ("22", ("198.51.100.7/32",)),
     }
+    exit_env = parse_env_file(vm_root / "etc/homeport/exit.env")
+    assert exit_env["HOMEPORT_TCP_PORT"] == str(tcp_port)
 
     # On the Pi: the printed command, with the token and installer copied next to it.
     (pi_line,) = [line for line in out.splitlines() if "sudo bash install-client.sh" in line]
     pi_args = shlex.split(pi_line.split("&&")[0])[3:]
     pi_args[pi_args.index("--token-file") + 1] = str(folder / "token")
     pi_args[pi_args.index("--upstream") + 1] = upstream
+    pi_args += ["--tcp", f"{tcp_port}={tcp_upstream}"]
     installed = await asyncio.to_thread(
         run_script, folder / "install-client.sh", pi_root, fakebin, *pi_args
     )
@@ -165,6 +195,16 @@ async def test_create_install_on_the_pi_browse_list_and_delete(
     ):
         assert response.status == 200
         assert await response.text() == "hello from the pi"
+    # The raw TCP port, through the same tunnel: greeted, echoed, summed up at the half-close.
+    reader, writer = await asyncio.open_connection("127.0.0.1", tcp_port)
+    try:
+        writer.write(b"ping")
+        writer.write_eof()
+        async with asyncio.timeout(30):
+            answer = await reader.read()
+    finally:
+        writer.close()
+    assert answer == GREETING + b"ping" + f"got 4 bytes, sha256 {sha256(b'ping')}\n".encode()
 
     code, out, err = await homeport("exit-node", "list", env=cli_env(fake_civo, config_dir))
     assert code == 0, err
@@ -290,6 +330,38 @@ async def test_a_taken_name_is_refused(tmp_path: Path, fake_civo: FakeCivo) -> N
     assert len(fake_civo.firewalls) == 1
 
 
+@pytest.mark.parametrize("command", ["create", "userdata"])
+@pytest.mark.parametrize(
+    ("ports", "message"),
+    [
+        (["0"], "Invalid value for '--tcp-port': 0 is not in the range 1<=x<=65535"),
+        (["2222", "70000"], "Invalid value for '--tcp-port': 70000 is not in the range"),
+        (["80"], "--tcp-port 80 is the --port already"),
+        (["2222", "8123"], "--tcp-port 8123 is the --control-port already"),
+        (["2222", "5432", "2222"], "--tcp-port 2222 is given twice"),
+        (["two"], "Invalid value for '--tcp-port': 'two' is not a valid integer"),
+    ],
+)
+async def test_bad_tcp_ports_are_refused_before_anything_is_created(
+    tmp_path: Path, fake_civo: FakeCivo, command: str, ports: list[str], message: str
+) -> None:
+    output = tmp_path / "user-data.yaml"
+    args = [arg for port in ports for arg in ("--tcp-port", port)]
+    if command == "userdata":
+        args += ["-o", str(output)]
+
+    code, out, err = await homeport(
+        "exit-node", command, *args, env=cli_env(fake_civo, tmp_path / "config")
+    )
+
+    assert code in (1, 2), out
+    assert message in err
+    assert "Traceback" not in err
+    assert fake_civo.calls == []
+    assert not (tmp_path / "config").exists()
+    assert not output.exists()
+
+
 async def test_list_pages_through_instances_and_shows_only_homeports(
     tmp_path: Path, fake_civo: FakeCivo
 ) -> None:
@@ -351,6 +423,7 @@ async def test_userdata_writes_a_valid_cloud_config_and_keeps_the_token_local(
         "exit-node",
         "userdata",
         *("--name", "lab", "--format", "cloud-config", "-o", str(output)),
+        *("--tcp-port", "2222", "--tcp-port", "5432"),
         env={"HOMEPORT_CONFIG_DIR": str(config_dir)},
     )
 
@@ -361,6 +434,8 @@ async def test_userdata_writes_a_valid_cloud_config_and_keeps_the_token_local(
     assert text.startswith("#cloud-config\n")
     assert token not in text + out + err
     assert "--url wss://PUBLIC_IP:8123" in out
+    assert '      HOMEPORT_TCP_PORT="2222 5432"\n' in text
+    assert "(to serve the raw TCP ports 2222, 5432, add --tcp PORT=ADDRESS:PORT" in out
     schema = await asyncio.to_thread(
         subprocess.run,
         [require("cloud-init"), "schema", "--config-file", str(output)],

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from client.upstreams import parse_upstreams
+from homeport.cli import client
 from homeport.exitnode.render import template
-from tests.deploy.helpers import TEMPLATES, FakeBin, Written, run_script, snapshot
+from tests.deploy.helpers import TEMPLATES, FakeBin, Written, parse_env_file, run_script, snapshot
 
 SCRIPT = TEMPLATES / "install-client.sh"
 TOKEN = "pi-token-Zx9_" + "k" * 30
@@ -47,6 +49,7 @@ def test_install_writes_token_settings_and_unit_and_starts_it(
         *("--token-file", str(token_file), "--name", "garden-pi"),
         *("--upstream", "http://127.0.0.1:8080", "--upstream", "fn.example.com=http://10.0.0.5:80"),
         *("--allow-path", "default=/function/", "--allow-path", "default=/async-function/"),
+        *("--tcp", "2222=127.0.0.1:22", "--tcp", "5432=[fd00::5]:5432"),
     )
 
     assert code == 0, err
@@ -58,6 +61,7 @@ def test_install_writes_token_settings_and_unit_and_starts_it(
         "HOMEPORT_URL=wss://203.0.113.10:8123\n"
         f"HOMEPORT_FINGERPRINT={FINGERPRINT}\n"
         'HOMEPORT_UPSTREAM="http://127.0.0.1:8080 fn.example.com=http://10.0.0.5:80"\n'
+        'HOMEPORT_TCP="2222=127.0.0.1:22 5432=[fd00::5]:5432"\n'
         'HOMEPORT_ALLOW_PATH="default=/function/ default=/async-function/"\n'
         "HOMEPORT_NAME=garden-pi\n"
         "HOMEPORT_CONNECTIONS=2\n"
@@ -106,6 +110,49 @@ def test_install_reads_the_token_from_stdin_and_defaults_the_upstream(
     assert TOKEN not in out + err
 
 
+def test_install_with_only_tcp_ports_serves_no_http_upstream(
+    tmp_path: Path, fakebin: FakeBin, token_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root, _, err, code = install(
+        tmp_path,
+        fakebin,
+        *(*BASIC, "--token-file", str(token_file)),
+        *("--tcp", "2222=127.0.0.1:22", "--tcp", "65535=nas.lan:1"),
+    )
+
+    assert code == 0, err
+    client_env = root / "etc/homeport/client.env"
+    assert client_env.read_text() == (
+        "HOMEPORT_URL=wss://203.0.113.10:8123\n"
+        f"HOMEPORT_FINGERPRINT={FINGERPRINT}\n"
+        'HOMEPORT_TCP="2222=127.0.0.1:22 65535=nas.lan:1"\n'
+        "HOMEPORT_CONNECTIONS=2\n"
+    )
+    # The environment systemd gives the unit, read by the real `homeport client` options.
+    for key, value in parse_env_file(client_env).items():
+        monkeypatch.setenv(key, value)
+    options = client.make_context("client", []).params
+    assert options["upstreams"] == ()
+    assert options["tcp_upstreams"] == ("2222=127.0.0.1:22", "65535=nas.lan:1")
+    assert parse_upstreams(options["upstreams"], tcp=options["tcp_upstreams"])
+
+
+def test_install_refuses_a_tcp_port_given_twice(
+    tmp_path: Path, fakebin: FakeBin, token_file: Path
+) -> None:
+    root, _, err, code = install(
+        tmp_path,
+        fakebin,
+        *(*BASIC, "--token-file", str(token_file)),
+        *("--tcp", "2222=127.0.0.1:22", "--tcp", "2222=10.0.0.5:22"),
+    )
+
+    assert code == 1
+    assert "--tcp port 2222 is given twice" in err
+    assert fakebin.commands() == []
+    assert list(root.iterdir()) == []
+
+
 def test_install_installs_venv_support_when_python_lacks_it(
     tmp_path: Path, fakebin: FakeBin, token_file: Path
 ) -> None:
@@ -130,6 +177,18 @@ def test_install_installs_venv_support_when_python_lacks_it(
         (("--upstream", 'http://127.0.0.1:8080" X="1'), "--upstream is malformed"),
         (("--upstream", "http://127.0.0.1:8080\nHOMEPORT_INSECURE=1"), "--upstream is malformed"),
         (("--allow-path", "default=/f/$(touch {pwned})"), "--allow-path is malformed"),
+        (("--tcp", "2222"), "--tcp is malformed"),
+        (("--tcp", "127.0.0.1:22"), "--tcp is malformed"),
+        (("--tcp", "2222=127.0.0.1"), "--tcp is malformed"),
+        (("--tcp", "2222=http://127.0.0.1:22"), "--tcp is malformed"),
+        (("--tcp", "0=127.0.0.1:22"), "--tcp is malformed"),
+        (("--tcp", "2222=127.0.0.1:0"), "--tcp is malformed"),
+        (("--tcp", "070000=127.0.0.1:22"), "--tcp is malformed"),
+        (("--tcp", "70000=127.0.0.1:22"), "--tcp has a port over 65535"),
+        (("--tcp", "2222=127.0.0.1:65536"), "--tcp has a port over 65535"),
+        (("--tcp", "2222=$(touch {pwned}):22"), "--tcp is malformed"),
+        (("--tcp", '2222=127.0.0.1:22" X="1'), "--tcp is malformed"),
+        (("--tcp", "2222=127.0.0.1:22\nHOMEPORT_INSECURE=1"), "--tcp is malformed"),
         (("--name", "a b"), "--name is malformed"),
         (("--connections", "9"), "--connections is malformed"),
         (("--connections", "2\nHOMEPORT_INSECURE=1"), "--connections is malformed"),

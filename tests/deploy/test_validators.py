@@ -48,7 +48,13 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
 
 def rendered(tmp_path: Path, secrets: NodeSecrets) -> tuple[Path, Path]:
     settings = NodeSettings(
-        "homeport==0.1.0", 80, 8123, secrets.token_hash, secrets.tls_cert_pem, secrets.tls_key_pem
+        "homeport==0.1.0",
+        80,
+        8123,
+        secrets.token_hash,
+        secrets.tls_cert_pem,
+        secrets.tls_key_pem,
+        tcp_ports=(2222, 5432),
     )
     script, config = tmp_path / "bootstrap.sh", tmp_path / "cloud-config.yaml"
     script.write_text(bootstrap_script(settings))

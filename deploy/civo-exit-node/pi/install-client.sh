@@ -7,8 +7,11 @@
 #
 #   sudo bash install-client.sh --url wss://IP:8123 --fingerprint sha256:HEX \
 #        --token-file FILE [--upstream [HOST=]URL]... [--allow-path ROUTE=PREFIX]... \
-#        [--name NAME] [--connections N] [--package SPEC]
+#        [--tcp PUBLIC_PORT=ADDRESS:PORT]... [--name NAME] [--connections N] [--package SPEC]
 #
+# --upstream: default http://127.0.0.1:8080, unless only --tcp ports are given.
+# --tcp: serve the exit server's raw TCP port PUBLIC_PORT (its --tcp-port) from
+# ADDRESS:PORT on the LAN, e.g. --tcp 2222=127.0.0.1:22 for the Pi's SSH.
 # --connections: websocket connections the client keeps (default 2, so that a
 # download over a lossy home uplink does not hold back other visitors).
 #
@@ -34,7 +37,7 @@ die() {
 }
 
 usage() {
-  sed -n '8,13p' "$0" >&2
+  sed -n '8,16p' "$0" >&2
   exit 2
 }
 
@@ -53,7 +56,7 @@ put() {
 }
 
 url='' fingerprint='' token_file='' name='' connections=2
-upstreams=() allow_paths=()
+upstreams=() allow_paths=() tcps=()
 while (($# > 0)); do
   (($# >= 2)) || usage
   case $1 in
@@ -62,6 +65,7 @@ while (($# > 0)); do
     --token-file) token_file=$2 ;;
     --upstream) upstreams+=("$2") ;;
     --allow-path) allow_paths+=("$2") ;;
+    --tcp) tcps+=("$2") ;;
     --name) name=$2 ;;
     --connections) connections=$2 ;;
     --package) PACKAGE=$2 ;;
@@ -70,7 +74,7 @@ while (($# > 0)); do
   shift 2
 done
 [[ -n $url && -n $fingerprint && -n $token_file ]] || usage
-((${#upstreams[@]} > 0)) || upstreams=(http://127.0.0.1:8080)
+((${#upstreams[@]} > 0 || ${#tcps[@]} > 0)) || upstreams=(http://127.0.0.1:8080)
 
 host='([A-Za-z0-9-]+\.)*[A-Za-z0-9-]+|\[[0-9A-Fa-f:.]+\]'
 must_match HOMEPORT_ROOT "$ROOT" '^(/[A-Za-z0-9._/-]+)?$'
@@ -81,6 +85,16 @@ for upstream in "${upstreams[@]}"; do
 done
 for prefix in "${allow_paths[@]}"; do
   must_match --allow-path "$prefix" '^[A-Za-z0-9.-]+=/[A-Za-z0-9._~/-]*$'
+done
+tcp_ports=' '
+for tcp in "${tcps[@]}"; do
+  must_match --tcp "$tcp" "^[1-9][0-9]{0,4}=($host):[1-9][0-9]{0,4}$"
+  public_port=${tcp%%=*} lan_port=${tcp##*:}
+  ((public_port <= 65535 && lan_port <= 65535)) ||
+    die "--tcp has a port over 65535; nothing was changed"
+  [[ $tcp_ports != *" $public_port "* ]] ||
+    die "--tcp port $public_port is given twice; nothing was changed"
+  tcp_ports+="$public_port "
 done
 [[ -z $name ]] || must_match --name "$name" '^[A-Za-z0-9._-]{1,63}$'
 must_match --connections "$connections" '^[1-8]$'
@@ -112,7 +126,12 @@ printf '%s\n' "$token" | put 0600 "$CONF/token"
 {
   echo "HOMEPORT_URL=$url"
   echo "HOMEPORT_FINGERPRINT=$fingerprint"
-  echo "HOMEPORT_UPSTREAM=\"${upstreams[*]}\""
+  if ((${#upstreams[@]} > 0)); then
+    echo "HOMEPORT_UPSTREAM=\"${upstreams[*]}\""
+  fi
+  if ((${#tcps[@]} > 0)); then
+    echo "HOMEPORT_TCP=\"${tcps[*]}\""
+  fi
   if ((${#allow_paths[@]} > 0)); then
     echo "HOMEPORT_ALLOW_PATH=\"${allow_paths[*]}\""
   fi

@@ -1,0 +1,51 @@
+"""The node record on the user's machine: what `create` made, read back as it was written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from homeport.exitnode.errors import ExitNodeError
+from homeport.exitnode.store import NodeRecord, NodeStore
+
+FINGERPRINT = "sha256:" + "ab" * 32
+
+
+def test_a_record_keeps_its_tcp_ports(tmp_path: Path) -> None:
+    store = NodeStore(tmp_path)
+    record = NodeRecord("exit", "civo", "lon1", 80, 8123, FINGERPRINT, tcp_ports=(2222, 5432))
+
+    store.save(record)
+
+    assert json.loads((store.folder("exit") / "node.json").read_text())["tcp_ports"] == [
+        2222,
+        5432,
+    ]
+    assert store.load("exit") == record
+
+
+def test_a_record_from_before_tcp_ports_has_none(tmp_path: Path) -> None:
+    store = NodeStore(tmp_path)
+    store.save(NodeRecord("exit", "civo", "lon1", 80, 8123, FINGERPRINT))
+    path = store.folder("exit") / "node.json"
+    data = json.loads(path.read_text())
+    del data["tcp_ports"]
+    path.write_text(json.dumps(data))
+
+    record = store.load("exit")
+
+    assert record is not None
+    assert record.tcp_ports == ()
+
+
+@pytest.mark.parametrize("tcp_ports", ["2222", ["2222"], [2222, None]])
+def test_a_record_with_malformed_tcp_ports_is_refused(tmp_path: Path, tcp_ports: object) -> None:
+    store = NodeStore(tmp_path)
+    store.save(NodeRecord("exit", "civo", "lon1", 80, 8123, FINGERPRINT))
+    path = store.folder("exit") / "node.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "tcp_ports": tcp_ports}))
+
+    with pytest.raises(ExitNodeError, match="tcp_ports is not a list of ports"):
+        store.load("exit")
