@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Final
 
 from bench.errors import run_command
-from bench.interpreter import SYSTEM_PYTHON, tunnel_python
+from bench.interpreter import tunnel_python
 from bench.machine import read_nginx_build
 from bench.measure import progress
 from bench.peers import PeerTunnel
@@ -33,10 +33,8 @@ from bench.targets import RELAYS
 from bench.tools import ensure_tools
 from bench.tunnel import REPO_ROOT
 from bench.upstream import READY_TIMEOUT_S, SMALL_PATH, run_nginx, serves, write_site
-from bench.wrk import WrkResult, run_wrk
+from bench.wrk import WrkResult, load_arguments, parse_load_arguments, run_wrk
 
-DEFAULT_CONCURRENCY: Final = (1, 100)
-DEFAULT_DURATION_S: Final = 5
 DEFAULT_ROUNDS: Final = 2
 WARMUP_S: Final = 1
 
@@ -50,44 +48,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """The command line."""
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.floor",
-        description="Two bare uvloop relays in front of nginx, against nginx directly.",
+    parser = load_arguments(
+        "python -m bench.floor",
+        "Two bare uvloop relays in front of nginx, against nginx directly.",
+        runs="the relays",
+        default_rounds=DEFAULT_ROUNDS,
     )
-    parser.add_argument(
-        "--concurrency",
-        type=int,
-        action="append",
-        metavar="N",
-        help="keep-alive connections, repeatable (default 1 100)",
-    )
-    parser.add_argument(
-        "--duration",
-        type=int,
-        default=DEFAULT_DURATION_S,
-        metavar="SECONDS",
-        help=f"length of each wrk measurement (default {DEFAULT_DURATION_S})",
-    )
-    parser.add_argument(
-        "--rounds",
-        type=int,
-        default=DEFAULT_ROUNDS,
-        metavar="N",
-        help=f"measurements of each target at each concurrency (default {DEFAULT_ROUNDS})",
-    )
-    parser.add_argument(
-        "--python",
-        type=Path,
-        metavar="PATH",
-        help=f"the Python to run the relays on (default: {SYSTEM_PYTHON} when it is 3.11 "
-        "or newer, as make bench runs them and the tunnel; else this one)",
-    )
-    args = parser.parse_args(argv)
-    if args.concurrency is None:
-        args.concurrency = list(DEFAULT_CONCURRENCY)
-    if min(args.concurrency) < 1 or args.duration < 1 or args.rounds < 1:
-        parser.error("--concurrency, --duration and --rounds must be at least 1")
-    return args
+    return parse_load_arguments(parser, argv)
 
 
 def measure(args: argparse.Namespace) -> None:

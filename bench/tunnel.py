@@ -62,6 +62,8 @@ class Tunnel:
     client: Child
     #: how to reach the control port when it serves TLS (``wss://``), else None
     control_tls: ssl.SSLContext | None = None
+    #: the exit server's raw TCP port (``--tcp-port``), when the tunnel has one
+    tcp_port: int | None = None
 
     def status(self) -> dict[str, Any]:
         """The exit server's ``GET /status`` (clients, streams, requests in flight).
@@ -178,6 +180,7 @@ def run_tunnel(
     max_streams: int | None = None,
     build: Build = Build(),
     tls: bool = False,
+    tcp_to: int | None = None,
 ) -> Iterator[Tunnel]:
     """Run an exit server and a client for ``upstream_url``; stop both on the way out.
 
@@ -192,6 +195,8 @@ def run_tunnel(
     from this checkout, pure Python, as the Pi installs it.
     With ``tls`` the control channel is ``wss://``, as deployed: the exit
     server's self-signed certificate (``--auto-tls``), pinned by the client.
+    With ``tcp_to``, the exit server also has a raw TCP port (``--tcp-port``)
+    that the client carries to that port on the loopback (``--tcp``).
 
     Raises:
         BenchError: a process exited, or ``GET /1k`` through the tunnel did not
@@ -237,12 +242,19 @@ def run_tunnel(
     ]
     if max_streams is not None:
         client_args.append(f"--max-streams={max(max_streams, CLIENT_MAX_STREAMS)}")
+    tcp_port = None
+    if tcp_to is not None:
+        tcp_port = free_port()
+        server_args.append(f"--tcp-port={tcp_port}")
+        client_args.append(f"--tcp={tcp_port}={LOOPBACK}:{tcp_to}")
     server_log = None if access_log else workdir / f"server-{label}.log"
     server = Child("homeport server", server_args, server_log, cwd=build.server_tree)
     client = Child("homeport client", client_args, workdir / f"client-{label}.log", cwd=REPO_ROOT)
     env = clean_environment()
     with running(server, env), running(client, env):
-        tunnel = Tunnel(visitor_port, control_port, token, access_log, server, client, control_tls)
+        tunnel = Tunnel(
+            visitor_port, control_port, token, access_log, server, client, control_tls, tcp_port
+        )
         wait_until(
             lambda: serves(visitor_port, small_body, server, client),
             READY_TIMEOUT_S,

@@ -12,6 +12,7 @@ quoting wrk's output, when a figure it needs is missing.
 
 from __future__ import annotations
 
+import argparse
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,11 +20,15 @@ from pathlib import Path
 from typing import Final
 
 from bench.errors import BenchError
+from bench.interpreter import SYSTEM_PYTHON
 from bench.processes import run_bounded
 
 # A request slower than this counts as a timeout error (wrk's default is 2 s,
 # too short for 100 connections through a busy tunnel on 2 cores).
 REQUEST_TIMEOUT_S: Final = 5
+#: the on-demand comparisons' defaults (:func:`load_arguments`)
+LOAD_CONCURRENCY: Final = (1, 100)
+LOAD_DURATION_S: Final = 5
 # wrk ends on its own after its duration; this bounds the wait if it does not.
 EXTRA_WAIT_S: Final = 30.0
 
@@ -156,3 +161,56 @@ def run_wrk(
     if code != 0:
         raise BenchError(f"wrk exited with status {code}: {(stderr or stdout).strip()}")
     return parse_wrk(stdout)
+
+
+def load_arguments(
+    prog: str, description: str, *, runs: str, default_rounds: int
+) -> argparse.ArgumentParser:
+    """The command line of an on-demand wrk comparison (bench.floor, bench.tcp_port).
+
+    ``--concurrency`` (repeatable), ``--duration``, ``--rounds`` and
+    ``--python``, the interpreter that runs ``runs``; read them with
+    :func:`parse_load_arguments`.
+    """
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        action="append",
+        metavar="N",
+        help="keep-alive connections, repeatable (default 1 100)",
+    )
+    parser.add_argument(
+        "--duration",
+        type=int,
+        default=LOAD_DURATION_S,
+        metavar="SECONDS",
+        help=f"length of each wrk measurement (default {LOAD_DURATION_S})",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=default_rounds,
+        metavar="N",
+        help=f"measurements of each target at each concurrency (default {default_rounds})",
+    )
+    parser.add_argument(
+        "--python",
+        type=Path,
+        metavar="PATH",
+        help=f"the Python to run {runs} on (default: {SYSTEM_PYTHON} when it is 3.11 "
+        "or newer, as make bench runs them; else this one)",
+    )
+    return parser
+
+
+def parse_load_arguments(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None
+) -> argparse.Namespace:
+    """Parse :func:`load_arguments`' command line, with ``--concurrency`` 1 and 100 by default."""
+    args = parser.parse_args(argv)
+    if args.concurrency is None:
+        args.concurrency = list(LOAD_CONCURRENCY)
+    if min(args.concurrency) < 1 or args.duration < 1 or args.rounds < 1:
+        parser.error("--concurrency, --duration and --rounds must be at least 1")
+    return args
