@@ -64,6 +64,7 @@ from tunnel.frames import (
     HEADER_SIZE,
     MAX_STREAM_ID,
     MAX_WINDOW_BYTES,
+    TCP_ROUTE_PREFIX,
     Data,
     FrameDecoder,
     FrameType,
@@ -686,7 +687,13 @@ class Multiplexer:
             self._frame_for_closed_stream(frame.stream_id, "RST", is_data=False)
             return
         self._transition(stream, StreamInput.RECV_RST)
-        if not stream.local and not stream.carried_data:
+        if (
+            not stream.local
+            and not stream.carried_data
+            and not stream.route.startswith(TCP_ROUTE_PREFIX)
+        ):
+            # A raw TCP stream is a visitor's connection, which may go before
+            # either side sent a byte: that is no rapid reset (protocol.md §9).
             self._count_reset()
         self._forget(stream, peer_may_send_data=False)
         events.append(ev.StreamReset(frame.stream_id, frame.code))

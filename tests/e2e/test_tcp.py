@@ -15,7 +15,9 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import aiohttp
@@ -25,9 +27,14 @@ from tests.e2e.conftest import ClientProcess, ExitServerProcess, Processes, Upst
 from tests.support.processes import Process, homeport
 from tests.support.tcp_upstream import GREETING
 from tests.support.upstream import pattern_body
+from tunnel.mux import RATE_WINDOW_S
 
 MIB = 1024 * 1024
 TIMEOUT_S = 20.0
+#: connections made and reset at once: more than the client's rapid-reset guard's
+#: 2,000 in a window (tunnel/mux.py), were they counted
+FLOOD = 2400
+FLOOD_WORKERS = 8
 
 
 @dataclass
@@ -133,8 +140,14 @@ async def test_a_client_serving_only_tcp_leaves_http_unrouted(
 
 
 async def wait_reset_or_closed(port: int) -> bytes:
-    """Connect and read: what came before the connection was reset or closed."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    """Connect and read: what came before the connection was reset or closed.
+
+    A reset that comes as the connection is made may fail the connect itself.
+    """
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    except ConnectionResetError:
+        return b"reset"
     try:
         async with asyncio.timeout(TIMEOUT_S):
             return await reader.read()
@@ -184,6 +197,37 @@ async def test_tcp_connections_count_against_the_clients_stream_limit(
     await server.process.wait_for_async(rf'pi "TCP :{port}" host=- status=200 ')  # the first ended
     greeting, _, last = await exchange(port, b"next")  # and its stream is free again
     assert (greeting, last) == (GREETING, summary(b"next"))
+
+
+def test_a_flood_of_visitors_that_reset_at_once_leaves_the_session_up(
+    start_server: Callable[..., ExitServerProcess],
+    start_client: Callable[..., ClientProcess],
+    tcp_upstream: TcpUpstream,
+) -> None:
+    """Connections made and reset before a byte (a port scan): each an OPEN and a RST.
+
+    More than the client's rapid-reset guard allows in one window (2,000 in
+    10 s, tunnel/mux.py) would end its session, were they counted.
+    """
+    port = free_port()
+    server = start_server("--tcp-port", str(port))
+    client = start_client(server, flags=("--tcp", f"{port}={tcp_upstream.address}"))
+    session = client.wait_connected()
+
+    def connect_and_reset(count: int) -> None:
+        for _ in range(count):
+            with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT_S) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(FLOOD_WORKERS) as pool:
+        list(pool.map(connect_and_reset, [FLOOD // FLOOD_WORKERS] * FLOOD_WORKERS))
+    took = time.monotonic() - started
+    assert took < RATE_WINDOW_S, f"the flood took {took:.1f} s, more than one guard window"
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT_S) as sock:
+        assert sock.recv(len(GREETING)) == GREETING  # served, after the flood
+    assert "ENHANCE_YOUR_CALM" not in client.process.output
+    assert client.process.output.count("connected to ws://") == 1, session
 
 
 def test_a_visitor_that_resets_ends_the_upstream_connection(

@@ -276,6 +276,27 @@ def test_streams_reset_after_they_carried_data_are_abandoned_exchanges_not_a_flo
     assert raised.value.code is ErrorCode.ENHANCE_YOUR_CALM
 
 
+def test_raw_tcp_streams_reset_before_any_byte_are_visitors_that_left_not_a_flood() -> None:
+    # A visitor of a raw TCP port may connect and go before either side sent
+    # a byte: its stream is reset with no DATA. Counted, a few thousand such
+    # connections from anyone would end the session that serves everyone.
+    pair = MuxPair(max_resets_per_window=50)
+    dropped = b"".join(
+        encode(Open(sid, "tcp:2222")) + encode(Rst(sid, ErrorCode.CANCEL))
+        for sid in range(2, 400, 2)
+    )
+    events = pair.client.receive_data(dropped)
+    assert len(of_type(events, ev.StreamReset)) == 199
+    # A route named like a host is counted as before.
+    churn = b"".join(
+        encode(Open(sid, "tcp.example")) + encode(Rst(sid, ErrorCode.CANCEL))
+        for sid in range(400, 600, 2)
+    )
+    with pytest.raises(ProtocolError) as raised:
+        pair.client.receive_data(churn)
+    assert raised.value.code is ErrorCode.ENHANCE_YOUR_CALM
+
+
 def test_reset_counter_starts_again_each_rate_window() -> None:
     pair = MuxPair(max_resets_per_window=50)
     sid = 2
