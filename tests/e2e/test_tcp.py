@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -35,6 +36,7 @@ TIMEOUT_S = 20.0
 #: 2,000 in a window (tunnel/mux.py), were they counted
 FLOOD = 2400
 FLOOD_WORKERS = 8
+DRAIN_S = 2.0
 
 
 @dataclass
@@ -292,3 +294,32 @@ def test_a_bad_tcp_flag_is_refused_with_a_clear_message(
     )
     assert result.returncode != 0
     assert message in result.stderr, result.stderr
+
+
+async def test_on_sigterm_a_tcp_connection_is_carried_until_the_drain_time_is_up(
+    start_server: Callable[..., ExitServerProcess],
+    start_client: Callable[..., ClientProcess],
+    tcp_upstream: TcpUpstream,
+) -> None:
+    port = free_port()
+    server = start_server("--tcp-port", str(port), "--drain-timeout", str(DRAIN_S))
+    start_client(server, flags=("--tcp", f"{port}={tcp_upstream.address}"))
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        async with asyncio.timeout(TIMEOUT_S):
+            assert await reader.readexactly(len(GREETING)) == GREETING
+            signalled = time.monotonic()
+            server.process.send_signal(signal.SIGTERM)
+            await server.process.wait_for_async("shutting down")
+            writer.write(b"still here")  # carried while the exit server drains
+            assert await reader.readexactly(10) == b"still here"
+            assert await server.process.wait_async(TIMEOUT_S) == 0
+            took = time.monotonic() - signalled
+            ended = await reader.read()  # the connection was cut as the drain ended
+    except ConnectionResetError:
+        ended = b""
+        took = time.monotonic() - signalled
+    finally:
+        writer.close()
+    assert ended == b""
+    assert DRAIN_S <= took < DRAIN_S + 10, took
