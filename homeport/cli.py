@@ -102,20 +102,6 @@ def parse_size(text: str) -> int:
     return int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
 
 
-def check_tcp_ports(ports: tuple[int, ...], port: int, control_port: int) -> tuple[int, ...]:
-    """``--tcp-port``s, each once, none of them the HTTP or the control port.
-
-    Raises:
-        ConfigError: a port given twice, or one the exit server uses already.
-    """
-    for taken, option in ((port, "--port"), (control_port, "--control-port")):
-        if taken in ports:
-            raise ConfigError(f"--tcp-port {taken} is the {option} already")
-    if len(set(ports)) < len(ports):
-        raise ConfigError("a --tcp-port is given twice")
-    return ports
-
-
 def _load_config_file(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
     """``--config FILE``: TOML whose keys are the long option names."""
     if value is None:
@@ -597,7 +583,7 @@ def server(
     """Run the exit server (on the VM with the public IP)."""
     import_websockets()  # first: without the 2.7 MiB it would bring and not use
     from server.app import ExitServer
-    from server.config import ServerConfig
+    from server.config import ServerConfig, tcp_ports_problem
 
     setup_logging(log_level)
     try:
@@ -632,12 +618,15 @@ def server(
                 )
         elif (tls_cert is None) != (tls_key is None):
             raise ConfigError("--tls-cert and --tls-key go together")
+        problem = tcp_ports_problem(tcp_ports, port, control_port)
+        if problem is not None:
+            raise ConfigError(problem)
         config = ServerConfig(
             token_digest=digest,
             bind=bind or None,
             port=port,
             control_port=control_port,
-            tcp_ports=check_tcp_ports(tcp_ports, port, control_port),
+            tcp_ports=tcp_ports,
             response_timeout_s=response_timeout,
             head_timeout_s=head_timeout,
             body_timeout_s=body_timeout,

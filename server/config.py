@@ -63,3 +63,18 @@ class ServerConfig:
     advertised_host: str | None = None
     #: the token file, named in the printed client command line (never the token)
     token_file_hint: str | None = None
+
+
+def tcp_ports_problem(tcp_ports: tuple[int, ...], port: int, control_port: int) -> str | None:
+    """What is wrong with these ``--tcp-port``s, if anything: each once, neither other port.
+
+    One rule for ``homeport server`` and ``homeport exit-node create``,
+    which checks it before it creates a node that would never serve.
+    """
+    for tcp_port in tcp_ports:
+        for taken, option in ((port, "--port"), (control_port, "--control-port")):
+            if tcp_port == taken:
+                return f"--tcp-port {tcp_port} is the {option} already"
+        if tcp_ports.count(tcp_port) > 1:
+            return f"--tcp-port {tcp_port} is given twice"
+    return None

@@ -6,12 +6,15 @@ recently seen forgotten first), so a flood of failures from many addresses
 costs a fixed amount of memory. :class:`ConnectionsPerAddress` caps the
 visitor connections one address holds open; its table holds only the
 addresses with a connection open, so the global connection cap bounds it.
+:class:`SendTimeout` drops a visitor that leaves our writes stalled.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import ipaddress
+from collections.abc import Callable
 from typing import Final
 
 MAX_FAILURES: Final = 5
@@ -161,3 +164,49 @@ class ConnectionsPerAddress:
         count = self._open.pop(key, 0) - 1
         if count > 0:
             self._open[key] = count
+
+
+class SendTimeout:
+    """nginx's ``send_timeout`` for one visitor connection: ``on_stalled`` after a long stall.
+
+    Without it a visitor that never reads would hold its connection, its
+    stream and the upstream request for as long as it liked, and a closed
+    connection's unsent bytes for ever (the kernel keeps probing a zero
+    window). Stalled: the transport stayed above its high-water mark (64
+    KiB) from :meth:`paused` on, with no :meth:`resumed` since, for
+    ``timeout_s``. One timer per stall, not one per pause.
+    """
+
+    __slots__ = ("_loop", "_on_stalled", "_paused_at", "_timer", "timeout_s")
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, timeout_s: float, on_stalled: Callable[[], None]
+    ) -> None:
+        self._loop = loop
+        self.timeout_s = timeout_s
+        self._on_stalled = on_stalled
+        self._paused_at = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def paused(self) -> None:
+        self._paused_at = now = self._loop.time()
+        if self._timer is None:
+            self._timer = self._loop.call_at(now + self.timeout_s, self._check)
+
+    def resumed(self) -> None:
+        self._paused_at = 0.0  # the timer, if any, finds nothing to do
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _check(self) -> None:
+        self._timer = None
+        if not self._paused_at:
+            return
+        due = self._paused_at + self.timeout_s
+        if self._loop.time() < due:
+            self._timer = self._loop.call_at(due, self._check)
+            return
+        self._on_stalled()

@@ -32,13 +32,14 @@ import collections
 import enum
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Final, cast
 
 import httptools
 
 from server import headers as h
 from server.accesslog import AccessLog
-from server.limits import ConnectionsPerAddress, Refusals
+from server.limits import ConnectionsPerAddress, Refusals, SendTimeout
 from server.listen import serve
 from server.paths import path_allowed
 from server.registry import ConnectedClient, Registry, normalize_host
@@ -183,26 +184,21 @@ class PublicServer:
 
     async def listen(self, host: str | None, port: int) -> list[tuple[str, int]]:
         """Start listening; return the bound addresses."""
-        servers, addresses = await serve(
-            lambda: VisitorConnection(self),
-            host,
-            port,
-            keepalive_s=self.config.tcp_keepalive_s,
-            backlog=self.config.backlog,
-        )
-        self._servers += servers
+        addresses = await self._serve(lambda: VisitorConnection(self), host, port)
         if self._sweeper is None:
             self._sweeper = asyncio.get_running_loop().call_later(SWEEP_INTERVAL_S, self._sweep)
         return addresses
 
     async def listen_tcp(self, host: str | None, port: int) -> list[tuple[str, int]]:
         """Start listening on a raw TCP port (server/tcp.py); return the bound addresses."""
+        return await self._serve(lambda: TcpVisitor(self, port), host, port)
+
+    async def _serve(
+        self, factory: Callable[[], asyncio.Protocol], host: str | None, port: int
+    ) -> list[tuple[str, int]]:
+        config = self.config
         servers, addresses = await serve(
-            lambda: TcpVisitor(self, port),
-            host,
-            port,
-            keepalive_s=self.config.tcp_keepalive_s,
-            backlog=self.config.backlog,
+            factory, host, port, keepalive_s=config.tcp_keepalive_s, backlog=config.backlog
         )
         self._servers += servers
         return addresses
@@ -210,6 +206,22 @@ class PublicServer:
     def open_connections(self) -> int:
         """Visitor connections open, HTTP and TCP."""
         return len(self.connections) + len(self.tcp_connections)
+
+    def admit(self, visitor_ip: str) -> str | bytes:
+        """Admit a new visitor connection: its per-address key, or the HTTP answer refusing it.
+
+        The same limits for HTTP and raw TCP visitors; refusals at capacity
+        and per address are counted (the log's summary, ``GET /status``).
+        """
+        if self.closing:
+            return h.error_response(503, text=h.SHUTTING_DOWN_TEXT)
+        if self.open_connections() >= self.config.max_connections:
+            self.refused_at_capacity.count(visitor_ip)
+            return h.error_response(503, text=h.AT_CAPACITY_TEXT)
+        key = self.per_address.admit(visitor_ip)
+        if key is None:
+            return h.error_response(429, text=h.TOO_MANY_FROM_ADDRESS_TEXT)
+        return key
 
     def exchange_started(self) -> None:
         self.in_flight += 1
@@ -295,12 +307,11 @@ class VisitorConnection(asyncio.Protocol):
         "_queue",
         "_raw_head_bytes",
         "_request",
-        "_send_timer",
+        "_send_timeout",
         "_timer",
         "_timer_kind",
         "_tunnel",
         "_visitor_ended",
-        "_write_paused_at",
         "config",
         "local_authority",
         "server",
@@ -329,8 +340,8 @@ class VisitorConnection(asyncio.Protocol):
         self._visitor_ended = False
         self._parser_stopped = False
         self._paused = 0
-        self._write_paused_at = 0.0
-        self._send_timer: asyncio.TimerHandle | None = None
+        #: made when writes first pause (most connections never do)
+        self._send_timeout: SendTimeout | None = None
         self._in_head = False
         self._heads_begun = 0
         self._raw_head_bytes = 0
@@ -351,21 +362,12 @@ class VisitorConnection(asyncio.Protocol):
             host = f"[{local[0]}]" if ":" in str(local[0]) else str(local[0])
             self.local_authority = (host if local[1] == 80 else f"{host}:{local[1]}").encode()
         server = self.server
-        if server.closing:
-            transport.write(h.error_response(503, text=h.SHUTTING_DOWN_TEXT))
+        admitted = server.admit(self.visitor_ip)
+        if isinstance(admitted, bytes):
+            transport.write(admitted)
             transport.close()
             return
-        if server.open_connections() >= self.config.max_connections:
-            server.refused_at_capacity.count(self.visitor_ip)
-            transport.write(h.error_response(503, text=h.AT_CAPACITY_TEXT))
-            transport.close()
-            return
-        key = server.per_address.admit(self.visitor_ip)
-        if key is None:
-            transport.write(h.error_response(429, text=h.TOO_MANY_FROM_ADDRESS_TEXT))
-            transport.close()
-            return
-        self._address_key = key
+        self._address_key = admitted
         server.connections.add(self)
         self._arm(_Timer.HEAD, self.config.head_timeout_s)
 
@@ -454,10 +456,12 @@ class VisitorConnection(asyncio.Protocol):
         self._parser = None
         self._parser_stopped = True
         self._disarm()
-        for timer in (self._timer, self._send_timer):
-            if timer is not None:
-                timer.cancel()
-        self._timer = self._send_timer = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._send_timeout is not None:
+            self._send_timeout.cancel()
+            self._send_timeout = None  # it holds our bound method: no cycle left behind
         if self._lingering is not None:
             self._lingering.cancel()
         self.server.connections.discard(self)
@@ -471,17 +475,16 @@ class VisitorConnection(asyncio.Protocol):
         self._queue.clear()
 
     def pause_writing(self) -> None:
-        self._write_paused_at = now = self._loop.time()
-        if self._send_timer is None:
-            self._send_timer = self._loop.call_at(
-                now + self.config.send_timeout_s, self._check_sending
-            )
+        if self._send_timeout is None:
+            self._send_timeout = SendTimeout(self._loop, self.config.send_timeout_s, self._stalled)
+        self._send_timeout.paused()
         exchange = self._tunnel or self._exchange
         if exchange is not None and exchange.stream is not None:
             exchange.stream.pause_reading()
 
     def resume_writing(self) -> None:
-        self._write_paused_at = 0.0  # the timer, if any, finds nothing to do
+        if self._send_timeout is not None:
+            self._send_timeout.resumed()
         exchange = self._tunnel or self._exchange
         if exchange is not None and exchange.stream is not None:
             exchange.stream.resume_reading()
@@ -799,25 +802,11 @@ class VisitorConnection(asyncio.Protocol):
         else:
             self.close()
 
-    def _check_sending(self) -> None:
-        """Drop a visitor that has left our writes stalled for ``send_timeout_s``.
-
-        As nginx's ``send_timeout``: without it a visitor that never reads
-        would hold its connection, its stream and the upstream request for
-        as long as it liked, and a closed connection's unsent bytes for ever
-        (the kernel keeps probing a zero window). Stalled: the transport
-        stayed above its high-water mark (64 KiB) all that time, the stream
-        meanwhile not read. One timer per stall, not one per pause.
-        """
-        self._send_timer = None
-        paused_at = self._write_paused_at
-        if not paused_at or self.transport is None:
+    def _stalled(self) -> None:
+        """The visitor left our writes stalled for ``--send-timeout``: drop it (SendTimeout)."""
+        if self.transport is None:
             return
         timeout = self.config.send_timeout_s
-        due = paused_at + timeout
-        if self._loop.time() < due:
-            self._send_timer = self._loop.call_at(due, self._check_sending)
-            return
         logger.info(
             "a visitor from %s left its response unread for %g s; dropped", self.visitor_ip, timeout
         )

@@ -30,6 +30,7 @@ import struct
 import time
 from typing import TYPE_CHECKING, cast
 
+from server.limits import SendTimeout
 from tunnel.errors import (
     HTTP_STATUS_FOR_CODE,
     SessionClosed,
@@ -57,12 +58,10 @@ class TcpVisitor(asyncio.Protocol):
         "_bytes_out",
         "_client_name",
         "_ended",
-        "_loop",
-        "_send_timer",
+        "_send_timeout",
         "_started_at",
         "_status",
         "_visitor_gone",
-        "_write_paused_at",
         "port",
         "server",
         "stream",
@@ -86,9 +85,8 @@ class TcpVisitor(asyncio.Protocol):
         self._visitor_gone = False
         #: the stream ended: logged, counted out of the in-flight requests
         self._ended = False
-        self._loop = asyncio.get_running_loop()
-        self._write_paused_at = 0.0
-        self._send_timer: asyncio.TimerHandle | None = None
+        #: made when writes first pause
+        self._send_timeout: SendTimeout | None = None
 
     # -- the visitor's side (asyncio protocol) ---------------------------------------------
 
@@ -98,18 +96,11 @@ class TcpVisitor(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.visitor_ip = str(peer[0]) if peer else "-"
         server = self.server
-        if server.closing:
+        admitted = server.admit(self.visitor_ip)
+        if isinstance(admitted, bytes):  # an HTTP answer: to a TCP visitor, a reset
             _reset(transport)
             return
-        if server.open_connections() >= server.config.max_connections:
-            server.refused_at_capacity.count(self.visitor_ip)
-            _reset(transport)
-            return
-        key = server.per_address.admit(self.visitor_ip)
-        if key is None:
-            _reset(transport)
-            return
-        self._address_key = key
+        self._address_key = admitted
         server.tcp_connections.add(self)
         route = tcp_route(self.port)
         client = server.registry.lookup_route(route)
@@ -139,9 +130,9 @@ class TcpVisitor(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._send_timer is not None:
-            self._send_timer.cancel()
-            self._send_timer = None
+        if self._send_timeout is not None:
+            self._send_timeout.cancel()
+            self._send_timeout = None  # it holds our bound method: no cycle left behind
         server = self.server
         server.tcp_connections.discard(self)
         if self._address_key is not None:
@@ -155,34 +146,26 @@ class TcpVisitor(asyncio.Protocol):
         self.transport = None
 
     def pause_writing(self) -> None:
-        self._write_paused_at = now = self._loop.time()
-        if self._send_timer is None:
-            self._send_timer = self._loop.call_at(
-                now + self.server.config.send_timeout_s, self._check_sending
-            )
+        if self._send_timeout is None:
+            loop = asyncio.get_running_loop()
+            self._send_timeout = SendTimeout(loop, self.server.config.send_timeout_s, self._stalled)
+        self._send_timeout.paused()
         if self.stream is not None:
             self.stream.pause_reading()
 
     def resume_writing(self) -> None:
-        self._write_paused_at = 0.0
+        if self._send_timeout is not None:
+            self._send_timeout.resumed()
         if self.stream is not None:
             self.stream.resume_reading()
 
-    def _check_sending(self) -> None:
-        """Drop a visitor that has left our writes stalled for the send timeout (as HTTP's)."""
-        self._send_timer = None
-        paused_at = self._write_paused_at
-        if not paused_at or self.transport is None:
-            return
-        timeout = self.server.config.send_timeout_s
-        if self._loop.time() < paused_at + timeout:
-            self._send_timer = self._loop.call_at(paused_at + timeout, self._check_sending)
-            return
+    def _stalled(self) -> None:
+        """The visitor left what we sent unread for the send timeout (as HTTP's): drop it."""
         logger.info(
             "a TCP visitor from %s to port %d left what we sent unread for %g s; dropped",
             self.visitor_ip,
             self.port,
-            timeout,
+            self.server.config.send_timeout_s,
         )
         self.abort()
 

@@ -22,6 +22,7 @@ from importlib import resources
 from typing import Final
 
 from homeport.exitnode.errors import ExitNodeError
+from server.config import tcp_ports_problem
 
 EXIT_UNIT: Final = "homeport-exit.service"
 CLIENT_UNIT: Final = "homeport-client.service"
@@ -115,11 +116,9 @@ def check_tcp_ports(tcp_ports: tuple[int, ...], port: int, control_port: int) ->
     """
     for tcp_port in tcp_ports:
         check_port(tcp_port, "--tcp-port")
-        for taken, option in ((port, "--port"), (control_port, "--control-port")):
-            if tcp_port == taken:
-                raise ExitNodeError(f"--tcp-port {tcp_port} is the {option} already")
-        if tcp_ports.count(tcp_port) > 1:
-            raise ExitNodeError(f"--tcp-port {tcp_port} is given twice")
+    problem = tcp_ports_problem(tcp_ports, port, control_port)
+    if problem is not None:
+        raise ExitNodeError(problem)
     return tcp_ports
 
 

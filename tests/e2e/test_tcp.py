@@ -277,7 +277,7 @@ async def test_a_port_the_exit_server_does_not_listen_on_is_reported_and_http_go
         (("client", "--tcp", "2222=127.0.0.1:99999"), "is not ADDRESS:PORT"),
         (("client", "--tcp", "2222=127.0.0.1:22", "--tcp", "2222=127.0.0.1:23"), "given twice"),
         (("server", "--tcp-port", "8123"), "--tcp-port 8123 is the --control-port already"),
-        (("server", "--tcp-port", "2222", "--tcp-port", "2222"), "a --tcp-port is given twice"),
+        (("server", "--tcp-port", "2222", "--tcp-port", "2222"), "--tcp-port 2222 is given twice"),
         (("server", "--tcp-port", "0"), "0 is not in the range 1<=x<=65535"),
     ],
 )
