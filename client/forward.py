@@ -15,6 +15,7 @@ import logging
 from client.upstreams import Upstream
 from tunnel.errors import ErrorCode, TunnelError
 from tunnel.session import Stream, StreamHandler
+from tunnel.sockets import reset_connection
 
 logger = logging.getLogger("homeport.client")
 
@@ -106,10 +107,12 @@ class Forwarder(StreamHandler):
         transport = self.transport
         if transport is None:
             return
-        if exc is not None:
-            transport.abort()  # the visitor went away: drop the upstream request now
-        else:
+        if exc is None:
             transport.close()
+        elif self.upstream.tcp_port is not None:
+            reset_connection(transport)  # a raw TCP stream reset: a reset for the upstream too
+        else:
+            transport.abort()  # the visitor went away: drop the upstream request now
 
     def pause_writing(self) -> None:
         if self.transport is not None:

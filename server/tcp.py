@@ -7,7 +7,9 @@ gets each connection made to it as a stream opened on the route
 does for HTTP. Nothing is parsed: bytes, half-closes and the end pass as
 they are, as the TCP tunnels of inlets-pro and frp carry them, so SSH, a
 database, or a TLS server on the Pi that keeps its own certificates (Caddy
-on 443) work through it unchanged.
+on 443) work through it unchanged. A reset passes as a reset, either way
+(tunnel/sockets.py): a visitor that resets its connection resets the
+upstream's, and an upstream that resets resets the visitor's.
 
 A TCP visitor counts against the same limits as an HTTP one
 (``--max-connections``, per address), has the same TCP keep-alive, and is
@@ -23,10 +25,7 @@ could not be.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import socket
-import struct
 import time
 from typing import TYPE_CHECKING, cast
 
@@ -40,13 +39,12 @@ from tunnel.errors import (
 )
 from tunnel.frames import tcp_route
 from tunnel.session import Stream, StreamHandler
+from tunnel.sockets import reset_connection
 
 if TYPE_CHECKING:
     from server.proxy import PublicServer
 
 logger = logging.getLogger("homeport.server")
-#: SO_LINGER on, for 0 s: closing sends a reset and drops what is unsent
-_LINGER_NONE = struct.pack("ii", 1, 0)
 
 
 class TcpVisitor(asyncio.Protocol):
@@ -98,7 +96,7 @@ class TcpVisitor(asyncio.Protocol):
         server = self.server
         admitted = server.admit(self.visitor_ip)
         if isinstance(admitted, bytes):  # an HTTP answer: to a TCP visitor, a reset
-            _reset(transport)
+            reset_connection(transport)
             return
         self._address_key = admitted
         server.tcp_connections.add(self)
@@ -190,7 +188,7 @@ class TcpVisitor(asyncio.Protocol):
         if exc is None:
             transport.close()  # both ways ended: what is written still goes
         else:
-            _reset(transport)  # the upstream refused or failed: no clean end to tell
+            reset_connection(transport)  # the upstream refused or failed: no clean end to tell
 
     def stream_pause_writing(self) -> None:
         if self.transport is not None:
@@ -208,7 +206,7 @@ class TcpVisitor(asyncio.Protocol):
         self._status = status
         self._log()
         if self.transport is not None:
-            _reset(self.transport)
+            reset_connection(self.transport)
 
     def _end(self, exc: TunnelError | None) -> None:
         if self._ended:
@@ -242,15 +240,6 @@ class TcpVisitor(asyncio.Protocol):
 
     def shut_down(self) -> None:
         """Server shutdown: a TCP connection is carried on until the drain time is up."""
-
-
-def _reset(transport: asyncio.Transport) -> None:
-    """Close with a reset (RST), TCP's nearest to "connection refused", not a clean end."""
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_NONE)
-    transport.abort()
 
 
 class _Carrier(StreamHandler):

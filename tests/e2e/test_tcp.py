@@ -26,7 +26,7 @@ import pytest
 
 from tests.e2e.conftest import ClientProcess, ExitServerProcess, Processes, Upstream
 from tests.support.processes import Process, homeport
-from tests.support.tcp_upstream import GREETING
+from tests.support.tcp_upstream import GREETING, RESET_ME
 from tests.support.upstream import pattern_body
 from tunnel.mux import RATE_WINDOW_S
 
@@ -232,7 +232,7 @@ def test_a_flood_of_visitors_that_reset_at_once_leaves_the_session_up(
     assert client.process.output.count("connected to ws://") == 1, session
 
 
-def test_a_visitor_that_resets_ends_the_upstream_connection(
+def test_a_visitor_that_resets_resets_the_upstream_connection(
     tcp_tunnel: tuple[ExitServerProcess, int], tcp_upstream: TcpUpstream
 ) -> None:
     server, port = tcp_tunnel
@@ -243,10 +243,27 @@ def test_a_visitor_that_resets_ends_the_upstream_connection(
             got += sock.recv(65536)
         assert got == GREETING + b"x" * 1000
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    # closed with SO_LINGER 0: a reset, and no half-close the upstream could answer
-    tcp_upstream.process.wait_for(r"tcp connection ended after 1000 bytes \(closed\)", TIMEOUT_S)
+    # closed with SO_LINGER 0: a reset, which reaches the upstream as a reset (RFC 9113 §8.5)
+    tcp_upstream.process.wait_for(r"tcp connection ended after 1000 bytes \(reset\)", TIMEOUT_S)
     logged = server.process.wait_for(rf'"TCP :{port}" .*status=(\d+)')
     assert logged.group(1) == "200"  # carried, then the visitor went
+
+
+async def test_an_upstream_that_resets_resets_the_visitor(
+    tcp_tunnel: tuple[ExitServerProcess, int], tcp_upstream: TcpUpstream
+) -> None:
+    server, port = tcp_tunnel
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        async with asyncio.timeout(TIMEOUT_S):
+            assert await reader.readexactly(len(GREETING)) == GREETING
+            writer.write(RESET_ME)
+            with pytest.raises(ConnectionResetError):
+                await reader.read()  # a reset, never the clean end of b""
+    finally:
+        writer.close()
+    await tcp_upstream.process.wait_for_async(r"tcp connection ended after 9 bytes \(reset by us\)")
+    await server.process.wait_for_async(rf'pi "TCP :{port}" host=- status=502 in=9 out=6 ')
 
 
 async def test_a_port_the_exit_server_does_not_listen_on_is_reported_and_http_goes_on(

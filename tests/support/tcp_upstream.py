@@ -5,17 +5,24 @@
 prints ``tcp upstream listening on 127.0.0.1:PORT`` once it serves. On each
 connection it speaks first, ``hello\\n`` (as SSH and SMTP servers do), then
 echoes every byte it reads; when the visitor half-closes it sends ``got N
-bytes, sha256 HEX\\n`` and closes. Each connection's end is a line, ``tcp
-connection ended after N bytes (closed)`` (or ``(reset)``), that tests wait on.
+bytes, sha256 HEX\\n`` and closes. A read that ends with ``reset me\\n``
+is not echoed: the upstream resets the connection instead (SO_LINGER 0).
+Each connection's end is a line, ``tcp connection ended after N bytes
+(closed)`` (``(reset)`` when the visitor's side reset it, ``(reset by
+us)``), that tests wait on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import socket
+import struct
 import sys
 
 GREETING = b"hello\n"
+RESET_ME = b"reset me\n"
+_LINGER_NONE = struct.pack("ii", 1, 0)
 
 
 def say(line: str) -> None:
@@ -30,6 +37,13 @@ async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
         writer.write(GREETING)
         while data := await reader.read(65536):
             count += len(data)
+            if data.endswith(RESET_ME):
+                writer.get_extra_info("socket").setsockopt(
+                    socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_NONE
+                )
+                writer.transport.abort()
+                how = "reset by us"
+                return
             digest.update(data)
             writer.write(data)
             await writer.drain()
