@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from time import localtime, monotonic, strftime, time
+from time import localtime, strftime, time
 from typing import Final
 
 from tunnel.log import escape, redact
@@ -49,8 +49,12 @@ class AccessLog:
         bytes_in: int,
         bytes_out: int,
         started_at: float,
+        now: float,
     ) -> None:
         """Note one request: who served it, what it was, how it went.
+
+        ``started_at`` and ``now`` are read on the monotonic clock; the
+        caller reads ``now`` once for this and the request's counts.
 
         Only the path is escaped: the method is one llhttp knows (or empty),
         the host was normalised to a host name or IP literal, and the client
@@ -58,7 +62,6 @@ class AccessLog:
         """
         if not self.enabled:
             return
-        now = monotonic()
         if now >= self._stamp_until:
             self._new_second(now)
         shown = path.decode("latin-1")  # what escape() returns for a printable path

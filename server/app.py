@@ -11,6 +11,7 @@ from typing import Any, Final
 
 from server.config import ServerConfig
 from server.control import CONNECT_PATH, MAX_HANDSHAKES, ControlServer
+from server.metrics import render
 from server.proxy import PublicServer
 from server.registry import Registry
 from tunnel.auth import TokenVerifier
@@ -41,7 +42,11 @@ class ExitServer:
         self.registry = Registry()
         self.public = PublicServer(config, self.registry)
         self.control = ControlServer(
-            config, self.registry, TokenVerifier(config.token_digest), status=self.status
+            config,
+            self.registry,
+            TokenVerifier(config.token_digest),
+            status=self.status,
+            metrics=self.metrics,
         )
         self.public_addresses: list[tuple[str, int]] = []
         self.control_addresses: list[tuple[str, int]] = []
@@ -103,6 +108,10 @@ class ExitServer:
             "auth_failures": self.control.auth_failures,
             "auth_rate_limited": self.control.rate_limited.total,
         }
+
+    def metrics(self) -> str:
+        """What ``GET /metrics`` on the control port reports (with the token)."""
+        return render(self.status(), self.public.counts, SOFTWARE)
 
     async def start(self) -> None:
         """Bind both ports.

@@ -35,6 +35,7 @@ from websockets.http11 import Request, Response
 from server.config import ServerConfig
 from server.limits import AuthLimiter, ConnectionsPerAddress, Refusals
 from server.listen import bind
+from server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from server.paths import MAX_ALLOWED_PATHS, valid_prefix
 from server.registry import ConnectedClient, Registry, Route, normalize_host, valid_client_name
 from tunnel.auth import TokenVerifier, bearer_token
@@ -51,6 +52,9 @@ logger = logging.getLogger("homeport.server")
 CONNECT_PATH: Final = "/connect"
 HEALTH_PATH: Final = "/healthz"
 STATUS_PATH: Final = "/status"
+METRICS_PATH: Final = "/metrics"
+#: what the token opens, beside the tunnel itself (CONNECT_PATH)
+_REPORTS: Final = (STATUS_PATH, METRICS_PATH)
 MAX_ROUTES: Final = 64
 #: connections one client may keep (``homeport client --connections``)
 MAX_CONNECTIONS: Final = 8
@@ -80,11 +84,13 @@ class ControlServer:
         registry: Registry,
         verifier: TokenVerifier,
         status: Callable[[], dict[str, Any]] | None = None,
+        metrics: Callable[[], str] | None = None,
     ) -> None:
         self.config = config
         self.registry = registry
         self.verifier = verifier
         self.status = status
+        self.metrics = metrics
         self.sessions: set[Session] = set()
         self.auth_failures = 0
         self.limiter = AuthLimiter(max_failures=config.max_auth_failures)
@@ -230,7 +236,7 @@ class ControlServer:
         upgrade = "Upgrade" in request.headers
         if path == HEALTH_PATH and not upgrade:
             return rejection(200, "ok")
-        if path not in (CONNECT_PATH, STATUS_PATH) or (path == STATUS_PATH and upgrade):
+        if path != CONNECT_PATH and (path not in _REPORTS or upgrade):
             return rejection(404, "not found")
         if query:
             # A token must never travel in a URL (it ends up in logs and
@@ -261,6 +267,9 @@ class ControlServer:
         if path == STATUS_PATH:
             body = json.dumps(self.status() if self.status else {}, indent=2)
             return rejection(200, body, {"Cache-Control": "no-store"}, "application/json")
+        if path == METRICS_PATH:
+            body = self.metrics().removesuffix("\n") if self.metrics else ""
+            return rejection(200, body, {"Cache-Control": "no-store"}, METRICS_CONTENT_TYPE)
         offered = [
             p.strip()
             for value in request.headers.get_all("Sec-WebSocket-Protocol")

@@ -31,8 +31,8 @@ import asyncio
 import collections
 import enum
 import logging
-import time
 from collections.abc import Callable
+from time import monotonic
 from typing import TYPE_CHECKING, Final, cast
 
 import httptools
@@ -41,6 +41,7 @@ from server import headers as h
 from server.accesslog import AccessLog
 from server.limits import ConnectionsPerAddress, Refusals, SendTimeout
 from server.listen import serve
+from server.metrics import RequestCounts
 from server.paths import path_allowed
 from server.registry import ConnectedClient, Registry, normalize_host
 from server.tcp import TcpVisitor
@@ -167,6 +168,8 @@ class PublicServer:
         self.config = config
         self.registry = registry
         self.access_log = AccessLog()
+        #: ended requests and TCP connections counted for /metrics
+        self.counts = RequestCounts()
         self.connections: set[VisitorConnection] = set()
         #: visitors of the raw TCP ports (server/tcp.py), under the same limits
         self.tcp_connections: set[TcpVisitor] = set()
@@ -492,7 +495,7 @@ class VisitorConnection(asyncio.Protocol):
     # -- llhttp callbacks ----------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        self._request = _Request(time.monotonic())
+        self._request = _Request(monotonic())
         self._in_head = True
         self._heads_begun += 1
         self._raw_head_bytes = 0
@@ -818,8 +821,11 @@ class VisitorConnection(asyncio.Protocol):
     def log(
         self, request: _Request, client: str, status: int, bytes_in: int, bytes_out: int
     ) -> None:
-        """One access-log line for ``request`` (path without its query)."""
-        self.server.access_log.record(
+        """One access-log line for ``request`` (path without its query), and its counts."""
+        server = self.server
+        now = monotonic()
+        server.counts.http(client, status, bytes_in, bytes_out, now - request.started_at)
+        server.access_log.record(
             client,
             request.method,
             request.target.partition(b"?")[0],
@@ -828,6 +834,7 @@ class VisitorConnection(asyncio.Protocol):
             bytes_in,
             bytes_out,
             request.started_at,
+            now,
         )
 
     def write(self, data: bytes | memoryview) -> None:

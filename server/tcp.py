@@ -222,6 +222,9 @@ class TcpVisitor(asyncio.Protocol):
         self.server.exchange_ended()
 
     def _log(self) -> None:
+        self.server.counts.tcp(
+            self._client_name, self.port, self._status, self._bytes_in, self._bytes_out
+        )
         self.server.access_log.record(
             self._client_name,
             b"TCP",
@@ -231,6 +234,7 @@ class TcpVisitor(asyncio.Protocol):
             self._bytes_in,
             self._bytes_out,
             self._started_at,
+            time.monotonic(),
         )
 
     def abort(self) -> None:

@@ -7,7 +7,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.processes import Process, homeport
 from tunnel.auth import generate_token, write_secret_file
@@ -45,6 +47,22 @@ class ExitServerProcess:
     @property
     def control_url(self) -> str:
         return f"ws://127.0.0.1:{self.control_port}"
+
+
+async def scrape_metrics(server: ExitServerProcess, token: str) -> dict[tuple[str, str], float]:
+    """``GET /metrics`` with the token, read with prometheus_client's parser: every sample's
+    value by its name and its labels written ``k=v,…`` in order (``""`` for none)."""
+    url = f"http://127.0.0.1:{server.control_port}/metrics"
+    headers = {"Authorization": f"Bearer {token}"}
+    async with aiohttp.ClientSession() as http, http.get(url, headers=headers) as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+        text = await response.text()
+    return {
+        (sample.name, ",".join(f"{k}={v}" for k, v in sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
 
 
 @dataclass

@@ -24,7 +24,13 @@ from dataclasses import dataclass
 import aiohttp
 import pytest
 
-from tests.e2e.conftest import ClientProcess, ExitServerProcess, Processes, Upstream
+from tests.e2e.conftest import (
+    ClientProcess,
+    ExitServerProcess,
+    Processes,
+    Upstream,
+    scrape_metrics,
+)
 from tests.support.processes import Process, homeport
 from tests.support.tcp_upstream import GREETING, RESET_ME
 from tests.support.upstream import pattern_body
@@ -119,6 +125,23 @@ async def test_a_tcp_port_carries_bytes_both_ways_and_the_half_close(
         rf'pi "TCP :{port}" host=- status=200 in={len(payload)} '
         rf"out={len(GREETING) + len(payload) + len(last)} "
     )
+
+
+async def test_tcp_connections_are_counted_in_the_metrics(
+    tcp_tunnel: tuple[ExitServerProcess, int], token: str
+) -> None:
+    server, port = tcp_tunnel
+    for payload in (b"one", b"two"):
+        mark = server.process.mark()
+        await exchange(port, payload)
+        await server.process.wait_for_async(
+            rf'pi "TCP :{port}" host=- status=200 in=3 ', since=mark
+        )
+    metrics = await scrape_metrics(server, token)
+    assert metrics["homeport_tcp_connections_total", f"client=pi,port={port},code=200"] == 2
+    assert metrics["homeport_visitor_bytes_total", "client=pi,way=in"] == 6
+    assert metrics["homeport_visitor_connections", "kind=tcp"] == 0
+    assert not [name for name, _ in metrics if name.startswith("homeport_http_requests")]
 
 
 async def test_many_tcp_connections_at_once_each_arrive_intact(

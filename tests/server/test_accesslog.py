@@ -27,7 +27,8 @@ def logged(path: bytes, *, host: str | None = "example.com", ago_s: float = 0.0)
 
         async def record() -> None:
             log = AccessLog(write_end, enabled=True)
-            log.record("pi", b"GET", path, host, 200, 12, 1024, time.monotonic() - ago_s)
+            now = time.monotonic()
+            log.record("pi", b"GET", path, host, 200, 12, 1024, now - ago_s, now)
             await asyncio.sleep(0)  # the line leaves at the end of the loop iteration
 
         asyncio.run(record())
