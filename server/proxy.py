@@ -39,9 +39,9 @@ import httptools
 
 from server import headers as h
 from server.accesslog import AccessLog
+from server.counts import RequestCounts
 from server.limits import ConnectionsPerAddress, Refusals, SendTimeout
 from server.listen import serve
-from server.metrics import RequestCounts
 from server.paths import path_allowed
 from server.registry import ConnectedClient, Registry, normalize_host
 from server.tcp import TcpVisitor

@@ -1,4 +1,5 @@
-"""What ``GET /metrics`` writes (server/metrics.py), read back with prometheus_client's parser."""
+"""What ``GET /metrics`` counts and writes (server/counts.py, server/metrics.py), read back
+with prometheus_client's parser."""
 
 from __future__ import annotations
 
@@ -12,14 +13,8 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from server.metrics import (
-    DURATION_BUCKETS_S,
-    MAX_CLIENTS,
-    OTHER_CLIENTS,
-    Exposition,
-    RequestCounts,
-    render,
-)
+from server.counts import DURATION_BUCKETS_S, MAX_CLIENTS, OTHER_CLIENTS, RequestCounts
+from server.metrics import Exposition, render
 
 STATUS: dict[str, Any] = {
     "clients": [
