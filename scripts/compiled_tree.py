@@ -65,22 +65,43 @@ def source_hash(files: list[str]) -> str:
     return digest.hexdigest()[:16]
 
 
-def build_wheel(files: list[str]) -> Path:
+def unlisted_extensions(wheel: Path, modules: list[str]) -> list[str]:
+    """Compiled modules in ``wheel`` that the list does not name: an earlier build's."""
+    listed = {module.removesuffix(".py") for module in modules}
+    suffix = sysconfig.get_config_var("EXT_SUFFIX")
+    with zipfile.ZipFile(wheel) as archive:
+        return [
+            name
+            for name in archive.namelist()
+            if "/" in name and name.endswith(suffix) and name.removesuffix(suffix) not in listed
+        ]
+
+
+def build_wheel(files: list[str], modules: list[str]) -> Path:
     """The compiled wheel of this checkout, built unless one of the same sources is kept."""
     mine = WHEELS / interpreter_key()
     kept = mine / source_hash(files)
     wheels = list(kept.glob("*.whl")) if kept.is_dir() else []
-    if wheels:
+    if wheels and not unlisted_extensions(wheels[0], modules):
         return wheels[0]
     headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
     if not headers.exists():
         sys.exit(f"compiled_tree: {headers} is missing: install python3-dev (Debian) first")
     shutil.rmtree(mine, ignore_errors=True)  # this interpreter's older builds
+    # setuptools builds in ROOT/build/lib.* and packs all it finds there into the
+    # wheel: an extension of an earlier build (a module since dropped from the
+    # list, a group of modules since renamed) would ride along and be imported
+    # in place of the source.
+    for stale in [*ROOT.glob("build/lib.*"), *ROOT.glob("build/bdist.*")]:
+        shutil.rmtree(stale, ignore_errors=True)
     print(f"compiled_tree: building the compiled wheel in {kept} (a minute or two)", flush=True)
     env = {**os.environ, "HOMEPORT_COMPILE": "1"}
     command = [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(kept), "."]
     subprocess.run(command, cwd=ROOT, env=env, check=True)
-    return next(kept.glob("*.whl"))
+    wheel = next(kept.glob("*.whl"))
+    if stale := unlisted_extensions(wheel, modules):
+        sys.exit(f"compiled_tree: {wheel} holds modules not listed: {', '.join(stale)}")
+    return wheel
 
 
 def check_compiled(dest: Path, modules: list[str]) -> None:
@@ -100,7 +121,7 @@ def main() -> int:
     dest = Path(sys.argv[1]).resolve() if len(sys.argv) > 1 else ROOT / "build" / "compiled"
     modules = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["homeport"]["compiled"]
     files = tracked_files()
-    wheel = build_wheel(files)
+    wheel = build_wheel(files, modules)
     shutil.rmtree(dest, ignore_errors=True)
     for name in files:
         (dest / name).parent.mkdir(parents=True, exist_ok=True)
