@@ -13,6 +13,7 @@ import logging
 import random
 import secrets
 import signal
+from typing import Any
 
 from client.config import ClientConfig, control_url
 from client.dial import DialFailed, dial
@@ -232,12 +233,18 @@ class TunnelClient:
             if u.tcp_port is None
         ]
         tcp_ports = [u.tcp_port for u in config.upstreams if u.tcp_port is not None]
+        proxy_protocol = {
+            str(u.tcp_port): u.proxy_protocol
+            for u in config.upstreams
+            if u.tcp_port is not None and u.proxy_protocol
+        }
         try:
             await session.send_hello(
                 {
                     "client_name": config.name,
                     "routes": routes,
                     "tcp_ports": tcp_ports,
+                    **({"proxy_protocol": proxy_protocol} if proxy_protocol else {}),
                     "instance": self.instance,
                     "connection": index,
                     "connections": config.connections,
@@ -259,6 +266,7 @@ class TunnelClient:
             raise _NotTaken
         self.sessions_started += 1
         self._check_tcp_ports(tcp_ports, hello.get("tcp_ports"), index)
+        self._check_proxy_protocol(proxy_protocol, hello, index)
         logger.info(
             "connected to %s as %s (session %s)%s%s; serving %s",
             self.url,
@@ -334,6 +342,26 @@ class TunnelClient:
             logger.warning(
                 "the exit server does not listen on TCP port %s (start it with --tcp-port); "
                 "those are not served",
+                ", ".join(missing),
+            )
+
+    def _check_proxy_protocol(
+        self, asked: dict[str, int], hello: dict[str, Any], index: int
+    ) -> None:
+        """Warn of ports the exit server carries but will not open with a PROXY header."""
+        if not asked or index != 0:
+            return
+        granted = hello.get("proxy_protocol")
+        granted = granted if isinstance(granted, dict) else {}
+        carried = hello.get("tcp_ports")
+        carried = carried if isinstance(carried, list) else []
+        missing = [
+            port for port in asked if int(port) in carried and granted.get(port) != asked[port]
+        ]
+        if missing:
+            logger.warning(
+                "the exit server does not send the PROXY protocol header on TCP port %s "
+                "(an older homeport?): an upstream that expects it will refuse those connections",
                 ", ".join(missing),
             )
 

@@ -21,6 +21,8 @@ from tunnel.errors import ConfigError
 from tunnel.frames import TCP_ROUTE_PREFIX, tcp_route
 
 DEFAULT_ROUTE = ""
+#: the PROXY protocol versions ``--proxy-protocol`` names (server/proxy_protocol.py)
+PROXY_PROTOCOL_VERSIONS = {"v1": 1, "v2": 2}
 _LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
 
 
@@ -34,6 +36,9 @@ class Upstream:
     port: int
     rewrite_host: bool = False  #: send the upstream's own host:port as Host
     allow_paths: tuple[str, ...] = ()  #: the only path prefixes the public may reach
+    #: for a raw TCP port: the PROXY protocol version the exit server opens each
+    #: connection with (``--proxy-protocol``), 0 for none
+    proxy_protocol: int = 0
 
     @property
     def authority(self) -> str:
@@ -50,7 +55,8 @@ class Upstream:
 
     def describe(self) -> str:
         if self.tcp_port is not None:
-            return f"TCP port {self.tcp_port} -> {self.authority}"
+            proxy = f" (PROXY protocol v{self.proxy_protocol})" if self.proxy_protocol else ""
+            return f"TCP port {self.tcp_port} -> {self.authority}{proxy}"
         paths = f" (only {', '.join(self.allow_paths)})" if self.allow_paths else ""
         return f"{self.route or 'default route'} -> {self.url}{paths}"
 
@@ -102,7 +108,8 @@ def parse_tcp_upstream(spec: str) -> Upstream:
     """
     public, sep, target = spec.partition("=")
     example = "for example --tcp 2222=127.0.0.1:22"
-    if not sep or not public.strip().isdigit() or not 0 < int(public) < 65536:
+    public_port = _port_number(public)
+    if not sep or public_port is None:
         raise ConfigError(f"--tcp {spec!r} must be PUBLIC_PORT=ADDRESS:PORT, {example}")
     try:
         parsed = urllib.parse.urlsplit(f"tcp://{target.strip()}")
@@ -114,7 +121,15 @@ def parse_tcp_upstream(spec: str) -> Upstream:
     host = parsed.hostname
     with contextlib.suppress(ValueError):  # a name, not an IP literal
         host = str(ipaddress.ip_address(host))
-    return Upstream(tcp_route(int(public)), f"tcp://{target.strip()}", host, port)
+    return Upstream(tcp_route(public_port), f"tcp://{target.strip()}", host, port)
+
+
+def _port_number(text: str) -> int | None:
+    """A port number, 1 to 65535, written in ASCII digits; None for anything else."""
+    text = text.strip()
+    if not (text.isascii() and text.isdigit() and len(text) <= 5 and 0 < int(text) < 65536):
+        return None
+    return int(text)
 
 
 def parse_upstreams(
@@ -122,13 +137,14 @@ def parse_upstreams(
     rewrite_hosts: frozenset[str] = frozenset(),
     allow_paths: tuple[str, ...] = (),
     tcp: list[str] | tuple[str, ...] = (),
+    proxy_protocol: list[str] | tuple[str, ...] = (),
 ) -> tuple[Upstream, ...]:
     """Parse every ``--upstream``, with the ``--rewrite-host`` and ``--allow-path`` that name them,
-    and every ``--tcp``.
+    and every ``--tcp``, with the ``--proxy-protocol`` that names it.
 
     Raises:
         ConfigError: no upstream, a malformed one, a route or port given twice,
-            or a rewrite or allowlist for a route that does not exist.
+            or a rewrite, allowlist or PROXY protocol for a route or port that does not exist.
     """
     if not specs and not tcp:
         raise ConfigError(
@@ -146,17 +162,39 @@ def parse_upstreams(
         prefixes = tuple(allowed.get(upstream.route or "default", ()))
         upstreams.append(dataclasses.replace(upstream, allow_paths=prefixes))
     names = {u.route or "default" for u in upstreams}
+    versions = _parse_proxy_protocol(proxy_protocol)
     for spec in tcp:
         upstream = parse_tcp_upstream(spec)
         if upstream.route in seen:
             raise ConfigError(f"--tcp port {upstream.tcp_port} is given twice")
         seen.add(upstream.route)
-        upstreams.append(upstream)
+        version = versions.pop(upstream.tcp_port or 0, 0)
+        upstreams.append(dataclasses.replace(upstream, proxy_protocol=version))
+    if versions:
+        ports = ", ".join(str(port) for port in sorted(versions))
+        raise ConfigError(f"--proxy-protocol names port {ports}, which no --tcp serves")
     for option, named in (("--rewrite-host", set(rewrite_hosts)), ("--allow-path", set(allowed))):
         unknown = named - names
         if unknown:
             raise ConfigError(f"{option} names unknown routes: {', '.join(sorted(unknown))}")
     return tuple(upstreams)
+
+
+def _parse_proxy_protocol(specs: list[str] | tuple[str, ...]) -> dict[int, int]:
+    """``PORT=v1`` or ``PORT=v2`` pairs (``--proxy-protocol``), PORT a ``--tcp`` port."""
+    versions: dict[int, int] = {}
+    for spec in specs:
+        text, sep, name = spec.partition("=")
+        port = _port_number(text)
+        version = PROXY_PROTOCOL_VERSIONS.get(name.strip().lower())
+        if not sep or port is None:
+            raise ConfigError(f"--proxy-protocol {spec!r} must be PORT=v1 or PORT=v2, e.g. 443=v2")
+        if version is None:
+            raise ConfigError(f"--proxy-protocol {spec!r}: the version is v1 or v2")
+        if port in versions:
+            raise ConfigError(f"--proxy-protocol port {port} is given twice")
+        versions[port] = version
+    return versions
 
 
 def _parse_allow_paths(specs: tuple[str, ...]) -> dict[str, list[str]]:

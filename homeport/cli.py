@@ -695,6 +695,17 @@ def server(
     "address, e.g. 2222=127.0.0.1:22. Repeatable.",
 )
 @click.option(
+    "--proxy-protocol",
+    "proxy_protocol",
+    multiple=True,
+    show_envvar=True,
+    envvar="HOMEPORT_PROXY_PROTOCOL",
+    metavar="PORT=v1|v2",
+    help="Open each connection to this --tcp port's upstream with a PROXY protocol header "
+    "(v1 text, v2 binary) naming the visitor, for servers that read it (nginx, HAProxy, "
+    "Caddy, Postfix). Repeatable.",
+)
+@click.option(
     "--rewrite-host",
     "rewrite_hosts",
     multiple=True,
@@ -816,6 +827,7 @@ def client(
     token_file: Path | None,
     upstreams: tuple[str, ...],
     tcp_upstreams: tuple[str, ...],
+    proxy_protocol: tuple[str, ...],
     rewrite_hosts: tuple[str, ...],
     allow_paths: tuple[str, ...],
     name: str | None,
@@ -863,6 +875,7 @@ def client(
                 frozenset(r.lower().removesuffix(".") for r in rewrite_hosts),
                 allow_paths,
                 tcp_upstreams,
+                proxy_protocol,
             ),
             name=client_name,
             upstream_connect_timeout_s=upstream_connect_timeout,

@@ -310,6 +310,7 @@ class ControlServer:
             hello = await session.wait_hello()
             name, routes = _read_client_hello(hello)
             tcp_ports = _read_tcp_ports(hello)
+            proxy_versions = _read_proxy_protocol(hello, tcp_ports)
             if not routes and not tcp_ports:
                 raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "no route and no TCP port to serve")
             instance, index, connections = _read_connection(hello)
@@ -331,7 +332,9 @@ class ControlServer:
                 missing,
             )
         for port in offered:
-            routes[tcp_route(port)] = Route(tcp_route(port))
+            routes[tcp_route(port)] = Route(
+                tcp_route(port), proxy_protocol=proxy_versions.get(port, 0)
+            )
         client = ConnectedClient(
             name=name,
             session=session,
@@ -343,7 +346,8 @@ class ControlServer:
             connection=index,
             connections=connections,
         )
-        await session.send_hello(server_hello(session_id, offered))
+        granted = {port: proxy_versions[port] for port in offered if port in proxy_versions}
+        await session.send_hello(server_hello(session_id, offered, granted))
         which = f"connection {index + 1} of {connections}" if connections > 1 else ""
         for replaced in self.registry.add(client):
             if replaced.session.is_closing:
@@ -437,18 +441,45 @@ def _read_tcp_ports(hello: dict[str, Any]) -> list[int]:
     return ports
 
 
-def server_hello(session_id: str, tcp_ports: list[int] | None = None) -> dict[str, Any]:
+def _read_proxy_protocol(hello: dict[str, Any], tcp_ports: list[int]) -> dict[int, int]:
+    """The PROXY protocol version the client asks for on each of its TCP ports (none: {}).
+
+    Raises:
+        ProtocolError: not an object of the client's TCP ports to 1 or 2.
+    """
+    asked = hello.get("proxy_protocol", {})
+    if not isinstance(asked, dict):
+        raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "proxy_protocol must be an object")
+    versions: dict[int, int] = {}
+    for key, version in asked.items():
+        port = int(key) if key.isascii() and key.isdigit() and len(key) <= 5 else 0
+        if port not in tcp_ports or type(version) is not int or version not in (1, 2):
+            raise ProtocolError(
+                ErrorCode.PROTOCOL_ERROR,
+                "proxy_protocol must map the client's TCP ports to version 1 or 2",
+            )
+        versions[port] = version
+    return versions
+
+
+def server_hello(
+    session_id: str,
+    tcp_ports: list[int] | None = None,
+    proxy_protocol: dict[int, int] | None = None,
+) -> dict[str, Any]:
     """What the exit server says in its HELLO, besides the multiplexer's settings.
 
     ``max_connections`` tells a client that several of its sessions may
     stand side by side; one that does not see it (from an older exit
     server, which would have each replace the other) keeps one.
-    ``tcp_ports`` are those of the client's that this server carries.
+    ``tcp_ports`` are those of the client's that this server carries, and
+    ``proxy_protocol`` those it opens with a PROXY protocol header.
     """
     return {
         "session_id": session_id,
         "max_connections": MAX_CONNECTIONS,
         "tcp_ports": tcp_ports or [],
+        "proxy_protocol": {str(port): v for port, v in (proxy_protocol or {}).items()},
         "software": SOFTWARE,
     }
 
@@ -482,6 +513,8 @@ def _read_connection(hello: dict[str, Any]) -> tuple[str, int, int]:
 
 def _describe(route: Route) -> str:
     if route.host.startswith(TCP_ROUTE_PREFIX):
-        return f"TCP port {route.host.removeprefix(TCP_ROUTE_PREFIX)}"
+        port = route.host.removeprefix(TCP_ROUTE_PREFIX)
+        proxy = f" (PROXY protocol v{route.proxy_protocol})" if route.proxy_protocol else ""
+        return f"TCP port {port}{proxy}"
     name = route.host or "the default route"
     return f"{name} (paths {', '.join(route.allow_paths)})" if route.allow_paths else name

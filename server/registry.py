@@ -107,6 +107,9 @@ class Route:
     host_rewrite: bytes | None = None
     #: path prefixes the public may reach; empty for all (server/paths.py)
     allow_paths: tuple[str, ...] = ()
+    #: for a raw TCP port: the PROXY protocol version to open each connection with
+    #: (server/proxy_protocol.py), 0 for none
+    proxy_protocol: int = 0
 
 
 class Kept(Protocol):

@@ -30,6 +30,7 @@ import time
 from typing import TYPE_CHECKING, cast
 
 from server.limits import SendTimeout
+from server.proxy_protocol import header as proxy_header
 from tunnel.errors import (
     HTTP_STATUS_FOR_CODE,
     SessionClosed,
@@ -112,6 +113,12 @@ class TcpVisitor(asyncio.Protocol):
         except StreamClosed as exc:
             self._refuse(HTTP_STATUS_FOR_CODE.get(exc.code, 503))
             return
+        served = client.routes.get(route)
+        if served is not None and served.proxy_protocol:
+            # Before any byte of the visitor's: who it is, for the upstream (not counted as in).
+            self.stream.write(
+                proxy_header(served.proxy_protocol, peer, transport.get_extra_info("sockname"))
+            )
         server.exchange_started()
 
     def data_received(self, data: bytes) -> None:

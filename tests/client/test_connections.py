@@ -10,6 +10,8 @@ import aiohttp
 import pytest
 
 import server.control
+from client.upstreams import parse_upstreams
+from tests.support.ports import free_port
 from tests.support.waiting import wait_until
 from tests.support.world import running_world
 from tunnel.errors import ErrorCode
@@ -35,8 +37,8 @@ async def test_against_an_exit_server_that_keeps_one_connection_the_client_keeps
     # each of the client's sessions replace the other.
     newer_hello = server.control.server_hello
 
-    def older_hello(session_id: str, tcp_ports: list[int] | None = None) -> dict[str, Any]:
-        hello = newer_hello(session_id, tcp_ports)
+    def older_hello(session_id: str, *args: Any) -> dict[str, Any]:
+        hello = newer_hello(session_id, *args)
         del hello["max_connections"]
         return hello
 
@@ -47,6 +49,37 @@ async def test_against_an_exit_server_that_keeps_one_connection_the_client_keeps
             assert len(world.server.registry) == 1
             assert world.client.sessions_started == 1
             assert "replaced" not in caplog.text
+
+
+async def test_a_client_warns_when_the_exit_server_will_not_send_its_proxy_protocol_header(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # An exit server from before --proxy-protocol ignores the client's ask and grants nothing.
+    newer_hello = server.control.server_hello
+
+    def older_hello(session_id: str, *args: Any) -> dict[str, Any]:
+        hello = newer_hello(session_id, *args)
+        del hello["proxy_protocol"]
+        return hello
+
+    monkeypatch.setattr(server.control, "server_hello", older_hello)
+    port = free_port()
+    served = parse_upstreams((), tcp=(f"{port}=127.0.0.1:22",), proxy_protocol=(f"{port}=v2",))
+    with caplog.at_level(logging.WARNING, logger="homeport.client"):
+        async with running_world("pi", more_upstreams=served, tcp_ports=(port,)):
+            await wait_until(lambda: f"PROXY protocol header on TCP port {port}" in caplog.text)
+
+
+async def test_a_client_granted_its_proxy_protocol_header_does_not_warn(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    port = free_port()
+    served = parse_upstreams((), tcp=(f"{port}=127.0.0.1:22",), proxy_protocol=(f"{port}=v1",))
+    with caplog.at_level(logging.WARNING, logger="homeport.client"):
+        async with running_world("pi", more_upstreams=served, tcp_ports=(port,)) as world:
+            (session,) = world.server.registry.clients()
+            assert session.routes[f"tcp:{port}"].proxy_protocol == 1
+    assert "PROXY" not in caplog.text
 
 
 async def test_a_session_out_of_stream_ids_hands_over_and_finishes_what_it_carries(

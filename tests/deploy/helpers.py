@@ -16,7 +16,6 @@ import json
 import os
 import shlex
 import shutil
-import socket
 import stat
 import subprocess
 import sys
@@ -189,11 +188,3 @@ def start_unit(root: Path, unit: str, work: Path, **extra_env: str) -> Process:
     command[0] = str(root / command[0].lstrip("/"))
     env["CREDENTIALS_DIRECTORY"] = str(credentials)
     return Process(unit, command, env).start()
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now (good enough for a test's own servers)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port

@@ -32,12 +32,12 @@ from tests.deploy.fakecivo import FakeCivo
 from tests.deploy.helpers import (
     ROOT,
     FakeBin,
-    free_port,
     parse_env_file,
     require,
     run_script,
     start_unit,
 )
+from tests.support.ports import free_port
 from tests.support.processes import Process
 from tests.support.tcp_upstream import GREETING
 

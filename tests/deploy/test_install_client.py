@@ -137,6 +137,30 @@ def test_install_with_only_tcp_ports_serves_no_http_upstream(
     assert parse_upstreams(options["upstreams"], tcp=options["tcp_upstreams"])
 
 
+def test_install_passes_the_proxy_protocol_on_to_the_client(
+    tmp_path: Path, fakebin: FakeBin, token_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root, _, err, code = install(
+        tmp_path,
+        fakebin,
+        *(*BASIC, "--token-file", str(token_file)),
+        *("--tcp", "443=127.0.0.1:443", "--tcp", "25=127.0.0.1:25", "--tcp", "2222=127.0.0.1:22"),
+        *("--proxy-protocol", "443=v2", "--proxy-protocol", "25=v1"),
+    )
+
+    assert code == 0, err
+    client_env = root / "etc/homeport/client.env"
+    assert 'HOMEPORT_PROXY_PROTOCOL="443=v2 25=v1"\n' in client_env.read_text()
+    for key, value in parse_env_file(client_env).items():
+        monkeypatch.setenv(key, value)
+    options = client.make_context("client", []).params
+    assert options["proxy_protocol"] == ("443=v2", "25=v1")
+    served = parse_upstreams(
+        (), tcp=options["tcp_upstreams"], proxy_protocol=options["proxy_protocol"]
+    )
+    assert [(u.tcp_port, u.proxy_protocol) for u in served] == [(443, 2), (25, 1), (2222, 0)]
+
+
 def test_install_refuses_a_tcp_port_given_twice(
     tmp_path: Path, fakebin: FakeBin, token_file: Path
 ) -> None:
@@ -212,6 +236,50 @@ def test_install_refuses_malformed_values_and_changes_nothing(
     assert code == 1
     assert message in err
     assert not pwned.exists()
+    assert fakebin.commands() == []
+    assert list(root.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ("--tcp", "443=127.0.0.1:443", "--proxy-protocol", "443=v3"),
+            "--proxy-protocol is malformed",
+        ),
+        (
+            ("--tcp", "443=127.0.0.1:443", "--proxy-protocol", "443"),
+            "--proxy-protocol is malformed",
+        ),
+        (
+            ("--tcp", "443=127.0.0.1:443", "--proxy-protocol", "443=v1\nHOMEPORT_INSECURE=1"),
+            "--proxy-protocol is malformed",
+        ),
+        (
+            ("--tcp", "443=127.0.0.1:443", "--proxy-protocol", "444=v2"),
+            "port 444 is not a --tcp port",
+        ),
+        (("--proxy-protocol", "443=v2"), "port 443 is not a --tcp port"),
+        (
+            (
+                "--tcp",
+                "443=127.0.0.1:443",
+                "--proxy-protocol",
+                "443=v1",
+                "--proxy-protocol",
+                "443=v2",
+            ),
+            "--proxy-protocol port 443 is given twice",
+        ),
+    ],
+)
+def test_install_refuses_a_bad_proxy_protocol_and_changes_nothing(
+    tmp_path: Path, fakebin: FakeBin, token_file: Path, args: tuple[str, ...], message: str
+) -> None:
+    root, _, err, code = install(tmp_path, fakebin, *BASIC, "--token-file", str(token_file), *args)
+
+    assert code == 1
+    assert message in err
     assert fakebin.commands() == []
     assert list(root.iterdir()) == []
 

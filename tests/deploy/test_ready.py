@@ -11,7 +11,7 @@ import pytest
 
 from homeport.exitnode.errors import ExitNodeError
 from homeport.exitnode.ready import PinMismatchError, wait_until_serving
-from tests.deploy.helpers import free_port
+from tests.support.ports import free_port
 from tests.support.processes import Process, homeport
 
 pytestmark = pytest.mark.e2e  # real processes on 127.0.0.1

@@ -17,6 +17,7 @@ import aiohttp
 import pytest
 
 from tests.e2e.conftest import READY, ClientProcess, ExitServerProcess, Processes, Upstream
+from tests.support.ports import free_port
 from tests.support.processes import homeport
 from tunnel.auth import token_digest
 
@@ -32,12 +33,6 @@ def run(
         env={**os.environ, **(env or {})},
         check=False,
     )
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def test_token_prints_a_fresh_256_bit_url_safe_token() -> None:

@@ -892,6 +892,31 @@ ROGUE_MESSAGES = {
     "too many connections": (None, client_hello(connection=0, connections=9), 1002),
     "a connection count that is no integer": (None, client_hello(connections="2"), 1002),
     "an instance that is no hex": (None, client_hello(instance="not hex!"), 1002),
+    "a PROXY protocol for a port not served": (
+        None,
+        client_hello(tcp_ports=[2222], proxy_protocol={"2223": 1}),
+        1002,
+    ),
+    "a PROXY protocol version 3": (
+        None,
+        client_hello(tcp_ports=[2222], proxy_protocol={"2222": 3}),
+        1002,
+    ),
+    "a PROXY protocol version true": (
+        None,
+        client_hello(tcp_ports=[2222], proxy_protocol={"2222": True}),
+        1002,
+    ),
+    "a PROXY protocol port of 5,000 digits": (
+        None,
+        client_hello(tcp_ports=[2222], proxy_protocol={"9" * 5000: 1}),
+        1002,
+    ),
+    "a PROXY protocol that is a list": (
+        None,
+        client_hello(tcp_ports=[2222], proxy_protocol=[2222]),
+        1002,
+    ),
 }
 
 

@@ -31,6 +31,7 @@ from tests.e2e.conftest import (
     Upstream,
     scrape_metrics,
 )
+from tests.support.ports import free_port
 from tests.support.processes import Process, homeport
 from tests.support.tcp_upstream import GREETING, RESET_ME
 from tests.support.upstream import pattern_body
@@ -60,12 +61,6 @@ def tcp_upstream(processes: Processes) -> TcpUpstream:
     process = processes.start("tcp-upstream", [sys.executable, "-m", "tests.support.tcp_upstream"])
     port = int(process.wait_for(r"tcp upstream listening on 127\.0\.0\.1:(\d+)").group(1))
     return TcpUpstream(process, port)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @pytest.fixture

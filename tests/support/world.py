@@ -15,7 +15,7 @@ from aiohttp import web
 
 from client.app import TunnelClient
 from client.config import ClientConfig
-from client.upstreams import parse_upstream
+from client.upstreams import Upstream, parse_upstream
 from server.app import ExitServer
 from server.config import ServerConfig
 from tunnel.auth import generate_token, token_digest
@@ -89,11 +89,15 @@ async def _late_body(_request: web.Request) -> web.StreamResponse:
 
 @contextlib.asynccontextmanager
 async def running_world(
-    client_name: str = "honest", connections: int = 1, **server_settings: object
+    client_name: str = "honest",
+    connections: int = 1,
+    more_upstreams: tuple[Upstream, ...] = (),
+    **server_settings: object,
 ) -> AsyncIterator[World]:
     """Serve ``GET /`` ("fine") through a tunnel; stop everything on the way out.
 
-    ``server_settings`` are fields of the exit server's :class:`ServerConfig`.
+    ``server_settings`` are fields of the exit server's :class:`ServerConfig`;
+    ``more_upstreams`` are served by the client beside that default route.
     Also ``/chunked`` ("one two three" in chunks), ``/empty`` (204),
     ``/late`` ("late", its body a moment after its head) and ``/slow`` (no
     answer for a minute).
@@ -123,7 +127,7 @@ async def running_world(
         try:
             client = TunnelClient(ClientConfig(
                 url=f"ws://127.0.0.1:{server.control_addresses[0][1]}", token=TOKEN,
-                upstreams=(parse_upstream(f"http://127.0.0.1:{upstream_port}"),),
+                upstreams=(parse_upstream(f"http://127.0.0.1:{upstream_port}"), *more_upstreams),
                 name=client_name, connections=connections,
             ))  # fmt: skip
             task = asyncio.create_task(client.run())

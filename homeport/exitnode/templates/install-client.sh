@@ -7,11 +7,14 @@
 #
 #   sudo bash install-client.sh --url wss://IP:8123 --fingerprint sha256:HEX \
 #        --token-file FILE [--upstream [HOST=]URL]... [--allow-path ROUTE=PREFIX]... \
-#        [--tcp PUBLIC_PORT=ADDRESS:PORT]... [--name NAME] [--connections N] [--package SPEC]
+#        [--tcp PUBLIC_PORT=ADDRESS:PORT]... [--proxy-protocol PUBLIC_PORT=v1|v2]... \
+#        [--name NAME] [--connections N] [--package SPEC]
 #
 # --upstream: default http://127.0.0.1:8080, unless only --tcp ports are given.
 # --tcp: serve the exit server's raw TCP port PUBLIC_PORT (its --tcp-port) from
 # ADDRESS:PORT on the LAN, e.g. --tcp 2222=127.0.0.1:22 for the Pi's SSH.
+# --proxy-protocol: open each connection to that --tcp port's upstream with a
+# PROXY protocol header naming the visitor (for nginx, Caddy, HAProxy, Postfix).
 # --connections: websocket connections the client keeps (default 2, so that a
 # download over a lossy home uplink does not hold back other visitors).
 #
@@ -37,7 +40,7 @@ die() {
 }
 
 usage() {
-  sed -n '8,16p' "$0" >&2
+  sed -n '8,19p' "$0" >&2
   exit 2
 }
 
@@ -56,7 +59,7 @@ put() {
 }
 
 url='' fingerprint='' token_file='' name='' connections=2
-upstreams=() allow_paths=() tcps=()
+upstreams=() allow_paths=() tcps=() proxies=()
 while (($# > 0)); do
   (($# >= 2)) || usage
   case $1 in
@@ -66,6 +69,7 @@ while (($# > 0)); do
     --upstream) upstreams+=("$2") ;;
     --allow-path) allow_paths+=("$2") ;;
     --tcp) tcps+=("$2") ;;
+    --proxy-protocol) proxies+=("$2") ;;
     --name) name=$2 ;;
     --connections) connections=$2 ;;
     --package) PACKAGE=$2 ;;
@@ -95,6 +99,15 @@ for tcp in "${tcps[@]}"; do
   [[ $tcp_ports != *" $public_port "* ]] ||
     die "--tcp port $public_port is given twice; nothing was changed"
   tcp_ports+="$public_port "
+done
+proxied=' '
+for proxy in "${proxies[@]}"; do
+  must_match --proxy-protocol "$proxy" '^[1-9][0-9]{0,4}=v[12]$'
+  [[ $tcp_ports == *" ${proxy%%=*} "* ]] ||
+    die "--proxy-protocol port ${proxy%%=*} is not a --tcp port; nothing was changed"
+  [[ $proxied != *" ${proxy%%=*} "* ]] ||
+    die "--proxy-protocol port ${proxy%%=*} is given twice; nothing was changed"
+  proxied+="${proxy%%=*} "
 done
 [[ -z $name ]] || must_match --name "$name" '^[A-Za-z0-9._-]{1,63}$'
 must_match --connections "$connections" '^[1-8]$'
@@ -131,6 +144,9 @@ printf '%s\n' "$token" | put 0600 "$CONF/token"
   fi
   if ((${#tcps[@]} > 0)); then
     echo "HOMEPORT_TCP=\"${tcps[*]}\""
+  fi
+  if ((${#proxies[@]} > 0)); then
+    echo "HOMEPORT_PROXY_PROTOCOL=\"${proxies[*]}\""
   fi
   if ((${#allow_paths[@]} > 0)); then
     echo "HOMEPORT_ALLOW_PATH=\"${allow_paths[*]}\""
