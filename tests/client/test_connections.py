@@ -18,6 +18,18 @@ from tunnel.errors import ErrorCode
 from tunnel.frames import MAX_STREAM_ID
 
 
+def an_older_exit_server(monkeypatch: pytest.MonkeyPatch, *, without: str) -> None:
+    """Make the exit server's HELLO one from before it said ``without``."""
+    newer_hello = server.control.server_hello
+
+    def older_hello(session_id: str, *args: Any) -> dict[str, Any]:
+        hello = newer_hello(session_id, *args)
+        del hello[without]
+        return hello
+
+    monkeypatch.setattr(server.control, "server_hello", older_hello)
+
+
 async def test_a_client_keeps_as_many_connections_as_it_was_told() -> None:
     async with running_world("pi", connections=3) as world:
         await wait_until(lambda: len(world.client.sessions) == 3)
@@ -35,14 +47,7 @@ async def test_against_an_exit_server_that_keeps_one_connection_the_client_keeps
 ) -> None:
     # An older exit server says nothing of max_connections, and would let
     # each of the client's sessions replace the other.
-    newer_hello = server.control.server_hello
-
-    def older_hello(session_id: str, *args: Any) -> dict[str, Any]:
-        hello = newer_hello(session_id, *args)
-        del hello["max_connections"]
-        return hello
-
-    monkeypatch.setattr(server.control, "server_hello", older_hello)
+    an_older_exit_server(monkeypatch, without="max_connections")
     with caplog.at_level(logging.WARNING, logger="homeport.client"):
         async with running_world("pi", connections=2) as world:
             await wait_until(lambda: "keeping 1 of --connections 2" in caplog.text)
@@ -55,14 +60,7 @@ async def test_a_client_warns_when_the_exit_server_will_not_send_its_proxy_proto
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     # An exit server from before --proxy-protocol ignores the client's ask and grants nothing.
-    newer_hello = server.control.server_hello
-
-    def older_hello(session_id: str, *args: Any) -> dict[str, Any]:
-        hello = newer_hello(session_id, *args)
-        del hello["proxy_protocol"]
-        return hello
-
-    monkeypatch.setattr(server.control, "server_hello", older_hello)
+    an_older_exit_server(monkeypatch, without="proxy_protocol")
     port = free_port()
     served = parse_upstreams((), tcp=(f"{port}=127.0.0.1:22",), proxy_protocol=(f"{port}=v2",))
     with caplog.at_level(logging.WARNING, logger="homeport.client"):

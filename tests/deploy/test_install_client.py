@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -37,6 +38,13 @@ def install(
 
 
 BASIC = ("--url", "wss://203.0.113.10:8123", "--fingerprint", FINGERPRINT)
+
+
+def client_options(client_env: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """The real `homeport client` options, read from the environment systemd gives the unit."""
+    for key, value in parse_env_file(client_env).items():
+        monkeypatch.setenv(key, value)
+    return client.make_context("client", []).params
 
 
 def test_install_writes_token_settings_and_unit_and_starts_it(
@@ -128,10 +136,7 @@ def test_install_with_only_tcp_ports_serves_no_http_upstream(
         'HOMEPORT_TCP="2222=127.0.0.1:22 65535=nas.lan:1"\n'
         "HOMEPORT_CONNECTIONS=2\n"
     )
-    # The environment systemd gives the unit, read by the real `homeport client` options.
-    for key, value in parse_env_file(client_env).items():
-        monkeypatch.setenv(key, value)
-    options = client.make_context("client", []).params
+    options = client_options(client_env, monkeypatch)
     assert options["upstreams"] == ()
     assert options["tcp_upstreams"] == ("2222=127.0.0.1:22", "65535=nas.lan:1")
     assert parse_upstreams(options["upstreams"], tcp=options["tcp_upstreams"])
@@ -151,9 +156,7 @@ def test_install_passes_the_proxy_protocol_on_to_the_client(
     assert code == 0, err
     client_env = root / "etc/homeport/client.env"
     assert 'HOMEPORT_PROXY_PROTOCOL="443=v2 25=v1"\n' in client_env.read_text()
-    for key, value in parse_env_file(client_env).items():
-        monkeypatch.setenv(key, value)
-    options = client.make_context("client", []).params
+    options = client_options(client_env, monkeypatch)
     assert options["proxy_protocol"] == ("443=v2", "25=v1")
     served = parse_upstreams(
         (), tcp=options["tcp_upstreams"], proxy_protocol=options["proxy_protocol"]
