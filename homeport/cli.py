@@ -401,6 +401,71 @@ def token(output: Path | None) -> None:
     help="The private key of --tls-cert.",
 )
 @click.option(
+    "--https-port",
+    type=click.IntRange(0, 65535),
+    default=443,
+    show_default=True,
+    show_envvar=True,
+    envvar="HOMEPORT_HTTPS_PORT",
+    help="Public HTTPS port for visitors, served with --letsencrypt-domain or --https-cert.",
+)
+@click.option(
+    "--letsencrypt-domain",
+    "letsencrypt_domains",
+    multiple=True,
+    show_envvar=True,
+    envvar="HOMEPORT_LETSENCRYPT_DOMAIN",
+    metavar="NAME",
+    help="Get the HTTPS certificate for this name from Let's Encrypt (HTTP-01 on "
+    "--port, which must be reachable as port 80) and renew it. Repeatable.",
+)
+@click.option(
+    "--letsencrypt-email",
+    show_envvar=True,
+    envvar="HOMEPORT_LETSENCRYPT_EMAIL",
+    metavar="EMAIL",
+    help="Contact address for the CA's notices about the certificate.",
+)
+@click.option(
+    "--letsencrypt-issuer",
+    type=click.Choice(["production", "staging"]),
+    default="production",
+    show_default=True,
+    show_envvar=True,
+    envvar="HOMEPORT_LETSENCRYPT_ISSUER",
+    help="Let's Encrypt's real CA, or its staging CA (untrusted certificates, "
+    "generous rate limits) to try a set-up.",
+)
+@click.option(
+    "--acme-directory",
+    show_envvar=True,
+    envvar="HOMEPORT_ACME_DIRECTORY",
+    metavar="URL",
+    help="Another ACME CA's directory URL instead of Let's Encrypt's.",
+)
+@click.option(
+    "--acme-ca-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    show_envvar=True,
+    envvar="HOMEPORT_ACME_CA_FILE",
+    help="CA certificates (PEM) to trust for the ACME directory's own HTTPS.",
+)
+@click.option(
+    "--https-cert",
+    type=click.Path(dir_okay=False, path_type=Path),
+    show_envvar=True,
+    envvar="HOMEPORT_HTTPS_CERT",
+    help="A certificate (PEM chain) for the HTTPS port from elsewhere (certbot, a "
+    "wildcard); loaded again when the file changes.",
+)
+@click.option(
+    "--https-key",
+    type=click.Path(dir_okay=False, path_type=Path),
+    show_envvar=True,
+    envvar="HOMEPORT_HTTPS_KEY",
+    help="The private key of --https-cert.",
+)
+@click.option(
     "--max-auth-failures",
     type=click.IntRange(min=1),
     default=5,
@@ -562,6 +627,14 @@ def server(
     data_dir: Path | None,
     tls_cert: Path | None,
     tls_key: Path | None,
+    https_port: int,
+    letsencrypt_domains: tuple[str, ...],
+    letsencrypt_email: str | None,
+    letsencrypt_issuer: str,
+    acme_directory: str | None,
+    acme_ca_file: Path | None,
+    https_cert: Path | None,
+    https_key: Path | None,
     max_auth_failures: int,
     response_timeout: float,
     drain_timeout: float,
@@ -618,9 +691,25 @@ def server(
                 )
         elif (tls_cert is None) != (tls_key is None):
             raise ConfigError("--tls-cert and --tls-key go together")
-        problem = tcp_ports_problem(tcp_ports, port, control_port)
+        https = https_options(
+            domains=letsencrypt_domains,
+            email=letsencrypt_email,
+            issuer=letsencrypt_issuer,
+            directory=acme_directory,
+            ca_file=acme_ca_file,
+            cert=https_cert,
+            key=https_key,
+        )
+        served_https_port = https_port if https else None
+        problem = tcp_ports_problem(tcp_ports, port, control_port, served_https_port)
         if problem is not None:
             raise ConfigError(problem)
+        if letsencrypt_domains and port != 80 and not acme_directory:
+            logger.warning(
+                "Let's Encrypt checks --letsencrypt-domain on port 80, and --port is %d: "
+                "forward the VM's port 80 to it, or give --port 80",
+                port,
+            )
         config = ServerConfig(
             token_digest=digest,
             bind=bind or None,
@@ -648,6 +737,9 @@ def server(
             advertised_host=auto_tls_sans[0] if auto_tls_sans else None,
             token_file_hint=str(token_file.resolve()) if token_file else None,
             max_auth_failures=max_auth_failures,
+            https_port=https_port,
+            data_dir=data_dir,
+            **https,
         )
     except ConfigError as exc:
         raise Failure(str(exc)) from None
@@ -656,13 +748,74 @@ def server(
         exit_server = ExitServer(config)
         try:
             await exit_server.start()
+        except ConfigError as exc:
+            raise Failure(str(exc)) from None
         except OSError as exc:
-            ports = ", ".join(str(p) for p in (port, *tcp_ports))
+            listened = (port, served_https_port, *tcp_ports)
+            ports = ", ".join(str(p) for p in listened if p is not None)
             raise bind_failure(exc, f"port {ports} or {control_port}") from None
         settle_memory()
         await exit_server.serve_until_signalled()
 
     run_async(serve())
+
+
+def https_options(
+    *,
+    domains: tuple[str, ...],
+    email: str | None,
+    issuer: str,
+    directory: str | None,
+    ca_file: Path | None,
+    cert: Path | None,
+    key: Path | None,
+) -> dict[str, Any]:
+    """The ServerConfig fields of the HTTPS options; none when HTTPS is not asked for.
+
+    Raises:
+        ConfigError: options that do not go together, a name no CA would
+            certify over HTTP-01, an email or directory URL that is not one.
+    """
+    from server.certificates import (
+        LETSENCRYPT,
+        LETSENCRYPT_STAGING,
+        domain_problem,
+        email_problem,
+    )
+
+    if (cert is None) != (key is None):
+        raise ConfigError("--https-cert and --https-key go together")
+    if cert is not None:
+        if domains:
+            raise ConfigError("give --letsencrypt-domain or --https-cert/--https-key, not both")
+        return {"https_cert": cert, "https_key": key}
+    if not domains:
+        for value, option in (
+            (email, "--letsencrypt-email"),
+            (directory, "--acme-directory"),
+            (ca_file, "--acme-ca-file"),
+        ):
+            if value:
+                raise ConfigError(f"{option} goes with --letsencrypt-domain")
+        return {}
+    names = tuple(dict.fromkeys(name.strip().lower().rstrip(".") for name in domains))
+    for name in names:
+        problem = domain_problem(name)
+        if problem is not None:
+            raise ConfigError(f"--letsencrypt-domain {problem}")
+    if email is not None:
+        problem = email_problem(email)
+        if problem is not None:
+            raise ConfigError(problem)
+    if directory is not None and not directory.startswith("https://"):
+        raise ConfigError(f"--acme-directory {directory!r}: an ACME directory is an https:// URL")
+    return {
+        "acme_domains": names,
+        "acme_email": email,
+        "acme_directory": directory
+        or (LETSENCRYPT_STAGING if issuer == "staging" else LETSENCRYPT),
+        "acme_ca_file": ca_file,
+    }
 
 
 @main.command()

@@ -9,6 +9,13 @@ import signal
 import time
 from typing import Any, Final
 
+from server.certificates import (
+    CHALLENGES_DIR,
+    AcmeCertificates,
+    CertificateFiles,
+    Challenges,
+    public_context,
+)
 from server.config import ServerConfig
 from server.control import CONNECT_PATH, MAX_HANDSHAKES, ControlServer
 from server.metrics import render
@@ -17,6 +24,7 @@ from server.registry import Registry
 from tunnel.auth import TokenVerifier
 from tunnel.errors import ErrorCode
 from tunnel.systemd import Notifier
+from tunnel.tls import default_data_dir
 from tunnel.version import SOFTWARE
 
 logger = logging.getLogger("homeport.server")
@@ -52,6 +60,10 @@ class ExitServer:
         self.control_addresses: list[tuple[str, int]] = []
         #: where the raw TCP ports (--tcp-port) listen
         self.tcp_addresses: list[tuple[str, int]] = []
+        #: where the HTTPS port listens, when served
+        self.https_addresses: list[tuple[str, int]] = []
+        #: what keeps the HTTPS port's certificate (ACME or files), when served
+        self.certificates: AcmeCertificates | CertificateFiles | None = None
         self._stop = asyncio.Event()
         #: systemd's readiness and watchdog (deploy/civo-exit-node: Type=notify)
         self.notifier = Notifier()
@@ -121,6 +133,8 @@ class ExitServer:
         """
         config = self.config
         self.public_addresses = await self.public.listen(config.bind, config.port)
+        if config.https:
+            await self._serve_https()
         self.tcp_addresses = []
         for port in config.tcp_ports:
             self.tcp_addresses += await self.public.listen_tcp(config.bind, port)
@@ -144,6 +158,46 @@ class ExitServer:
             REFUSALS_LOG_INTERVAL_S, self._log_refusals
         )
         self.notifier.ready()
+
+    async def _serve_https(self) -> None:
+        """Listen on the HTTPS port, its certificate kept by ACME or loaded from files.
+
+        Raises:
+            ConfigError: the certificate files cannot be loaded.
+            OSError: the port cannot be bound.
+        """
+        config = self.config
+        context = public_context()
+        certificates: AcmeCertificates | CertificateFiles
+        if config.acme_domains:
+            data_dir = config.data_dir or default_data_dir()
+            self.public.challenges = Challenges(config.acme_domains, data_dir / CHALLENGES_DIR)
+            certificates = AcmeCertificates(
+                context,
+                domains=config.acme_domains,
+                email=config.acme_email,
+                directory_url=config.acme_directory,
+                ca_file=config.acme_ca_file,
+                data_dir=data_dir,
+                user_agent=SOFTWARE,
+            )
+        else:
+            assert config.https_cert is not None
+            assert config.https_key is not None
+            certificates = CertificateFiles(context, config.https_cert, config.https_key)
+        certificates.start()
+        self.certificates = certificates
+        self.https_addresses = await self.public.listen(config.bind, config.https_port, context)
+        source = (
+            f"a certificate for {', '.join(config.acme_domains)} from {config.acme_directory}"
+            if config.acme_domains
+            else f"the certificate in {config.https_cert}"
+        )
+        logger.info(
+            "HTTPS on %s, with %s",
+            ", ".join(f"https://{format_address(a)}/" for a in self.https_addresses),
+            source,
+        )
 
     def _log_refusals(self) -> None:
         """Sum up, in one line, the connections refused since the last summary (if any).
@@ -203,15 +257,23 @@ class ExitServer:
         """Ask :meth:`serve_until_signalled` to shut down gracefully."""
         self._stop.set()
 
+    def reload(self) -> None:
+        """SIGHUP: load the HTTPS certificate files again, or check the ACME one now."""
+        if self.certificates is not None:
+            self.certificates.reload()
+        else:
+            logger.info("SIGHUP: nothing to load again (no HTTPS certificate)")
+
     async def serve_until_signalled(self) -> None:
         """Once started: serve until SIGTERM or SIGINT, then shut down gracefully."""
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stop)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
         try:
             await self._stop.wait()
         finally:
-            for signum in (signal.SIGTERM, signal.SIGINT):
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(signum)
             await self.shutdown()
 
@@ -228,6 +290,8 @@ class ExitServer:
         self.notifier.stopping()
         if self._refusals_timer is not None:
             self._refusals_timer.cancel()
+        if self.certificates is not None:
+            self.certificates.stop()
         self.public.begin_shutdown()
         self.control.stop_accepting()
         for client in self.registry.clients():

@@ -6,10 +6,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from server.certificates import LETSENCRYPT
 from server.limits import MAX_CONNECTIONS_PER_ADDRESS
 
 DEFAULT_PORT: Final = 8000
 DEFAULT_CONTROL_PORT: Final = 8123
+DEFAULT_HTTPS_PORT: Final = 443
 
 
 @dataclass(frozen=True)
@@ -63,17 +65,45 @@ class ServerConfig:
     advertised_host: str | None = None
     #: the token file, named in the printed client command line (never the token)
     token_file_hint: str | None = None
+    #: the public HTTPS port, served when a certificate comes from one of below
+    https_port: int = DEFAULT_HTTPS_PORT
+    #: the HTTPS certificate and key from files (--https-cert), loaded again when they change
+    https_cert: Path | None = None
+    https_key: Path | None = None
+    #: names to get the HTTPS certificate for from an ACME CA (--letsencrypt-domain)
+    acme_domains: tuple[str, ...] = ()
+    #: contact address given to the CA (its expiry notices)
+    acme_email: str | None = None
+    #: the ACME CA's directory URL (Let's Encrypt's production one unless told)
+    acme_directory: str = LETSENCRYPT
+    #: CA certificates to trust for the ACME directory's own HTTPS (a private CA)
+    acme_ca_file: Path | None = None
+    #: where the ACME account and certificates are kept (--data-dir)
+    data_dir: Path | None = None
+
+    @property
+    def https(self) -> bool:
+        """Whether the public HTTPS port is served."""
+        return bool(self.acme_domains) or self.https_cert is not None
 
 
-def tcp_ports_problem(tcp_ports: tuple[int, ...], port: int, control_port: int) -> str | None:
-    """What is wrong with these ``--tcp-port``s, if anything: each once, neither other port.
+def tcp_ports_problem(
+    tcp_ports: tuple[int, ...], port: int, control_port: int, https_port: int | None = None
+) -> str | None:
+    """What is wrong with these ``--tcp-port``s, if anything: each once, no other port.
 
     One rule for ``homeport server`` and ``homeport exit-node create``,
     which checks it before it creates a node that would never serve.
+    ``https_port``: the HTTPS port, when it is served.
     """
+    taken = [(port, "--port"), (control_port, "--control-port")]
+    if https_port is not None:
+        if https_port and https_port in (port, control_port):
+            return f"--https-port {https_port} is the {taken[https_port != port][1]} already"
+        taken.append((https_port, "--https-port"))
     for tcp_port in tcp_ports:
-        for taken, option in ((port, "--port"), (control_port, "--control-port")):
-            if tcp_port == taken:
+        for other, option in taken:
+            if tcp_port == other:
                 return f"--tcp-port {tcp_port} is the {option} already"
         if tcp_ports.count(tcp_port) > 1:
             return f"--tcp-port {tcp_port} is given twice"

@@ -356,7 +356,15 @@ def error_response(
     than the status's usual one.
     """
     text = text or _ERROR_TEXT.get(status) or _reason(status).decode()
-    body = f"{status} {text}\n".encode()
+    return plain_response(
+        status, f"{status} {text}\n".encode(), keep_alive=keep_alive, head_only=head_only
+    )
+
+
+def plain_response(
+    status: int, body: bytes, *, keep_alive: bool = False, head_only: bool = False
+) -> bytes:
+    """A complete plain-text response the proxy answers itself, with ``body``."""
     lines = [
         b"HTTP/1.1 %d %s\r\n" % (status, _reason(status)),
         b"Content-Type: text/plain; charset=utf-8\r\n",

@@ -55,6 +55,9 @@ from tunnel.errors import (
 from tunnel.session import Stream, StreamHandler
 
 if TYPE_CHECKING:
+    import ssl
+
+    from server.certificates import Challenges
     from server.config import ServerConfig
 
 logger = logging.getLogger("homeport.server")
@@ -184,10 +187,17 @@ class PublicServer:
         #: deadline order (one timeout for all, so insertion order)
         self.awaiting_response: dict[Exchange, float] = {}
         self._sweeper: asyncio.TimerHandle | None = None
+        #: answers to an ACME CA's HTTP-01 challenges (--letsencrypt-domain)
+        self.challenges: Challenges | None = None
 
-    async def listen(self, host: str | None, port: int) -> list[tuple[str, int]]:
-        """Start listening; return the bound addresses."""
-        addresses = await self._serve(lambda: VisitorConnection(self), host, port)
+    async def listen(
+        self, host: str | None, port: int, tls: ssl.SSLContext | None = None
+    ) -> list[tuple[str, int]]:
+        """Start listening, over TLS with ``tls`` (HTTPS); return the bound addresses.
+
+        A TLS handshake has the head timeout to finish, as a request head does.
+        """
+        addresses = await self._serve(lambda: VisitorConnection(self), host, port, tls)
         if self._sweeper is None:
             self._sweeper = asyncio.get_running_loop().call_later(SWEEP_INTERVAL_S, self._sweep)
         return addresses
@@ -197,11 +207,23 @@ class PublicServer:
         return await self._serve(lambda: TcpVisitor(self, port), host, port)
 
     async def _serve(
-        self, factory: Callable[[], asyncio.Protocol], host: str | None, port: int
+        self,
+        factory: Callable[[], asyncio.Protocol],
+        host: str | None,
+        port: int,
+        tls: ssl.SSLContext | None = None,
     ) -> list[tuple[str, int]]:
         config = self.config
+        options = {}
+        if tls is not None:
+            options = {"ssl": tls, "ssl_handshake_timeout": config.head_timeout_s}
         servers, addresses = await serve(
-            factory, host, port, keepalive_s=config.tcp_keepalive_s, backlog=config.backlog
+            factory,
+            host,
+            port,
+            keepalive_s=config.tcp_keepalive_s,
+            backlog=config.backlog,
+            **options,
         )
         self._servers += servers
         return addresses
@@ -317,6 +339,7 @@ class VisitorConnection(asyncio.Protocol):
         "_visitor_ended",
         "config",
         "local_authority",
+        "scheme",
         "server",
         "transport",
         "visitor_ip",
@@ -330,6 +353,8 @@ class VisitorConnection(asyncio.Protocol):
         #: what this connection is counted under per address, once admitted
         self._address_key: str | None = None
         self.local_authority = b""
+        #: "https" on the HTTPS port (X-Forwarded-Proto)
+        self.scheme = "http"
         self._loop = asyncio.get_running_loop()
         self._parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
         self._request: _Request | None = None
@@ -360,10 +385,15 @@ class VisitorConnection(asyncio.Protocol):
         self.transport = transport
         peer = transport.get_extra_info("peername")
         self.visitor_ip = str(peer[0]) if peer else "-"
+        default_port = 80
+        if transport.get_extra_info("sslcontext") is not None:
+            self.scheme = "https"
+            default_port = 443
         local = transport.get_extra_info("sockname")
         if local:
             host = f"[{local[0]}]" if ":" in str(local[0]) else str(local[0])
-            self.local_authority = (host if local[1] == 80 else f"{host}:{local[1]}").encode()
+            port = local[1]
+            self.local_authority = (host if port == default_port else f"{host}:{port}").encode()
         server = self.server
         admitted = server.admit(self.visitor_ip)
         if isinstance(admitted, bytes):
@@ -625,6 +655,12 @@ class VisitorConnection(asyncio.Protocol):
             request.upgrade = True
 
     def _start(self, request: _Request) -> None:
+        challenges = self.server.challenges
+        if challenges is not None:
+            answer = challenges.answer(request.host, request.target)
+            if answer is not None:
+                self._answer(request, *answer)
+                return
         routed = self.server.registry.lookup(request.host)
         if routed is None:
             self._answer_error(request, 503)
@@ -641,11 +677,18 @@ class VisitorConnection(asyncio.Protocol):
         exchange.start()
 
     def _answer_error(self, request: _Request, status: int) -> None:
-        """Answer a parsed request ourselves; keep the connection if we safely can."""
+        """Answer a parsed request with an error ourselves; keep the connection if we safely can."""
+        self._answer(request, status)
+
+    def _answer(self, request: _Request, status: int, body: bytes | None = None) -> None:
+        """Answer a parsed request ourselves: ``body`` as plain text, or the status's own."""
         keep_alive = request.keep_alive and request.complete and not self._closing
-        self.write(
-            h.error_response(status, keep_alive=keep_alive, head_only=request.method == b"HEAD")
-        )
+        head_only = request.method == b"HEAD"
+        if body is None:
+            response = h.error_response(status, keep_alive=keep_alive, head_only=head_only)
+        else:
+            response = h.plain_response(status, body, keep_alive=keep_alive, head_only=head_only)
+        self.write(response)
         self.log(request, "-", status, 0, 0)
         self._request_done(keep_alive=keep_alive)
 
@@ -1025,7 +1068,7 @@ class Exchange(StreamHandler):
                 request.target,
                 request.block,
                 visitor_ip=self.connection.visitor_ip,
-                proto="http",
+                proto=self.connection.scheme,
                 host_rewrite=route.host_rewrite if route else None,
                 chunked=request.chunked,
                 upgrade=request.upgrade,
