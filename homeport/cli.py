@@ -466,6 +466,13 @@ def token(output: Path | None) -> None:
     help="The private key of --https-cert.",
 )
 @click.option(
+    "--https-redirect",
+    is_flag=True,
+    show_envvar=True,
+    envvar="HOMEPORT_HTTPS_REDIRECT",
+    help="Answer plain HTTP requests with a redirect (308) to the same URL over HTTPS.",
+)
+@click.option(
     "--max-auth-failures",
     type=click.IntRange(min=1),
     default=5,
@@ -635,6 +642,7 @@ def server(
     acme_ca_file: Path | None,
     https_cert: Path | None,
     https_key: Path | None,
+    https_redirect: bool,
     max_auth_failures: int,
     response_timeout: float,
     drain_timeout: float,
@@ -701,6 +709,8 @@ def server(
             key=https_key,
         )
         served_https_port = https_port if https else None
+        if https_redirect and not https:
+            raise ConfigError("--https-redirect needs HTTPS: --letsencrypt-domain or --https-cert")
         problem = tcp_ports_problem(tcp_ports, port, control_port, served_https_port)
         if problem is not None:
             raise ConfigError(problem)
@@ -738,6 +748,7 @@ def server(
             token_file_hint=str(token_file.resolve()) if token_file else None,
             max_auth_failures=max_auth_failures,
             https_port=https_port,
+            https_redirect=https_redirect,
             data_dir=data_dir,
             **https,
         )

@@ -188,6 +188,8 @@ class ExitServer:
         certificates.start()
         self.certificates = certificates
         self.https_addresses = await self.public.listen(config.bind, config.https_port, context)
+        if config.https_redirect:
+            self.public.https_redirect_port = config.https_port or self.https_addresses[0][1]
         source = (
             f"a certificate for {', '.join(config.acme_domains)} from {config.acme_directory}"
             if config.acme_domains

@@ -80,6 +80,8 @@ class ServerConfig:
     acme_ca_file: Path | None = None
     #: where the ACME account and certificates are kept (--data-dir)
     data_dir: Path | None = None
+    #: answer plain HTTP requests with a redirect to HTTPS (ACME challenges excepted)
+    https_redirect: bool = False
 
     @property
     def https(self) -> bool:

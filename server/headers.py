@@ -362,15 +362,25 @@ def error_response(
 
 
 def plain_response(
-    status: int, body: bytes, *, keep_alive: bool = False, head_only: bool = False
+    status: int,
+    body: bytes,
+    *,
+    keep_alive: bool = False,
+    head_only: bool = False,
+    location: bytes | None = None,
 ) -> bytes:
-    """A complete plain-text response the proxy answers itself, with ``body``."""
+    """A complete plain-text response the proxy answers itself, with ``body``.
+
+    ``location``: a redirect's target, which the caller has made safe for a header.
+    """
     lines = [
         b"HTTP/1.1 %d %s\r\n" % (status, _reason(status)),
         b"Content-Type: text/plain; charset=utf-8\r\n",
         b"Content-Length: %d\r\n" % len(body),
         b"Cache-Control: no-store\r\n",
     ]
+    if location is not None:
+        lines += (b"Location: ", location, b"\r\n")
     if status in (503, 429):
         lines.append(b"Retry-After: 5\r\n")
     if status == 405:

@@ -189,6 +189,8 @@ class PublicServer:
         self._sweeper: asyncio.TimerHandle | None = None
         #: answers to an ACME CA's HTTP-01 challenges (--letsencrypt-domain)
         self.challenges: Challenges | None = None
+        #: plain HTTP requests are redirected to HTTPS on this port (--https-redirect)
+        self.https_redirect_port: int | None = None
 
     async def listen(
         self, host: str | None, port: int, tls: ssl.SSLContext | None = None
@@ -661,6 +663,16 @@ class VisitorConnection(asyncio.Protocol):
             if answer is not None:
                 self._answer(request, *answer)
                 return
+        https_port = self.server.https_redirect_port
+        host = request.host
+        if (
+            https_port is not None
+            and self.scheme == "http"
+            and host is not None
+            and request.target.startswith(b"/")  # not OPTIONS *
+        ):
+            self._redirect_to_https(request, host, https_port)
+            return
         routed = self.server.registry.lookup(request.host)
         if routed is None:
             self._answer_error(request, 503)
@@ -680,17 +692,36 @@ class VisitorConnection(asyncio.Protocol):
         """Answer a parsed request with an error ourselves; keep the connection if we safely can."""
         self._answer(request, status)
 
-    def _answer(self, request: _Request, status: int, body: bytes | None = None) -> None:
+    def _answer(
+        self,
+        request: _Request,
+        status: int,
+        body: bytes | None = None,
+        location: bytes | None = None,
+    ) -> None:
         """Answer a parsed request ourselves: ``body`` as plain text, or the status's own."""
         keep_alive = request.keep_alive and request.complete and not self._closing
         head_only = request.method == b"HEAD"
         if body is None:
             response = h.error_response(status, keep_alive=keep_alive, head_only=head_only)
         else:
-            response = h.plain_response(status, body, keep_alive=keep_alive, head_only=head_only)
+            response = h.plain_response(
+                status, body, keep_alive=keep_alive, head_only=head_only, location=location
+            )
         self.write(response)
         self.log(request, "-", status, 0, 0)
         self._request_done(keep_alive=keep_alive)
+
+    def _redirect_to_https(self, request: _Request, host: str, port: int) -> None:
+        """308 to the same URL over HTTPS: method and body kept, as RFC 9110 §15.4.9 says.
+
+        ``host`` is normalized (a name or a bracketed IPv6 literal, no port)
+        and llhttp let no space or control byte into the target, so both are
+        safe in the header.
+        """
+        authority = host if port == 443 else f"{host}:{port}"
+        location = b"https://" + authority.encode() + request.target
+        self._answer(request, 308, b"308 moved to " + location + b"\n", location)
 
     def exchange_done(self, exchange: Exchange, *, keep_alive: bool) -> None:
         """The response was written (or the exchange failed): move to the next request."""

@@ -64,10 +64,13 @@ def start_acme_server(
     pebble_port: int,
     tmp_path: Path,
 ) -> Callable[..., HttpsServer]:
-    def start(*names: str, data_dir: Path | None = None) -> HttpsServer:
+    def start(
+        *names: str, data_dir: Path | None = None, flags: tuple[str, ...] = ()
+    ) -> HttpsServer:
         data_dir = data_dir or tmp_path / "data"
-        flags = [f"--letsencrypt-domain={name}" for name in names or (NAME,)]
+        domains = [f"--letsencrypt-domain={name}" for name in names or (NAME,)]
         server = start_server(
+            *domains,
             *flags,
             "--letsencrypt-email", "owner@homeport.test",
             "--acme-directory", pebble.directory,
@@ -150,7 +153,8 @@ async def test_one_certificate_names_every_domain_and_each_is_validated(
     pebble: Pebble,
 ) -> None:
     names = ("fn.homeport.test", "www.homeport.test")
-    https = start_acme_server(*names)
+    # With every plain HTTP request redirected, but for the CA's challenges.
+    https = start_acme_server(*names, flags=("--https-redirect",))
     await https.server.process.wait_for_async(ISSUED, within=TIMEOUT_S)
     context = trusting(pebble.root_pem())
     for name in names:
@@ -161,6 +165,14 @@ async def test_one_certificate_names_every_domain_and_each_is_validated(
         assert sorted(certified.value.get_values_for_type(x509.DNSName)) == sorted(names)
     # Pebble fetched one answer per name from the exit server's HTTP port.
     log = https.server.process.output
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(
+            f"{https.server.url}/", headers={"Host": names[1]}, allow_redirects=False
+        ) as response,
+    ):
+        assert response.status == 308
+        assert response.headers["Location"] == f"https://{names[1]}:{https.https_port}/"
     for name in names:
         assert f"answering the CA's HTTP-01 challenge for {name}" in log
 
@@ -342,6 +354,7 @@ async def test_a_certificate_from_files_is_served_and_loaded_again_on_sighup(
             "an ACME directory is an https:// URL",
         ),
         (["--letsencrypt-email", "owner@homeport.test"], "goes with --letsencrypt-domain"),
+        (["--https-redirect"], "--https-redirect needs HTTPS"),
         (["--https-cert", "cert.pem"], "--https-cert and --https-key go together"),
         (
             ["--https-cert", "c.pem", "--https-key", "k.pem", "--letsencrypt-domain", NAME],
@@ -390,3 +403,31 @@ def test_certificate_files_that_are_not_a_pair_are_refused_at_start(
     assert result.returncode == 2, result.stderr
     assert f"cannot load the HTTPS certificate {cert} with key {key}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+async def test_https_redirect_sends_plain_http_visitors_to_the_same_url_over_https(
+    start_server: Callable[..., ExitServerProcess],
+    start_client: Callable[..., ClientProcess],
+    upstream: Upstream,
+    tmp_path: Path,
+) -> None:
+    cert, key, _ = _self_signed_files(tmp_path / "tls", NAME)
+    server = start_server(
+        "--https-cert", str(cert), "--https-key", str(key), "--https-port", "0", "--https-redirect"
+    )
+    https_port = int(server.process.wait_for(HTTPS_READY).group(1))
+    start_client(server, upstream.url)
+    expected = f"https://{NAME}:{https_port}/inspect/a%20b?x=1&y"
+    async with aiohttp.ClientSession() as session:
+        for method in ("GET", "HEAD", "POST"):
+            async with session.request(
+                method,
+                f"{server.url}/inspect/a%20b?x=1&y",
+                headers={"Host": f"FN.homeport.test:{server.port}"},
+                data=b"kept for the retry" if method == "POST" else None,
+                allow_redirects=False,
+            ) as response:
+                assert response.status == 308  # method and body kept (RFC 9110)
+                assert response.headers["Location"] == expected
+                body = await response.read()
+                assert body == (b"" if method == "HEAD" else f"308 moved to {expected}\n".encode())
