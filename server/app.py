@@ -100,7 +100,7 @@ class ExitServer:
                     ),
                 }
             )
-        return {
+        snapshot: dict[str, Any] = {
             "software": SOFTWARE,
             "clients": clients,
             "visitor_connections": self.public.open_connections(),
@@ -120,6 +120,19 @@ class ExitServer:
             "auth_failures": self.control.auth_failures,
             "auth_rate_limited": self.control.rate_limited.total,
         }
+        certificates = self.certificates
+        if isinstance(certificates, AcmeCertificates):
+            current = certificates.current
+            snapshot["https"] = {
+                "certificate": "acme",
+                "domains": list(certificates.domains),
+                "not_after": current.not_after.isoformat() if current else None,
+                "renew_at": current.renew_at.isoformat() if current else None,
+                "acme_failures": certificates.failures,
+            }
+        elif isinstance(certificates, CertificateFiles):
+            snapshot["https"] = {"certificate": "files", "cert": str(certificates.cert)}
+        return snapshot
 
     def metrics(self) -> str:
         """What ``GET /metrics`` on the control port reports (with the token)."""

@@ -22,6 +22,7 @@ import math
 import os
 import resource
 from collections.abc import Iterable
+from datetime import datetime
 from typing import Any, Final
 
 from server.counts import DURATION_BUCKETS_S, ClientCounts, RequestCounts
@@ -161,8 +162,28 @@ def render(status: dict[str, Any], counts: RequestCounts, software: str) -> str:
         refused = status[key].items()
         out.family(name, "counter", help_text, [({"limit": k}, n) for k, n in refused])
     _counted(out, counts)
+    https = status.get("https")
+    if https is not None and https["certificate"] == "acme":
+        _acme(out, https)
     _process(out)
     return out.text()
+
+
+def _acme(out: Exposition, https: dict[str, Any]) -> None:
+    """The ACME certificate's end, to alert on before visitors see it, and failed orders."""
+    not_after = https["not_after"]
+    out.family(
+        "homeport_https_certificate_expiry_timestamp_seconds",
+        "gauge",
+        "When the HTTPS certificate from the ACME CA expires (Unix time).",
+        [] if not_after is None else [(None, datetime.fromisoformat(not_after).timestamp())],
+    )
+    out.family(
+        "homeport_acme_order_failures_total",
+        "counter",
+        "Certificate orders or checks that failed (each logged with the CA's reason).",
+        [(None, https["acme_failures"])],
+    )
 
 
 def _sessions(out: Exposition, sessions: list[dict[str, Any]]) -> None:

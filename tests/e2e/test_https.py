@@ -28,7 +28,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from server.certificates import store_dir
-from tests.e2e.conftest import ClientProcess, ExitServerProcess, Processes, Upstream
+from tests.e2e.conftest import (
+    ClientProcess,
+    ExitServerProcess,
+    Processes,
+    Upstream,
+    scrape_metrics,
+)
 from tests.support.pebble import Pebble, start_pebble
 from tests.support.ports import free_port
 from tests.support.processes import homeport
@@ -125,6 +131,7 @@ async def test_a_certificate_from_the_acme_ca_serves_visitors_over_https_through
     start_client: Callable[..., ClientProcess],
     upstream: Upstream,
     pebble: Pebble,
+    token: str,
 ) -> None:
     https = start_acme_server()
     start_client(https.server, upstream.url)
@@ -135,10 +142,14 @@ async def test_a_certificate_from_the_acme_ca_serves_visitors_over_https_through
     assert headers["x-forwarded-proto"] == "https"
     assert headers["x-forwarded-host"] == NAME
     der = await served_certificate(https.https_port, NAME, context)
-    names = x509.load_der_x509_certificate(der).extensions.get_extension_for_class(
-        x509.SubjectAlternativeName
-    )
+    served = x509.load_der_x509_certificate(der)
+    names = served.extensions.get_extension_for_class(x509.SubjectAlternativeName)
     assert names.value.get_values_for_type(x509.DNSName) == [NAME]
+    # Its end is in the metrics, to alert on, and in the status.
+    metrics = await scrape_metrics(https.server, token)
+    expiry = metrics[("homeport_https_certificate_expiry_timestamp_seconds", "")]
+    assert expiry == served.not_valid_after_utc.timestamp()
+    assert metrics[("homeport_acme_order_failures_total", "")] == 0
     # Plain HTTP is still served, and says so to the upstream.
     async with (
         aiohttp.ClientSession() as session,

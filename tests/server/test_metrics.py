@@ -77,6 +77,26 @@ def test_the_status_snapshot_becomes_gauges_and_counters() -> None:
     assert value(samples, "homeport_auth_rate_limited_total") == 8
 
 
+def test_the_acme_certificates_expiry_and_failed_orders_are_reported() -> None:
+    https = {
+        "certificate": "acme",
+        "domains": ["fn.example.com"],
+        "not_after": "2027-02-27T10:00:00+00:00",
+        "renew_at": "2027-01-28T10:00:00+00:00",
+        "acme_failures": 2,
+    }
+    samples = scrape(status={**STATUS, "https": https})
+    expiry = "homeport_https_certificate_expiry_timestamp_seconds"
+    assert value(samples, expiry) == 1803722400
+    assert value(samples, "homeport_acme_order_failures_total") == 2
+    # Before the first certificate: the family, and no sample to alert on wrongly.
+    samples = scrape(status={**STATUS, "https": {**https, "not_after": None}})
+    assert not [s for s in samples if s.name == expiry]
+    # Certificates from files, or no HTTPS: neither family.
+    for status in ({**STATUS, "https": {"certificate": "files", "cert": "c.pem"}}, STATUS):
+        assert not [s for s in scrape(status=status) if s.name.startswith("homeport_acme")]
+
+
 def test_requests_are_counted_by_client_and_status_with_their_bytes() -> None:
     counts = RequestCounts()
     for _ in range(3):
