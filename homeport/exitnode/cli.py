@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shlex
+import textwrap
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -29,18 +30,24 @@ from homeport.exitnode.provision import (
     check_cidr,
     delete_command,
     delete_exit_node,
+    https_urls,
     list_exit_nodes,
 )
 from homeport.exitnode.ready import host_for_url
 from homeport.exitnode.render import (
+    HTTPS_PORT,
     INSTALL_CLIENT,
+    ISSUERS,
+    LetsEncrypt,
     NodeSettings,
     bootstrap_script,
     check_package,
+    check_tcp_ports,
     cloud_config,
     template,
 )
 from homeport.exitnode.store import NodeRecord, NodeStore, check_name, default_config_dir
+from server.certificates import CHECK_INTERVAL_S, RETRY_FIRST_S
 from tunnel.auth import read_secret_file, write_secret_file
 from tunnel.errors import ConfigError
 from tunnel.log import add_secrets
@@ -150,6 +157,32 @@ def port_options(func: F) -> F:
     )(func)
 
 
+def letsencrypt_options(func: F) -> F:
+    """HTTPS for visitors, with a certificate the exit server gets from Let's Encrypt."""
+    func = click.option(
+        "--letsencrypt-issuer",
+        type=click.Choice(ISSUERS),
+        default=ISSUERS[0],
+        show_default=True,
+        help="Let's Encrypt's real CA, or its staging CA (untrusted certificates, "
+        "generous rate limits) to try a set-up.",
+    )(func)
+    func = click.option(
+        "--letsencrypt-email",
+        metavar="EMAIL",
+        help="Contact address for Let's Encrypt's notices about the certificate.",
+    )(func)
+    return click.option(
+        "--letsencrypt-domain",
+        "letsencrypt_domains",
+        multiple=True,
+        metavar="NAME",
+        help=f"Serve visitors over HTTPS on port {HTTPS_PORT} too, with a certificate for "
+        "this name that the exit server gets from Let's Encrypt and renews (point the "
+        "name's DNS at the node's IP; needs --port 80). Repeatable. [default: no HTTPS]",
+    )(func)
+
+
 def _api_key(api_key_file: Path | None) -> str:
     """The API key from --api-key-file, else CIVO_TOKEN; registered as a secret for logs."""
     try:
@@ -225,6 +258,7 @@ def exit_node(ctx: click.Context, config_dir: Path | None) -> None:
     help="Disk image name (a Debian or Ubuntu with Python 3.11 or newer).",
 )
 @port_options
+@letsencrypt_options
 @click.option(
     "--allow-ssh-from",
     multiple=True,
@@ -268,6 +302,9 @@ def create(
     port: int,
     control_port: int,
     tcp_ports: tuple[int, ...],
+    letsencrypt_domains: tuple[str, ...],
+    letsencrypt_email: str | None,
+    letsencrypt_issuer: str,
     allow_ssh_from: tuple[str, ...],
     ssh_key_id: str | None,
     package: str,
@@ -289,7 +326,12 @@ def create(
         timeout_s=timeout,
         poll_interval_s=poll_interval,
         tcp_ports=tcp_ports,
+        letsencrypt=LetsEncrypt(letsencrypt_domains, letsencrypt_email, letsencrypt_issuer),
     )
+    try:
+        request = request.checked()  # before the API key is even looked for
+    except ExitNodeError as exc:
+        raise CommandFailed(str(exc)) from None
     store = _store(ctx)
     secrets = generate_secrets(name)
     add_secrets(secrets.token)
@@ -357,21 +399,47 @@ def _ports(ports: tuple[int, ...]) -> str:
     return ("port " if len(ports) == 1 else "ports ") + ", ".join(str(port) for port in ports)
 
 
+def _https_lines(record: NodeRecord, ip: str) -> list[str]:
+    """Where visitors get HTTPS, and what it waits for: the names' DNS naming the node."""
+    if not record.letsencrypt_domains:
+        return []
+    urls = ", ".join(https_urls(record.letsencrypt_domains))
+    ca = "Let's Encrypt"
+    if record.letsencrypt_issuer == "staging":
+        ca = "Let's Encrypt's staging CA (browsers do not trust it)"
+    text = (
+        f"HTTPS: {urls} with a certificate from {ca}, once the DNS A record of "
+        f"{', '.join(record.letsencrypt_domains)} is {ip}. The exit server asks as it starts "
+        f"and, until it has the certificate, again {RETRY_FIRST_S / 60:.0f} minutes later, "
+        f"then twice as long each time, up to {CHECK_INTERVAL_S / 3600:.0f} hours apart "
+        "(`sudo systemctl reload homeport-exit` on the VM asks at once)."
+    )
+    return textwrap.wrap(
+        text, width=88, subsequent_indent="  ", break_long_words=False, break_on_hyphens=False
+    )
+
+
 def ready_message(record: NodeRecord, store: NodeStore) -> str:
     """What `create` prints once the node serves: where, the pin, and the Pi's command."""
     assert record.public_ip is not None
     host = host_for_url(record.public_ip)
     public = f"http://{host}/" if record.port == 80 else f"http://{host}:{record.port}/"
+    browse = (
+        f"https://{record.letsencrypt_domains[0]}/ (or {public})"
+        if record.letsencrypt_domains
+        else public
+    )
     lines = [
         f"exit node {record.name} is ready: visitors on {public}, "
         f"clients on wss://{host}:{record.control_port}",
+        *_https_lines(record, record.public_ip),
         *([f"raw TCP {_ports(record.tcp_ports)} on {host}"] if record.tcp_ports else []),
         f"control port certificate: {record.fingerprint}",
         f"token: {store.token_path(record.name)} (mode 0600; it is not printed)",
         "",
         *_pi_instructions(record, store, host),
         "",
-        f"Then browse {public}",
+        f"Then browse {browse}",
         f"Delete it all with: {delete_command(record.name, record.region)}",
     ]
     return "\n".join(lines)
@@ -393,7 +461,9 @@ def list_(ctx: click.Context, api_key_file: Path | None, api_url: str, region: s
     if not rows:
         click.echo(f"no exit node made by homeport in region {region}")
         return
-    header = ["NAME", "REGION", "STATUS", "PUBLIC IP", "INSTANCE ID", "FIREWALL", "TOKEN FILE"]
+    header = [
+        "NAME", "REGION", "STATUS", "PUBLIC IP", "HTTPS", "INSTANCE ID", "FIREWALL", "TOKEN FILE"
+    ]  # fmt: skip
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         click.echo(
@@ -473,6 +543,7 @@ def delete(
     help="File to write (mode 0600: it holds the TLS key).",
 )
 @port_options
+@letsencrypt_options
 @click.option(
     "--package",
     callback=_package,
@@ -488,15 +559,25 @@ def userdata(
     port: int,
     control_port: int,
     tcp_ports: tuple[int, ...],
+    letsencrypt_domains: tuple[str, ...],
+    letsencrypt_email: str | None,
+    letsencrypt_issuer: str,
     package: str,
 ) -> None:
     """Write first-boot user data for a VM at any provider (cloud-init or a script).
 
     Makes the node's token and TLS certificate like `create` does; give the
     file to your provider when you create the VM, open --port,
-    --control-port and every --tcp-port in its firewall, then delete the file.
+    --control-port, every --tcp-port (and 443 with --letsencrypt-domain) in
+    its firewall, then delete the file.
     """
     store = _store(ctx)
+    try:
+        check_tcp_ports(tcp_ports, port, control_port)
+        letsencrypt = LetsEncrypt(letsencrypt_domains, letsencrypt_email, letsencrypt_issuer)
+        letsencrypt = letsencrypt.checked(port, control_port, tcp_ports)
+    except ExitNodeError as exc:
+        raise CommandFailed(str(exc)) from None
     if store.exists(name):
         raise CommandFailed(f"an exit node named {name} is already recorded; pick another --name")
     secrets = generate_secrets(name)
@@ -508,11 +589,20 @@ def userdata(
         secrets.tls_cert_pem,
         secrets.tls_key_pem,
         tcp_ports,
+        letsencrypt,
     )
     try:
         text = cloud_config(settings) if form == "cloud-config" else bootstrap_script(settings)
         record = NodeRecord(
-            name, "manual", "-", port, control_port, secrets.fingerprint, tcp_ports=tcp_ports
+            name,
+            "manual",
+            "-",
+            port,
+            control_port,
+            secrets.fingerprint,
+            tcp_ports=tcp_ports,
+            letsencrypt_domains=letsencrypt.domains,
+            letsencrypt_issuer=letsencrypt.issuer,
         )
         store.save_new(record, secrets.token, secrets.tls_cert_pem, template(INSTALL_CLIENT))
         write_secret_file(output, text.rstrip("\n"))
@@ -525,3 +615,6 @@ def userdata(
     click.echo(f"token: {store.token_path(name)} (mode 0600; it is not printed)")
     click.echo("")
     click.echo("\n".join(_pi_instructions(record, store, "PUBLIC_IP")))
+    if letsencrypt.domains:
+        click.echo("")
+        click.echo("\n".join(_https_lines(record, "PUBLIC_IP")))

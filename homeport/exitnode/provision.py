@@ -3,9 +3,11 @@
 Create, in order: refuse a name already taken; find the default network
 and the disk image; write the token and record locally; create a firewall
 that opens only the public port, the control port, the raw TCP ports (if
-any) and (if asked) SSH from one network; create the instance with the
-bootstrap script; wait until it is ACTIVE with a public IP; wait until the
-exit server answers on the control port with the certificate made for it.
+any), the HTTPS port (with ``--letsencrypt-domain``) and (if asked) SSH
+from one network; create the instance with the bootstrap script; wait until
+it is ACTIVE with a public IP (and say which IP the names' DNS must point
+at); wait until the exit server answers on the control port with the
+certificate made for it.
 Each thing created is recorded at once, and any failure after the first
 one says what exists and how to delete it, so nothing is left behind
 silently.
@@ -19,7 +21,7 @@ import ipaddress
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Final
 
 from homeport.exitnode.civo import CivoClient, Json
@@ -27,7 +29,10 @@ from homeport.exitnode.errors import CivoError, ExitNodeError, NotFound
 from homeport.exitnode.material import NodeSecrets
 from homeport.exitnode.ready import wait_until_serving
 from homeport.exitnode.render import (
+    HTTPS_PORT,
     INSTALL_CLIENT,
+    NO_HTTPS,
+    LetsEncrypt,
     NodeSettings,
     bootstrap_script,
     check_package,
@@ -61,9 +66,10 @@ class CreateRequest:
     timeout_s: float
     poll_interval_s: float
     tcp_ports: tuple[int, ...] = ()
+    letsencrypt: LetsEncrypt = NO_HTTPS
 
     def checked(self) -> CreateRequest:
-        """Itself, once every field is known to be well formed.
+        """Itself, once every field is known to be well formed (the HTTPS names normalised).
 
         Raises:
             ExitNodeError: a field is not.
@@ -76,10 +82,11 @@ class CreateRequest:
         if self.port == self.control_port:
             raise ExitNodeError("--port and --control-port must differ")
         check_tcp_ports(self.tcp_ports, self.port, self.control_port)
+        letsencrypt = self.letsencrypt.checked(self.port, self.control_port, self.tcp_ports)
         check_package(self.package)
         if self.timeout_s <= 0 or self.poll_interval_s <= 0:
             raise ExitNodeError("--timeout and --poll-interval must be positive")
-        return self
+        return replace(self, letsencrypt=letsencrypt)
 
 
 def firewall_name(name: str) -> str:
@@ -102,16 +109,26 @@ def _rule(
 
 
 def firewall_rules(
-    port: int, control_port: int, allow_ssh_from: tuple[str, ...], tcp_ports: tuple[int, ...] = ()
+    port: int,
+    control_port: int,
+    allow_ssh_from: tuple[str, ...],
+    tcp_ports: tuple[int, ...] = (),
+    https_port: int | None = None,
 ) -> list[dict[str, Json]]:
-    """In: the public, control and raw TCP ports from anywhere, SSH only from the given networks.
+    """In: the public, control, HTTPS (if served) and raw TCP ports from anywhere, SSH
+    only from the given networks.
 
-    Out: all TCP and UDP (the VM installs packages, resolves names and keeps time).
+    Out: all TCP and UDP (the VM installs packages, resolves names, keeps time
+    and asks Let's Encrypt for its certificate).
     """
     rules = [
         _rule("ingress", "tcp", (port, port), [ANY_IPV4], "homeport public port"),
         _rule("ingress", "tcp", (control_port, control_port), [ANY_IPV4], "homeport control"),
     ]
+    if https_port is not None:
+        rules.append(
+            _rule("ingress", "tcp", (https_port, https_port), [ANY_IPV4], "homeport https")
+        )
     rules += [
         _rule("ingress", "tcp", (tcp_port, tcp_port), [ANY_IPV4], f"homeport tcp {tcp_port}")
         for tcp_port in tcp_ports
@@ -123,6 +140,11 @@ def firewall_rules(
         _rule("egress", "udp", (1, 65535), [ANY_IPV4], "all udp out"),
     ]
     return rules
+
+
+def https_urls(domains: tuple[str, ...]) -> list[str]:
+    """The URLs visitors browse over HTTPS: ``https://fn.example.com/`` for each name."""
+    return [f"https://{domain}/" for domain in domains]
 
 
 def check_cidr(text: str) -> str:
@@ -181,13 +203,15 @@ class Creation:
         self.store = store  # None on a dry run: nothing is written
         self.say = say
         self.record = NodeRecord(
-            name=request.name,
+            name=self.request.name,
             provider=PROVIDER,
             region=civo.region,
-            port=request.port,
-            control_port=request.control_port,
+            port=self.request.port,
+            control_port=self.request.control_port,
             fingerprint=secrets.fingerprint,
-            tcp_ports=request.tcp_ports,
+            tcp_ports=self.request.tcp_ports,
+            letsencrypt_domains=self.request.letsencrypt.domains,
+            letsencrypt_issuer=self.request.letsencrypt.issuer,
         )
 
     def _save(self) -> None:
@@ -212,6 +236,7 @@ class Creation:
                 tls_cert_pem=self.secrets.tls_cert_pem,
                 tls_key_pem=self.secrets.tls_key_pem,
                 tcp_ports=self.request.tcp_ports,
+                letsencrypt=self.request.letsencrypt,
             )
         )
         if self.store is not None:
@@ -253,7 +278,11 @@ class Creation:
         self.say(f"creating firewall {firewall_name(request.name)}")
         self.record.firewall_name = firewall_name(request.name)
         rules = firewall_rules(
-            request.port, request.control_port, request.allow_ssh_from, request.tcp_ports
+            request.port,
+            request.control_port,
+            request.allow_ssh_from,
+            request.tcp_ports,
+            HTTPS_PORT if request.letsencrypt.domains else None,
         )
         self.record.firewall_id = await self.civo.create_firewall(
             firewall_name(request.name), network_id, rules
@@ -321,6 +350,14 @@ class Creation:
         self.record.public_ip = ip
         self._save()
         self.say(f"instance {request.name} is ACTIVE at {ip}; waiting for the exit server")
+        if request.letsencrypt.domains:
+            # The first order goes out as the exit server starts, minutes from now: a
+            # record set meanwhile spares the user the wait for the retry.
+            self.say(
+                f"point the DNS A record of {', '.join(request.letsencrypt.domains)} at {ip} "
+                "now (and remove any AAAA record): the exit server asks Let's Encrypt for "
+                "its HTTPS certificate as soon as it starts"
+            )
         await wait_until_serving(
             ip, request.control_port, self.record.fingerprint, deadline, request.poll_interval_s
         )
@@ -356,10 +393,11 @@ async def wait_for_public_ip(
 
 
 async def list_exit_nodes(civo: CivoClient, store: NodeStore) -> list[list[str]]:
-    """Rows of NAME, REGION, STATUS, PUBLIC IP, INSTANCE, FIREWALL, TOKEN FILE.
+    """Rows of NAME, REGION, STATUS, PUBLIC IP, HTTPS, INSTANCE, FIREWALL, TOKEN FILE.
 
     Instances tagged ``homeport`` in the region, and the nodes recorded on
-    this machine that Civo no longer has.
+    this machine that Civo no longer has. HTTPS is the URLs a node serves
+    with a Let's Encrypt certificate, as recorded here.
 
     Raises:
         ExitNodeError: the API failed, or a local record cannot be read.
@@ -374,6 +412,7 @@ async def list_exit_nodes(civo: CivoClient, store: NodeStore) -> list[list[str]]
         name = str(instance.get("hostname"))
         record = records.pop(name, None)
         token = str(store.token_path(name)) if record is not None else "-"
+        https = ",".join(https_urls(record.letsencrypt_domains)) if record is not None else ""
         firewall_id = str(instance.get("firewall_id") or "")
         rows.append(
             [
@@ -381,6 +420,7 @@ async def list_exit_nodes(civo: CivoClient, store: NodeStore) -> list[list[str]]
                 civo.region,
                 str(instance.get("status") or "?"),
                 str(instance.get("public_ip") or "-"),
+                https or "-",
                 str(instance.get("id")),
                 firewalls.get(firewall_id, firewall_id or "-"),
                 token,
@@ -389,7 +429,7 @@ async def list_exit_nodes(civo: CivoClient, store: NodeStore) -> list[list[str]]
     for record in records.values():
         if record.region == civo.region:
             rows.append(
-                [record.name, record.region, "GONE (local record only)", "-", "-", "-", "-"]
+                [record.name, record.region, "GONE (local record only)", "-", "-", "-", "-", "-"]
             )
     return rows
 

@@ -6,9 +6,11 @@ providers that take cloud-init); a test keeps them equal. Each value is
 checked against a strict pattern *before* it is put into a template, so
 nothing a user types can become shell or YAML: ports are numbers (the raw
 TCP ports a list of them, one space apart), the token hash is 64 hex
-digits, PEM blocks are base64 lines between their armour lines, and the
-package spec is a pinned name or an https URL of a fixed alphabet. The
-shell script checks the simple values again itself.
+digits, PEM blocks are base64 lines between their armour lines, the
+package spec is a pinned name or an https URL of a fixed alphabet, the
+names for Let's Encrypt are lower-case DNS names (one space apart) and its
+contact address is letters, digits and ``._+-`` around one ``@``. The shell
+script checks the simple values again itself.
 
 Templates mark a value as ``@@NAME@@``. A marker alone on its line takes a
 multi-line value, each line indented as the marker was.
@@ -22,6 +24,7 @@ from importlib import resources
 from typing import Final
 
 from homeport.exitnode.errors import ExitNodeError
+from server.certificates import domain_problem, email_problem
 from server.config import tcp_ports_problem
 
 EXIT_UNIT: Final = "homeport-exit.service"
@@ -40,6 +43,18 @@ _PEM: Final = re.compile(
     r"(?:[A-Za-z0-9+/=]{1,76}\n)+"
     r"-----END (?P=label)-----\n?"
 )
+#: The public HTTPS port an exit node serves with --letsencrypt-domain (the server's default).
+HTTPS_PORT: Final = 443
+#: Let's Encrypt's CAs, named as ``homeport server --letsencrypt-issuer`` names them.
+ISSUERS: Final = ("production", "staging")
+#: Let's Encrypt puts at most 100 names in one certificate.
+MAX_DOMAINS: Final = 100
+_LABEL: Final = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+#: What domain_problem takes, with a top-level label that starts with a letter (no IP
+#: address can match); bootstrap.sh checks the same.
+_DOMAIN: Final = re.compile(rf"(?:{_LABEL}\.)+[a-z](?:[a-z0-9-]{{0,61}}[a-z0-9])?")
+#: Stricter than email_problem: the address goes into a root shell script and an env file.
+_EMAIL: Final = re.compile(r"[A-Za-z0-9._+-]{1,64}@[A-Za-z0-9-]{1,63}(?:\.[A-Za-z0-9-]{1,63})+")
 #: Lines that end the quoted here-documents of bootstrap.sh: never inside a value.
 _HEREDOC_ENDS: Final = frozenset({"EOF_ENV", "EOF_HASH", "EOF_CERT", "EOF_KEY", "EOF_UNIT"})
 
@@ -122,6 +137,89 @@ def check_tcp_ports(tcp_ports: tuple[int, ...], port: int, control_port: int) ->
     return tcp_ports
 
 
+@dataclass(frozen=True)
+class LetsEncrypt:
+    """HTTPS for visitors, with a certificate the exit server gets from Let's Encrypt.
+
+    ``homeport server``'s ``--letsencrypt-domain``, ``--letsencrypt-email``
+    and ``--letsencrypt-issuer``; no domains, no HTTPS (port 443 stays closed).
+    """
+
+    domains: tuple[str, ...] = ()
+    email: str | None = None
+    issuer: str = "production"
+
+    def checked(self, port: int, control_port: int, tcp_ports: tuple[int, ...]) -> LetsEncrypt:
+        """Itself with its names normalised, once the exit server would take every value.
+
+        Names are lower-cased, lose a trailing dot and are kept once, as
+        ``homeport server`` does. The exit server refuses the same at its
+        start; refused here, nothing is created for a node that would never
+        serve. The public port must be 80: Let's Encrypt checks each name
+        with a request to port 80 (HTTP-01), and a node's firewall opens
+        ``--port`` only.
+
+        Raises:
+            ExitNodeError: a name, the address or the issuer is not one, or a port clashes.
+        """
+        if self.issuer not in ISSUERS:
+            raise ExitNodeError(
+                f"--letsencrypt-issuer {self.issuer!r} must be {' or '.join(ISSUERS)}"
+            )
+        if not self.domains:
+            if self.email is not None:
+                raise ExitNodeError("--letsencrypt-email goes with --letsencrypt-domain")
+            if self.issuer != ISSUERS[0]:
+                raise ExitNodeError("--letsencrypt-issuer goes with --letsencrypt-domain")
+            return self
+        domains = tuple(dict.fromkeys(name.strip().lower().rstrip(".") for name in self.domains))
+        for name in domains:
+            problem = domain_problem(name)
+            if problem is not None:
+                raise ExitNodeError(f"--letsencrypt-domain {problem}")
+            if _DOMAIN.fullmatch(name) is None:
+                raise ExitNodeError(
+                    f"--letsencrypt-domain {name!r} does not end in a top-level domain "
+                    "(a label that starts with a letter, like .com)"
+                )
+        if len(domains) > MAX_DOMAINS:
+            raise ExitNodeError(
+                f"{len(domains)} names for --letsencrypt-domain: Let's Encrypt puts at most "
+                f"{MAX_DOMAINS} in one certificate"
+            )
+        if self.email is not None:
+            problem = email_problem(self.email)
+            if problem is not None:
+                raise ExitNodeError(problem)
+            if _EMAIL.fullmatch(self.email) is None:
+                raise ExitNodeError(
+                    f"--letsencrypt-email {self.email!r}: an exit node takes letters, digits "
+                    "and ._+- before the @, and a host name after it"
+                )
+        if port != 80:
+            raise ExitNodeError(
+                f"--letsencrypt-domain needs --port 80, not {port}: Let's Encrypt checks each "
+                "name with a request to its port 80 (HTTP-01), and the node opens only --port"
+            )
+        if control_port == HTTPS_PORT:
+            raise ExitNodeError(
+                f"--control-port {HTTPS_PORT} is the HTTPS port of --letsencrypt-domain; "
+                "pick another"
+            )
+        if HTTPS_PORT in tcp_ports:
+            raise ExitNodeError(
+                f"--tcp-port {HTTPS_PORT} is the HTTPS port of --letsencrypt-domain already"
+            )
+        problem = tcp_ports_problem(tcp_ports, port, control_port, HTTPS_PORT)
+        if problem is not None:  # the exit server's own rule, should it ever grow
+            raise ExitNodeError(problem)
+        return LetsEncrypt(domains, self.email, self.issuer)
+
+
+#: No HTTPS: what a node has without --letsencrypt-domain.
+NO_HTTPS: Final = LetsEncrypt()
+
+
 def check_pem(text: str, what: str) -> str:
     """One PEM block (a certificate or a PKCS#8 key), nothing around it.
 
@@ -161,6 +259,7 @@ class NodeSettings:
     tls_cert_pem: str
     tls_key_pem: str
     tcp_ports: tuple[int, ...] = ()  #: raw TCP ports, carried to the client that serves each
+    letsencrypt: LetsEncrypt = NO_HTTPS  #: HTTPS on port 443, if it has domains
 
     def checked_values(self) -> dict[str, str]:
         """The template values, each checked against its strict pattern.
@@ -173,6 +272,7 @@ class NodeSettings:
         if self.public_port == self.control_port:
             raise ExitNodeError("the public port and the control port must differ")
         check_tcp_ports(self.tcp_ports, self.public_port, self.control_port)
+        letsencrypt = self.letsencrypt.checked(self.public_port, self.control_port, self.tcp_ports)
         if _TOKEN_HASH.fullmatch(self.token_hash) is None:
             raise ExitNodeError("the token hash must be 64 lowercase hex digits")
         return {
@@ -180,6 +280,9 @@ class NodeSettings:
             "PUBLIC_PORT": str(self.public_port),
             "CONTROL_PORT": str(self.control_port),
             "TCP_PORTS": " ".join(str(tcp_port) for tcp_port in self.tcp_ports),
+            "LETSENCRYPT_DOMAINS": " ".join(letsencrypt.domains),
+            "LETSENCRYPT_EMAIL": letsencrypt.email or "",
+            "LETSENCRYPT_ISSUER": letsencrypt.issuer,
             "TOKEN_HASH": self.token_hash,
             "TLS_CERT": check_pem(self.tls_cert_pem, "TLS certificate"),
             "TLS_KEY": check_pem(self.tls_key_pem, "TLS key"),

@@ -4,8 +4,9 @@
 
 - ``token``: the tunnel token (0600). The client needs it; nothing else does.
 - ``tls.crt``: the control port's certificate, whose fingerprint the client pins.
-- ``node.json``: what was created where (provider, region, ids, public IP),
-  written as soon as each thing exists, so ``delete`` can always find it.
+- ``node.json``: what was created where (provider, region, ids, public IP)
+  and what it serves (ports, the names it has HTTPS for), written as soon
+  as each thing exists, so ``delete`` can always find it.
 - ``install-client.sh``: the installer to copy to the Pi with the token.
 
 The TLS private key is not kept here: it exists only on the exit node.
@@ -68,6 +69,9 @@ class NodeRecord:
     firewall_name: str | None = None
     public_ip: str | None = None
     tcp_ports: tuple[int, ...] = ()  #: raw TCP ports; a record from before them has none
+    #: names served over HTTPS with a Let's Encrypt certificate; a record from before has none
+    letsencrypt_domains: tuple[str, ...] = ()
+    letsencrypt_issuer: str = "production"
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> NodeRecord:
@@ -87,7 +91,14 @@ class NodeRecord:
             isinstance(port, int) for port in record.tcp_ports
         ):
             raise ExitNodeError("the node record's tcp_ports is not a list of ports")
+        if not isinstance(record.letsencrypt_domains, list | tuple) or not all(
+            isinstance(domain, str) for domain in record.letsencrypt_domains
+        ):
+            raise ExitNodeError("the node record's letsencrypt_domains is not a list of names")
+        if not isinstance(record.letsencrypt_issuer, str):
+            raise ExitNodeError("the node record's letsencrypt_issuer is not a name")
         record.tcp_ports = tuple(record.tcp_ports)  # JSON has lists
+        record.letsencrypt_domains = tuple(record.letsencrypt_domains)
         return record
 
 

@@ -6,8 +6,10 @@ systemctl, and env, which runs pip in bootstrap.sh) are fakes first on PATH that
 root prefix taken off) and, for ``python3 -m venv``, make a venv whose
 ``bin/homeport`` runs this checkout's homeport. :func:`start_unit` then runs
 an installed unit the way systemd would: its ``EnvironmentFile=``, its
-``LoadCredential=`` files copied to a credentials directory for ``%d``, and
-its ``ExecStart=`` command line.
+``LoadCredential=`` files copied to a credentials directory for ``%d``, its
+``StateDirectory=`` made under the root and named in ``$STATE_DIRECTORY``,
+and its ``ExecStart=`` command line; :func:`reload_unit` runs its
+``ExecReload=`` as ``systemctl reload`` would.
 """
 
 from __future__ import annotations
@@ -168,7 +170,7 @@ def unit_settings(text: str) -> list[tuple[str, str]]:
 
 
 def start_unit(root: Path, unit: str, work: Path, **extra_env: str) -> Process:
-    """Start an installed unit's ExecStart as systemd would: env file, credentials, %d."""
+    """Start an installed unit's ExecStart as systemd would: env file, credentials, %d, state."""
     settings = unit_settings((root / "etc/systemd/system" / unit).read_text())
     credentials = work / f"credentials-{unit}"
     credentials.mkdir(mode=0o700)
@@ -182,9 +184,21 @@ def start_unit(root: Path, unit: str, work: Path, **extra_env: str) -> Process:
             target = credentials / name
             shutil.copyfile(root / source.lstrip("/"), target)
             target.chmod(0o400)
+        elif key == "StateDirectory":
+            state = root / "var/lib" / value
+            state.mkdir(mode=0o700, parents=True, exist_ok=True)
+            env["STATE_DIRECTORY"] = str(state)
         elif key == "ExecStart":
             command = shlex.split(value.replace("%d", str(credentials)))
     assert command, f"{unit} has no ExecStart"
     command[0] = str(root / command[0].lstrip("/"))
     env["CREDENTIALS_DIRECTORY"] = str(credentials)
     return Process(unit, command, env).start()
+
+
+def reload_unit(root: Path, unit: str, process: Process) -> None:
+    """Run an installed unit's ExecReload= for its running main process (``$MAINPID``)."""
+    settings = dict(unit_settings((root / "etc/systemd/system" / unit).read_text()))
+    assert "ExecReload" in settings, f"{unit} has no ExecReload"
+    command = shlex.split(settings["ExecReload"].replace("$MAINPID", str(process.pid)))
+    subprocess.run(command, check=True, timeout=10)

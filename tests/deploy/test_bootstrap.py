@@ -10,16 +10,18 @@ from typing import Any
 
 import pytest
 
-from homeport.cli import server
+from homeport.cli import https_options, server
 from homeport.exitnode.errors import ExitNodeError
 from homeport.exitnode.material import NodeSecrets
 from homeport.exitnode.render import (
+    LetsEncrypt,
     NodeSettings,
     bootstrap_script,
     cloud_config,
     render,
     template,
 )
+from server.certificates import LETSENCRYPT, LETSENCRYPT_STAGING
 from tests.deploy.helpers import FakeBin, Written, parse_env_file, require, run_script, snapshot
 
 APT = ["apt-get", "-o", "DPkg::Lock::Timeout=600", "-q"]
@@ -28,6 +30,12 @@ PYTHON_CHECK = "import sys; sys.exit(sys.version_info < (3, 11))"
 PIP = ["pip", "install", "--no-cache-dir", "--disable-pip-version-check"]
 NO_WHEEL = ["--no-binary", "homeport", "homeport==0.1.0"]
 UNIT = "homeport-exit.service"
+NO_HTTPS_ENV = (
+    'HOMEPORT_LETSENCRYPT_DOMAIN=""\n'
+    'HOMEPORT_LETSENCRYPT_EMAIL=""\n'
+    "HOMEPORT_LETSENCRYPT_ISSUER=production\n"
+)
+HTTPS = LetsEncrypt(("fn.example.com",), "owner@example.com")
 
 
 def node_settings(secrets: NodeSecrets, **changes: Any) -> NodeSettings:
@@ -71,7 +79,8 @@ def test_bootstrap_writes_config_secrets_and_unit_with_tight_modes(
 
     written = snapshot(root)
     expected = expected_files(
-        secrets, 'HOMEPORT_PORT=8080\nHOMEPORT_CONTROL_PORT=8123\nHOMEPORT_TCP_PORT=""\n'
+        secrets,
+        'HOMEPORT_PORT=8080\nHOMEPORT_CONTROL_PORT=8123\nHOMEPORT_TCP_PORT=""\n' + NO_HTTPS_ENV,
     )
     for path, (mode, content) in expected.items():
         assert written[path] == Written(mode, os.getuid(), os.getgid(), content), path
@@ -117,6 +126,88 @@ def test_the_exit_server_reads_the_tcp_ports_bootstrap_writes(
     options = server.make_context("server", []).params
     assert (options["port"], options["control_port"]) == (80, 8123)
     assert options["tcp_ports"] == tcp_ports
+
+
+@pytest.mark.parametrize(
+    ("letsencrypt", "lines", "https"),
+    [
+        (
+            LetsEncrypt(),
+            NO_HTTPS_ENV,
+            {},
+        ),
+        (
+            LetsEncrypt(("fn.example.com",), "owner@example.com"),
+            'HOMEPORT_LETSENCRYPT_DOMAIN="fn.example.com"\n'
+            'HOMEPORT_LETSENCRYPT_EMAIL="owner@example.com"\n'
+            "HOMEPORT_LETSENCRYPT_ISSUER=production\n",
+            {"acme_domains": ("fn.example.com",), "acme_email": "owner@example.com"},
+        ),
+        (
+            LetsEncrypt(("FN.Example.com.", "www.example.com", "fn.example.com"), None, "staging"),
+            'HOMEPORT_LETSENCRYPT_DOMAIN="fn.example.com www.example.com"\n'
+            'HOMEPORT_LETSENCRYPT_EMAIL=""\n'
+            "HOMEPORT_LETSENCRYPT_ISSUER=staging\n",
+            {"acme_domains": ("fn.example.com", "www.example.com"), "acme_email": None},
+        ),
+    ],
+)
+def test_the_exit_server_reads_the_https_settings_bootstrap_writes(
+    tmp_path: Path,
+    fakebin: FakeBin,
+    secrets: NodeSecrets,
+    monkeypatch: pytest.MonkeyPatch,
+    letsencrypt: LetsEncrypt,
+    lines: str,
+    https: dict[str, Any],
+) -> None:
+    settings = node_settings(secrets, letsencrypt=letsencrypt)
+    root = boot(tmp_path, fakebin, bootstrap_script(settings))
+
+    exit_env = root / "etc/homeport/exit.env"
+    assert exit_env.read_text().endswith(lines)
+    # What systemd gives the unit, through the real `homeport server` options and
+    # the very function that turns them into its HTTPS settings: an empty name
+    # list is no HTTPS, an empty email none.
+    for key, value in parse_env_file(exit_env).items():
+        monkeypatch.setenv(key, value)
+    options = server.make_context("server", []).params
+    assert (options["port"], options["https_port"]) == (80, 443)
+    served = https_options(
+        domains=options["letsencrypt_domains"],
+        email=options["letsencrypt_email"],
+        issuer=options["letsencrypt_issuer"],
+        directory=options["acme_directory"],
+        ca_file=options["acme_ca_file"],
+        cert=options["https_cert"],
+        key=options["https_key"],
+    )
+    if not https:
+        assert served == {}
+    else:
+        directory = LETSENCRYPT_STAGING if letsencrypt.issuer == "staging" else LETSENCRYPT
+        assert served == {**https, "acme_directory": directory, "acme_ca_file": None}
+
+
+@pytest.mark.parametrize(
+    "letsencrypt",
+    [
+        LetsEncrypt(
+            ("xn--bcher-kva.example", "a-b.c0.example.co.uk", "x.io"), "a.b+c_d-e@m-1.example"
+        ),
+        LetsEncrypt((f"{'a' * 63}.{'b' * 63}.example",), "Owner.Name@Example.COM"),
+    ],
+)
+def test_bootstrap_takes_every_name_and_address_the_laptop_takes(
+    tmp_path: Path, fakebin: FakeBin, secrets: NodeSecrets, letsencrypt: LetsEncrypt
+) -> None:
+    script = bootstrap_script(node_settings(secrets, letsencrypt=letsencrypt))
+
+    root = boot(tmp_path, fakebin, script)
+
+    env = parse_env_file(root / "etc/homeport/exit.env")
+    assert env["HOMEPORT_LETSENCRYPT_DOMAIN"] == " ".join(letsencrypt.domains)
+    assert env["HOMEPORT_LETSENCRYPT_EMAIL"] == letsencrypt.email
 
 
 def test_the_script_carries_the_token_hash_never_the_token(secrets: NodeSecrets) -> None:
@@ -171,6 +262,26 @@ def test_bootstrap_stops_on_an_old_python(
         ("TCP_PORTS", "2222 80", "TCP port 80 is over 65535, given twice, or the public"),
         ("TCP_PORTS", "8123", "TCP port 8123 is over 65535, given twice, or the public"),
         ("TCP_PORTS", "2222 5432 2222", "TCP port 2222 is over 65535, given twice"),
+        ("TCP_PORTS", "2222 443", "TCP port 443 is over 65535, given twice, or the public, cont"),
+        ("LETSENCRYPT_DOMAINS", "fn.example.com $(touch {pwned})", "domain list is malformed"),
+        ("LETSENCRYPT_DOMAINS", "`touch {pwned}`.example.com", "domain list is malformed"),
+        ("LETSENCRYPT_DOMAINS", "fn.example.com\nHOMEPORT_INSECURE=1", "domain list is malformed"),
+        ("LETSENCRYPT_DOMAINS", 'fn.example.com"\nHOMEPORT_X="1', "domain list is malformed"),
+        ("LETSENCRYPT_DOMAINS", "*.example.com", "domain list is malformed"),
+        ("LETSENCRYPT_DOMAINS", "203.0.113.7", "domain list is malformed"),
+        ("LETSENCRYPT_DOMAINS", "FN.example.com", "domain list is malformed"),
+        ("LETSENCRYPT_DOMAINS", "fn.example.com.", "domain list is malformed"),
+        ("LETSENCRYPT_DOMAINS", "localhost", "domain list is malformed"),
+        ("LETSENCRYPT_DOMAINS", "-fn.example.com", "domain list is malformed"),
+        ("LETSENCRYPT_DOMAINS", "fn.example.com  www.example.com", "domain list is malformed"),
+        ("LETSENCRYPT_EMAIL", "you@example.com $(touch {pwned})", "Encrypt email is malformed"),
+        ("LETSENCRYPT_EMAIL", "you`touch {pwned}`@example.com", "Encrypt email is malformed"),
+        ("LETSENCRYPT_EMAIL", 'you"@example.com', "Encrypt email is malformed"),
+        ("LETSENCRYPT_EMAIL", "you@example.com\nHOMEPORT_INSECURE=1", "email is malformed"),
+        ("LETSENCRYPT_EMAIL", "you@localhost", "Encrypt email is malformed"),
+        ("LETSENCRYPT_ISSUER", "staging\nHOMEPORT_INSECURE=1", "Encrypt issuer is malformed"),
+        ("LETSENCRYPT_ISSUER", "$(touch {pwned})", "Encrypt issuer is malformed"),
+        ("LETSENCRYPT_ISSUER", "", "Encrypt issuer is malformed"),
     ],
 )
 def test_the_script_itself_refuses_values_that_bypassed_the_renderer(
@@ -182,7 +293,7 @@ def test_the_script_itself_refuses_values_that_bypassed_the_renderer(
     message: str,
 ) -> None:
     pwned = tmp_path / "pwned"
-    values = node_settings(secrets).checked_values()
+    values = node_settings(secrets, letsencrypt=HTTPS).checked_values()
     values[name] = value.format(pwned=pwned)
     script = tmp_path / "bootstrap.sh"
     script.write_text(render(template("bootstrap.sh"), values))
@@ -194,6 +305,31 @@ def test_the_script_itself_refuses_values_that_bypassed_the_renderer(
     assert result.returncode == 1
     assert message in result.stderr
     assert not pwned.exists()
+    assert fakebin.commands() == []
+    assert list(root.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"PUBLIC_PORT": "8080"}, "Let's Encrypt needs the public port to be 80"),
+        ({"CONTROL_PORT": "443"}, "the control port cannot be 443, the HTTPS port"),
+        ({"LETSENCRYPT_DOMAINS": ""}, "a Let's Encrypt email goes with a Let's Encrypt domain"),
+    ],
+)
+def test_the_script_itself_refuses_https_settings_the_exit_server_would_refuse(
+    tmp_path: Path, fakebin: FakeBin, secrets: NodeSecrets, changes: dict[str, str], message: str
+) -> None:
+    values = {**node_settings(secrets, letsencrypt=HTTPS).checked_values(), **changes}
+    script = tmp_path / "bootstrap.sh"
+    script.write_text(render(template("bootstrap.sh"), values))
+    root = tmp_path / "vm"
+    root.mkdir()
+
+    result = run_script(script, root, fakebin)
+
+    assert result.returncode == 1
+    assert message in result.stderr
     assert fakebin.commands() == []
     assert list(root.iterdir()) == []
 
@@ -220,6 +356,35 @@ def test_the_script_itself_refuses_values_that_bypassed_the_renderer(
             {"tls_cert_pem": "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n$(x)"},
             "TLS certificate",
         ),
+        (
+            {"letsencrypt": LetsEncrypt(("fn.example.com'; touch /tmp/x; '",))},
+            "--letsencrypt-domain .* is not a DNS name",
+        ),
+        (
+            {"letsencrypt": LetsEncrypt(("fn.example.com\nHOMEPORT_INSECURE=1",))},
+            "--letsencrypt-domain .* is not a DNS name",
+        ),
+        ({"letsencrypt": LetsEncrypt(("$(reboot).example.com",))}, "is not a DNS name"),
+        ({"letsencrypt": LetsEncrypt(("*.example.com",))}, "a wildcard needs a DNS-01"),
+        ({"letsencrypt": LetsEncrypt(("203.0.113.7",))}, "names, not IP addresses"),
+        (
+            {"letsencrypt": LetsEncrypt(("fn.example.com",), "you'$(reboot)'@example.com")},
+            "--letsencrypt-email .* an exit node takes letters, digits",
+        ),
+        (
+            {"letsencrypt": LetsEncrypt(("fn.example.com",), 'you"@example.com')},
+            "an exit node takes letters, digits",
+        ),
+        (
+            {"letsencrypt": LetsEncrypt(("fn.example.com",), "you@example.com\nX=1")},
+            "is not an email address",
+        ),
+        ({"letsencrypt": LetsEncrypt(("fn.example.com",), None, "prod'; x")}, "production or"),
+        (
+            {"letsencrypt": HTTPS, "public_port": 8080},
+            "--letsencrypt-domain needs --port 80, not 8080",
+        ),
+        ({"letsencrypt": HTTPS, "tcp_ports": (443,)}, "--tcp-port 443 is the HTTPS port"),
     ],
 )
 def test_the_renderer_refuses_values_that_could_inject(
@@ -254,11 +419,18 @@ def load_yaml(text: str) -> Any:
     return json.loads(result.stdout)
 
 
-@pytest.mark.parametrize("tcp_ports", [(), (2222, 5432)])
+@pytest.mark.parametrize(
+    ("tcp_ports", "letsencrypt"),
+    [((), LetsEncrypt()), ((2222, 5432), HTTPS), ((), LetsEncrypt(("a.example", "b.example")))],
+)
 def test_cloud_config_says_exactly_what_the_bootstrap_script_does(
-    tmp_path: Path, fakebin: FakeBin, secrets: NodeSecrets, tcp_ports: tuple[int, ...]
+    tmp_path: Path,
+    fakebin: FakeBin,
+    secrets: NodeSecrets,
+    tcp_ports: tuple[int, ...],
+    letsencrypt: LetsEncrypt,
 ) -> None:
-    settings = node_settings(secrets, tcp_ports=tcp_ports)
+    settings = node_settings(secrets, tcp_ports=tcp_ports, letsencrypt=letsencrypt)
     root = boot(tmp_path, fakebin, bootstrap_script(settings))
     written = snapshot(root)
     commands = fakebin.commands()

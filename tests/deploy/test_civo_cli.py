@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import shlex
+import ssl
 import stat
 import subprocess
 import sys
@@ -28,15 +30,19 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from server.certificates import store_dir
 from tests.deploy.fakecivo import FakeCivo
 from tests.deploy.helpers import (
     ROOT,
     FakeBin,
     parse_env_file,
+    reload_unit,
     require,
     run_script,
     start_unit,
 )
+from tests.e2e.conftest import Processes
+from tests.support.pebble import Pebble, start_pebble
 from tests.support.ports import free_port
 from tests.support.processes import Process
 from tests.support.tcp_upstream import GREETING
@@ -219,6 +225,213 @@ async def test_create_install_on_the_pi_browse_list_and_delete(
     assert fake_civo.instances == {}
     assert fake_civo.firewalls == {}
     assert not folder.exists()
+
+
+@pytest.fixture
+def pebble_port() -> int:
+    """The VM's port 80 in these tests: where Pebble looks for the HTTP-01 answers."""
+    return free_port()
+
+
+@pytest.fixture
+def pebble(tmp_path: Path, pebble_port: int) -> Iterator[Pebble]:
+    """Let's Encrypt's test CA (Pebble), validating for real on ``pebble_port``."""
+    processes = Processes()
+    try:
+        yield start_pebble(processes, tmp_path / "pebble", pebble_port)
+    finally:
+        processes.stop_all()
+
+
+async def https_status(port: int, name: str, root_pem: str) -> tuple[str, list[str]]:
+    """A visitor's GET over HTTPS, trusting only ``root_pem``: the status line, the cert's names."""
+    context = ssl.create_default_context(cadata=root_pem)
+    async with asyncio.timeout(30):
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=context, server_hostname=name
+        )
+        try:
+            writer.write(f"GET / HTTP/1.1\r\nHost: {name}\r\nConnection: close\r\n\r\n".encode())
+            status = (await reader.readline()).decode().strip()
+            cert = writer.get_extra_info("peercert")
+        finally:
+            writer.close()
+    return status, [value for kind, value in cert["subjectAltName"] if kind == "DNS"]
+
+
+async def test_create_with_letsencrypt_serves_visitors_over_https(
+    tmp_path: Path,
+    fake_civo: FakeCivo,
+    fakebin: FakeBin,
+    pebble: Pebble,
+    pebble_port: int,
+    started: list[Process],
+) -> None:
+    control_port, https_port = free_port(), free_port()
+    vm_root, config_dir = tmp_path / "vm", tmp_path / "config"
+    vm_root.mkdir()
+    names = ("fn.homeport.test", "www.homeport.test")
+
+    async def boot(instance: dict[str, Any]) -> None:
+        """First boot as on Civo; but here the VM's port 80 is pebble_port, its 443 a free
+        port, and its Let's Encrypt is Pebble (the other settings are the script's)."""
+        script = tmp_path / "civo-script.sh"
+        script.write_text(instance["script"])
+        result = await asyncio.to_thread(run_script, script, vm_root, fakebin)
+        assert result.returncode == 0, result.stderr
+        env_file = vm_root / "etc/homeport/exit.env"
+        env = env_file.read_text()
+        assert "HOMEPORT_PORT=80\n" in env
+        env_file.write_text(env.replace("HOMEPORT_PORT=80\n", f"HOMEPORT_PORT={pebble_port}\n"))
+        started.append(
+            start_unit(
+                vm_root,
+                "homeport-exit.service",
+                tmp_path,
+                HOMEPORT_BIND="127.0.0.1",
+                HOMEPORT_HTTPS_PORT=str(https_port),
+                HOMEPORT_ACME_DIRECTORY=pebble.directory,
+                HOMEPORT_ACME_CA_FILE=str(pebble.ca_file),
+            )
+        )
+
+    fake_civo.on_instance_created = boot
+    fake_civo.public_ip = "127.0.0.1"
+
+    code, out, err = await homeport(
+        "exit-node",
+        "create",
+        *("--name", NAME, "--control-port", str(control_port)),
+        *("--letsencrypt-domain", "FN.homeport.test.", "--letsencrypt-domain", names[1]),
+        *("--letsencrypt-email", "owner@homeport.test", "--timeout", "60", *FAST),
+        env=cli_env(fake_civo, config_dir),
+    )
+
+    assert code == 0, err
+    assert f"point the DNS A record of {', '.join(names)} at 127.0.0.1 now" in err
+    said = " ".join(out.split())
+    assert "HTTPS: https://fn.homeport.test/, https://www.homeport.test/ with a cert" in said
+    assert f"once the DNS A record of {', '.join(names)} is 127.0.0.1." in said
+    assert "Then browse https://fn.homeport.test/ (or http://127.0.0.1/)" in out
+    (firewall,) = fake_civo.firewalls.values()
+    assert {r["start_port"] for r in firewall["rules"] if r["direction"] == "ingress"} == {
+        "80",
+        "443",
+        str(control_port),
+    }
+    exit_env = parse_env_file(vm_root / "etc/homeport/exit.env")
+    assert exit_env["HOMEPORT_LETSENCRYPT_DOMAIN"] == " ".join(names)
+    assert exit_env["HOMEPORT_LETSENCRYPT_EMAIL"] == "owner@homeport.test"
+    assert exit_env["HOMEPORT_LETSENCRYPT_ISSUER"] == "production"
+    record = json.loads((config_dir / "exit-nodes" / NAME / "node.json").read_text())
+    assert record["letsencrypt_domains"] == list(names)
+
+    # The exit server got its certificate, answering the HTTP-01 challenges on
+    # "port 80", and keeps it in the unit's StateDirectory.
+    (server,) = started
+    await server.wait_for_async(r"HTTPS certificate \(new\) for fn\.homeport\.test", within=60)
+    state = vm_root / "var/lib/homeport"
+    assert (store_dir(state, pebble.directory) / "cert.pem").is_file()
+    # A visitor over HTTPS, trusting only the CA's root: no Pi yet, so the exit server's 503.
+    root_pem = await asyncio.to_thread(pebble.root_pem)
+    status, sans = await https_status(https_port, names[1], root_pem)
+    assert status.startswith("HTTP/1.1 503")
+    assert sorted(sans) == sorted(names)
+
+    # `systemctl reload homeport-exit`: the server takes the SIGHUP and goes on serving.
+    await asyncio.to_thread(reload_unit, vm_root, "homeport-exit.service", server)
+    status, _ = await https_status(https_port, names[0], root_pem)
+    assert status.startswith("HTTP/1.1 503")
+    assert server.popen is not None
+    assert server.popen.poll() is None
+
+    code, out, err = await homeport("exit-node", "list", env=cli_env(fake_civo, config_dir))
+    assert code == 0, err
+    header, row = out.splitlines()
+    assert header.split()[:6] == ["NAME", "REGION", "STATUS", "PUBLIC", "IP", "HTTPS"]
+    assert row.split()[2:5] == [
+        "ACTIVE",
+        "127.0.0.1",
+        "https://fn.homeport.test/,https://www.homeport.test/",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("command", "args", "message"),
+    [
+        ("create", ["--letsencrypt-domain", "*.example.com"], "a wildcard needs a DNS-01"),
+        ("userdata", ["--letsencrypt-domain", "*.example.com"], "a wildcard needs a DNS-01"),
+        ("create", ["--letsencrypt-domain", "203.0.113.7"], "certifies names, not IP addresses"),
+        ("userdata", ["--letsencrypt-domain", "203.0.113.7"], "certifies names, not IP"),
+        (
+            "create",
+            ["--letsencrypt-domain", "fn.example.com", "--letsencrypt-email", "you at example"],
+            "--letsencrypt-email 'you at example' is not an email address",
+        ),
+        (
+            "create",
+            ["--letsencrypt-domain", "fn.example.com", "--letsencrypt-email", "y'$(id)'@a.com"],
+            "an exit node takes letters, digits and ._+- before the @",
+        ),
+        (
+            "create",
+            ["--letsencrypt-domain", "fn.example.com", "--port", "8080"],
+            "--letsencrypt-domain needs --port 80, not 8080",
+        ),
+        (
+            "userdata",
+            ["--letsencrypt-domain", "fn.example.com", "--port", "8080"],
+            "--letsencrypt-domain needs --port 80, not 8080",
+        ),
+        (
+            "create",
+            ["--letsencrypt-domain", "fn.example.com", "--tcp-port", "443"],
+            "--tcp-port 443 is the HTTPS port of --letsencrypt-domain already",
+        ),
+        (
+            "create",
+            ["--letsencrypt-email", "you@example.com"],
+            "--letsencrypt-email goes with --letsencrypt-domain",
+        ),
+        (
+            "create",
+            ["--letsencrypt-domain", "fn.example.com", "--letsencrypt-issuer", "prod"],
+            "Invalid value for '--letsencrypt-issuer': 'prod' is not one of",
+        ),
+    ],
+)
+async def test_bad_https_settings_are_refused_before_anything_is_created(
+    tmp_path: Path, fake_civo: FakeCivo, command: str, args: list[str], message: str
+) -> None:
+    output = tmp_path / "user-data.yaml"
+    if command == "userdata":
+        args = [*args, "-o", str(output)]
+
+    code, out, err = await homeport(
+        "exit-node", command, *args, env=cli_env(fake_civo, tmp_path / "config")
+    )
+
+    assert code in (1, 2), out
+    assert message in err
+    assert "Traceback" not in err
+    assert fake_civo.calls == []
+    assert not (tmp_path / "config").exists()
+    assert not output.exists()
+
+
+async def test_dry_run_with_letsencrypt_shows_port_443_opened(tmp_path: Path) -> None:
+    code, out, err = await homeport(
+        "exit-node",
+        "create",
+        *("--dry-run", "--letsencrypt-domain", "fn.example.com"),
+        *("--api-url", "https://api.civo.com", "--package", "homeport==0.1.0"),
+        env={"HOMEPORT_CONFIG_DIR": str(tmp_path)},
+    )
+
+    assert code == 0, err
+    https_rule = '"end_port": "443",\n      "label": "homeport https",'
+    assert https_rule in out
+    assert not any(tmp_path.iterdir())  # noqa: ASYNC240 - one tiny listing
 
 
 async def test_a_bad_api_key_is_reported_plainly(tmp_path: Path, fake_civo: FakeCivo) -> None:
@@ -436,6 +649,7 @@ async def test_userdata_writes_a_valid_cloud_config_and_keeps_the_token_local(
     assert "--url wss://PUBLIC_IP:8123" in out
     assert '      HOMEPORT_TCP_PORT="2222 5432"\n' in text
     assert "(to serve the raw TCP ports 2222, 5432, add --tcp PORT=ADDRESS:PORT" in out
+    assert "HTTPS" not in out
     schema = await asyncio.to_thread(
         subprocess.run,
         [require("cloud-init"), "schema", "--config-file", str(output)],
@@ -444,6 +658,34 @@ async def test_userdata_writes_a_valid_cloud_config_and_keeps_the_token_local(
         check=False,
     )
     assert schema.returncode == 0, schema.stdout + schema.stderr
+
+
+async def test_userdata_with_letsencrypt_carries_the_names_and_says_what_to_open(
+    tmp_path: Path,
+) -> None:
+    output = tmp_path / "user-data.sh"
+    config_dir = tmp_path / "config"
+
+    code, out, err = await homeport(
+        "exit-node",
+        "userdata",
+        *("--name", "lab", "--format", "script", "-o", str(output)),
+        *("--letsencrypt-domain", "Fn.Example.com", "--letsencrypt-issuer", "staging"),
+        env={"HOMEPORT_CONFIG_DIR": str(config_dir)},
+    )
+
+    assert code == 0, err
+    text = output.read_text()
+    assert "LETSENCRYPT_DOMAINS='fn.example.com'\n" in text
+    assert "LETSENCRYPT_ISSUER='staging'\n" in text
+    said = " ".join(out.split())
+    assert "HTTPS: https://fn.example.com/ with a certificate from Let's Encrypt's staging" in said
+    assert "once the DNS A record of fn.example.com is PUBLIC_IP" in said
+    record = json.loads((config_dir / "exit-nodes" / "lab" / "node.json").read_text())
+    assert (record["letsencrypt_domains"], record["letsencrypt_issuer"]) == (
+        ["fn.example.com"],
+        "staging",
+    )
 
 
 async def test_the_fake_api_rejects_malformed_requests(fake_civo: FakeCivo) -> None:

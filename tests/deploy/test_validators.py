@@ -18,7 +18,13 @@ from pathlib import Path
 import pytest
 
 from homeport.exitnode.material import NodeSecrets
-from homeport.exitnode.render import NodeSettings, bootstrap_script, cloud_config, template
+from homeport.exitnode.render import (
+    LetsEncrypt,
+    NodeSettings,
+    bootstrap_script,
+    cloud_config,
+    template,
+)
 from tests.deploy.helpers import (
     DEPLOY,
     ROOT,
@@ -55,6 +61,7 @@ def rendered(tmp_path: Path, secrets: NodeSecrets) -> tuple[Path, Path]:
         secrets.tls_cert_pem,
         secrets.tls_key_pem,
         tcp_ports=(2222, 5432),
+        letsencrypt=LetsEncrypt(("fn.example.com", "www.example.com"), "owner@example.com"),
     )
     script, config = tmp_path / "bootstrap.sh", tmp_path / "cloud-config.yaml"
     script.write_text(bootstrap_script(settings))
@@ -116,6 +123,11 @@ def installed_root(tmp_path: Path, fakebin: FakeBin, secrets: NodeSecrets, unit:
         )
     assert result.returncode == 0, result.stderr
     shutil.copytree(system_units(), root / "usr/lib/systemd/system", symlinks=True)
+    # ExecReload's /bin/kill (procps, on every image the VM boots): verify wants it there.
+    kill = root / "bin" / "kill"
+    kill.parent.mkdir()
+    kill.write_text('#!/bin/sh\nexec /bin/kill "$@"\n')
+    kill.chmod(0o755)
     return root
 
 

@@ -20,6 +20,9 @@ PACKAGE='@@PACKAGE@@'
 PUBLIC_PORT='@@PUBLIC_PORT@@'
 CONTROL_PORT='@@CONTROL_PORT@@'
 TCP_PORTS='@@TCP_PORTS@@'
+LETSENCRYPT_DOMAINS='@@LETSENCRYPT_DOMAINS@@'
+LETSENCRYPT_EMAIL='@@LETSENCRYPT_EMAIL@@'
+LETSENCRYPT_ISSUER='@@LETSENCRYPT_ISSUER@@'
 TOKEN_HASH='@@TOKEN_HASH@@'
 
 VENV=/opt/homeport/venv
@@ -52,13 +55,29 @@ must_match "control port" "$CONTROL_PORT" '^[1-9][0-9]{0,4}$'
 must_match "token hash" "$TOKEN_HASH" '^[0-9a-f]{64}$'
 ((PUBLIC_PORT <= 65535 && CONTROL_PORT <= 65535 && PUBLIC_PORT != CONTROL_PORT)) ||
   die "the ports must be two different numbers from 1 to 65535"
-# The raw TCP ports: port numbers one space apart, each once, none the two above.
+# HTTPS for visitors (optional): lower-case DNS names one space apart, each
+# ending in a top-level label that starts with a letter (no IP address, no
+# wildcard); an email address of a plain alphabet; one of Let's Encrypt's CAs.
+domain='([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]([a-z0-9-]{0,61}[a-z0-9])?'
+must_match "Let's Encrypt domain list" "$LETSENCRYPT_DOMAINS" "^($domain( $domain)*)?\$"
+must_match "Let's Encrypt email" "$LETSENCRYPT_EMAIL" \
+  '^([A-Za-z0-9._+-]{1,64}@[A-Za-z0-9-]{1,63}(\.[A-Za-z0-9-]{1,63})+)?$'
+must_match "Let's Encrypt issuer" "$LETSENCRYPT_ISSUER" '^(production|staging)$'
+taken=" $PUBLIC_PORT $CONTROL_PORT "
+if [[ -n $LETSENCRYPT_DOMAINS ]]; then
+  # Let's Encrypt checks each name on port 80 (HTTP-01); visitors get HTTPS on 443.
+  ((PUBLIC_PORT == 80)) || die "Let's Encrypt needs the public port to be 80"
+  ((CONTROL_PORT != 443)) || die "the control port cannot be 443, the HTTPS port"
+  taken+="443 "
+elif [[ -n $LETSENCRYPT_EMAIL ]]; then
+  die "a Let's Encrypt email goes with a Let's Encrypt domain"
+fi
+# The raw TCP ports: port numbers one space apart, each once, none of the above.
 must_match "TCP ports" "$TCP_PORTS" '^([1-9][0-9]{0,4}( [1-9][0-9]{0,4})*)?$'
 read -ra tcp_ports <<<"$TCP_PORTS"
-taken=" $PUBLIC_PORT $CONTROL_PORT "
 for port in "${tcp_ports[@]}"; do
   if ((port > 65535)) || [[ $taken == *" $port "* ]]; then
-    die "TCP port $port is over 65535, given twice, or the public or control port"
+    die "TCP port $port is over 65535, given twice, or the public, control or HTTPS port"
   fi
   taken+="$port "
 done
@@ -79,6 +98,9 @@ put 0600 "$CONF/exit.env" <<EOF_ENV
 HOMEPORT_PORT=$PUBLIC_PORT
 HOMEPORT_CONTROL_PORT=$CONTROL_PORT
 HOMEPORT_TCP_PORT="$TCP_PORTS"
+HOMEPORT_LETSENCRYPT_DOMAIN="$LETSENCRYPT_DOMAINS"
+HOMEPORT_LETSENCRYPT_EMAIL="$LETSENCRYPT_EMAIL"
+HOMEPORT_LETSENCRYPT_ISSUER=$LETSENCRYPT_ISSUER
 EOF_ENV
 put 0600 "$CONF/token-hash" <<EOF_HASH
 $TOKEN_HASH
