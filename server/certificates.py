@@ -244,7 +244,7 @@ class AcmeCertificates:
             if issued.status == "issued" or self.current is None:
                 verb = "new" if issued.status == "issued" else "kept"
                 logger.info(
-                    "HTTPS certificate (%s) for %s, valid until %s; renewed from %s",
+                    "HTTPS certificate (%s) for %s, valid until %s; renewing from %s",
                     verb,
                     ", ".join(self.domains),
                     f"{issued.not_after:%Y-%m-%d %H:%M} UTC",
@@ -256,13 +256,13 @@ class AcmeCertificates:
             await self._pause(max(1.0, min(due_s, CHECK_INTERVAL_S)))
 
     async def _pause(self, seconds: float) -> None:
-        """Wait ``seconds``, or less if :meth:`reload` is called meanwhile."""
-        self._wake.clear()
+        """Wait ``seconds``, or less if :meth:`reload` is called (or was, during the last check)."""
         try:
             async with asyncio.timeout(seconds):
                 await self._wake.wait()
         except TimeoutError:
             pass
+        self._wake.clear()
 
     async def _run_child(self) -> Issued | None:
         """Run :mod:`server.acme_issuer` once; what it reports, or None when it failed."""
@@ -275,13 +275,17 @@ class AcmeCertificates:
         env = dict(os.environ)
         if self.ca_file is not None:
             env["REQUESTS_CA_BUNDLE"] = str(self.ca_file)
-        self._child = child = await asyncio.create_subprocess_exec(
-            *args,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=env,
-        )
+        try:
+            self._child = child = await asyncio.create_subprocess_exec(
+                *args,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=env,
+            )
+        except OSError as exc:
+            logger.error("cannot start the ACME child (%s): %s", args[0], exc.strerror or exc)
+            return None
         try:
             async with asyncio.timeout(ISSUE_TIMEOUT_S):
                 output, errors = await child.communicate()

@@ -272,6 +272,11 @@ async def test_a_failed_validation_is_logged_with_the_cas_reason_and_http_goes_o
     ):
         assert response.status == 200
     assert process.running()
+    # The name fixed, SIGHUP checks at once rather than in 10 minutes.
+    pebble.resolve(name, "127.0.0.1")
+    process.send_signal(signal.SIGHUP)
+    await process.wait_for_async(ISSUED + name, within=TIMEOUT_S)
+    await served_certificate(https.https_port, name, trusting(pebble.root_pem()))
 
 
 async def test_challenge_paths_are_answered_only_for_the_certified_names(
