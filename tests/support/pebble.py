@@ -62,10 +62,14 @@ class Pebble:
             return str(answer.read().decode())
 
     def resolve(self, name: str, address: str) -> None:
-        """Make Pebble's DNS answer ``name`` with ``address`` (IPv4)."""
+        """Make Pebble's DNS answer ``name`` with ``address`` (IPv4), and nothing else."""
+        self._manage("clear-a", {"host": name})
+        self._manage("add-a", {"host": name, "addresses": [address]})
+
+    def _manage(self, command: str, body: dict[str, object]) -> None:
         request = urllib.request.Request(
-            f"http://127.0.0.1:{self.dns_management_port}/add-a",
-            data=json.dumps({"host": name, "addresses": [address]}).encode(),
+            f"http://127.0.0.1:{self.dns_management_port}/{command}",
+            data=json.dumps(body).encode(),
             method="POST",
         )
         with urllib.request.urlopen(request, timeout=10):  # noqa: S310
