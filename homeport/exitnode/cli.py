@@ -160,6 +160,13 @@ def port_options(func: F) -> F:
 def letsencrypt_options(func: F) -> F:
     """HTTPS for visitors, with a certificate the exit server gets from Let's Encrypt."""
     func = click.option(
+        "--https-redirect",
+        is_flag=True,
+        help="Answer visitors' plain HTTP requests with a redirect (308) to the same URL "
+        "over HTTPS (Let's Encrypt's checks excepted). Needs --letsencrypt-domain. "
+        "[default: plain HTTP served too]",
+    )(func)
+    func = click.option(
         "--letsencrypt-issuer",
         type=click.Choice(ISSUERS),
         default=ISSUERS[0],
@@ -305,6 +312,7 @@ def create(
     letsencrypt_domains: tuple[str, ...],
     letsencrypt_email: str | None,
     letsencrypt_issuer: str,
+    https_redirect: bool,
     allow_ssh_from: tuple[str, ...],
     ssh_key_id: str | None,
     package: str,
@@ -326,7 +334,9 @@ def create(
         timeout_s=timeout,
         poll_interval_s=poll_interval,
         tcp_ports=tcp_ports,
-        letsencrypt=LetsEncrypt(letsencrypt_domains, letsencrypt_email, letsencrypt_issuer),
+        letsencrypt=LetsEncrypt(
+            letsencrypt_domains, letsencrypt_email, letsencrypt_issuer, https_redirect
+        ),
     )
     try:
         request = request.checked()  # before the API key is even looked for
@@ -400,16 +410,26 @@ def _ports(ports: tuple[int, ...]) -> str:
 
 
 def _https_lines(record: NodeRecord, ip: str) -> list[str]:
-    """Where visitors get HTTPS, and what it waits for: the names' DNS naming the node."""
+    """Where visitors get HTTPS, and what it waits for: the names' DNS naming the node.
+
+    With the redirect, plain HTTP waits for it too: every visitor is sent to HTTPS.
+    """
     if not record.letsencrypt_domains:
         return []
     urls = ", ".join(https_urls(record.letsencrypt_domains))
     ca = "Let's Encrypt"
     if record.letsencrypt_issuer == "staging":
         ca = "Let's Encrypt's staging CA (browsers do not trust it)"
+    redirect = (
+        "Plain HTTP is answered with a redirect (308) to the same URL over HTTPS (Let's "
+        "Encrypt's checks excepted), so visitors wait for the certificate too. "
+        if record.https_redirect
+        else ""
+    )
     text = (
         f"HTTPS: {urls} with a certificate from {ca}, once the DNS A record of "
-        f"{', '.join(record.letsencrypt_domains)} is {ip}. The exit server asks as it starts "
+        f"{', '.join(record.letsencrypt_domains)} is {ip}. {redirect}"
+        "The exit server asks as it starts "
         f"and, until it has the certificate, again {RETRY_FIRST_S / 60:.0f} minutes later, "
         f"then twice as long each time, up to {CHECK_INTERVAL_S / 3600:.0f} hours apart "
         "(`sudo systemctl reload homeport-exit` on the VM asks at once)."
@@ -424,11 +444,12 @@ def ready_message(record: NodeRecord, store: NodeStore) -> str:
     assert record.public_ip is not None
     host = host_for_url(record.public_ip)
     public = f"http://{host}/" if record.port == 80 else f"http://{host}:{record.port}/"
-    browse = (
-        f"https://{record.letsencrypt_domains[0]}/ (or {public})"
-        if record.letsencrypt_domains
-        else public
-    )
+    browse = public
+    if record.letsencrypt_domains:
+        # Redirected, http://IP/ would lead to https://IP/, which no certificate names.
+        browse = f"https://{record.letsencrypt_domains[0]}/"
+        if not record.https_redirect:
+            browse += f" (or {public})"
     lines = [
         f"exit node {record.name} is ready: visitors on {public}, "
         f"clients on wss://{host}:{record.control_port}",
@@ -562,6 +583,7 @@ def userdata(
     letsencrypt_domains: tuple[str, ...],
     letsencrypt_email: str | None,
     letsencrypt_issuer: str,
+    https_redirect: bool,
     package: str,
 ) -> None:
     """Write first-boot user data for a VM at any provider (cloud-init or a script).
@@ -574,8 +596,9 @@ def userdata(
     store = _store(ctx)
     try:
         check_tcp_ports(tcp_ports, port, control_port)
-        letsencrypt = LetsEncrypt(letsencrypt_domains, letsencrypt_email, letsencrypt_issuer)
-        letsencrypt = letsencrypt.checked(port, control_port, tcp_ports)
+        letsencrypt = LetsEncrypt(
+            letsencrypt_domains, letsencrypt_email, letsencrypt_issuer, https_redirect
+        ).checked(port, control_port, tcp_ports)
     except ExitNodeError as exc:
         raise CommandFailed(str(exc)) from None
     if store.exists(name):
@@ -603,6 +626,7 @@ def userdata(
             tcp_ports=tcp_ports,
             letsencrypt_domains=letsencrypt.domains,
             letsencrypt_issuer=letsencrypt.issuer,
+            https_redirect=letsencrypt.https_redirect,
         )
         store.save_new(record, secrets.token, secrets.tls_cert_pem, template(INSTALL_CLIENT))
         write_secret_file(output, text.rstrip("\n"))

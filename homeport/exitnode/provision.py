@@ -147,6 +147,12 @@ def https_urls(domains: tuple[str, ...]) -> list[str]:
     return [f"https://{domain}/" for domain in domains]
 
 
+def https_cell(record: NodeRecord) -> str:
+    """A node's HTTPS cell in ``list``: its URLs, and "(http redirected)" when plain HTTP is."""
+    urls = ",".join(https_urls(record.letsencrypt_domains))
+    return f"{urls} (http redirected)" if urls and record.https_redirect else urls
+
+
 def check_cidr(text: str) -> str:
     """A network in CIDR form, normalised (``203.0.113.7/32``).
 
@@ -212,6 +218,7 @@ class Creation:
             tcp_ports=self.request.tcp_ports,
             letsencrypt_domains=self.request.letsencrypt.domains,
             letsencrypt_issuer=self.request.letsencrypt.issuer,
+            https_redirect=self.request.letsencrypt.https_redirect,
         )
 
     def _save(self) -> None:
@@ -397,7 +404,8 @@ async def list_exit_nodes(civo: CivoClient, store: NodeStore) -> list[list[str]]
 
     Instances tagged ``homeport`` in the region, and the nodes recorded on
     this machine that Civo no longer has. HTTPS is the URLs a node serves
-    with a Let's Encrypt certificate, as recorded here.
+    with a Let's Encrypt certificate, as recorded here, and whether plain
+    HTTP is redirected to them (see :func:`https_cell`).
 
     Raises:
         ExitNodeError: the API failed, or a local record cannot be read.
@@ -412,7 +420,7 @@ async def list_exit_nodes(civo: CivoClient, store: NodeStore) -> list[list[str]]
         name = str(instance.get("hostname"))
         record = records.pop(name, None)
         token = str(store.token_path(name)) if record is not None else "-"
-        https = ",".join(https_urls(record.letsencrypt_domains)) if record is not None else ""
+        https = https_cell(record) if record is not None else ""
         firewall_id = str(instance.get("firewall_id") or "")
         rows.append(
             [

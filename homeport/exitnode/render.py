@@ -8,9 +8,10 @@ nothing a user types can become shell or YAML: ports are numbers (the raw
 TCP ports a list of them, one space apart), the token hash is 64 hex
 digits, PEM blocks are base64 lines between their armour lines, the
 package spec is a pinned name or an https URL of a fixed alphabet, the
-names for Let's Encrypt are lower-case DNS names (one space apart) and its
-contact address is letters, digits and ``._+-`` around one ``@``. The shell
-script checks the simple values again itself.
+names for Let's Encrypt are lower-case DNS names (one space apart), its
+contact address is letters, digits and ``._+-`` around one ``@``, and the
+redirect to HTTPS is ``true`` or empty. The shell script checks the simple
+values again itself.
 
 Templates mark a value as ``@@NAME@@``. A marker alone on its line takes a
 multi-line value, each line indented as the marker was.
@@ -141,13 +142,28 @@ def check_tcp_ports(tcp_ports: tuple[int, ...], port: int, control_port: int) ->
 class LetsEncrypt:
     """HTTPS for visitors, with a certificate the exit server gets from Let's Encrypt.
 
-    ``homeport server``'s ``--letsencrypt-domain``, ``--letsencrypt-email``
-    and ``--letsencrypt-issuer``; no domains, no HTTPS (port 443 stays closed).
+    ``homeport server``'s ``--letsencrypt-domain``, ``--letsencrypt-email``,
+    ``--letsencrypt-issuer`` and ``--https-redirect`` (plain HTTP answered
+    with a 308 to the same URL over HTTPS, the ACME challenges excepted); no
+    domains, no HTTPS (port 443 stays closed) and so no redirect.
     """
 
     domains: tuple[str, ...] = ()
     email: str | None = None
     issuer: str = "production"
+    https_redirect: bool = False
+
+    @property
+    def https_redirect_value(self) -> str:
+        """``HOMEPORT_HTTPS_REDIRECT`` as written to exit.env: ``true``, or empty for off.
+
+        Off is empty, not ``false``: click 8.2.0 and 8.2.1 (which homeport's
+        ``click>=8.1`` allows) turn a flag on for any non-empty value, so
+        ``false`` would switch the redirect on, and a node without HTTPS
+        would not start. Every click 8 reads empty as unset (off) and
+        ``true`` as on.
+        """
+        return "true" if self.https_redirect else ""
 
     def checked(self, port: int, control_port: int, tcp_ports: tuple[int, ...]) -> LetsEncrypt:
         """Itself with its names normalised, once the exit server would take every value.
@@ -160,17 +176,25 @@ class LetsEncrypt:
         ``--port`` only.
 
         Raises:
-            ExitNodeError: a name, the address or the issuer is not one, or a port clashes.
+            ExitNodeError: a value the exit server would refuse, or a port clash.
         """
         if self.issuer not in ISSUERS:
             raise ExitNodeError(
                 f"--letsencrypt-issuer {self.issuer!r} must be {' or '.join(ISSUERS)}"
             )
+        if not isinstance(self.https_redirect, bool):  # "false" would read as on
+            raise ExitNodeError("--https-redirect is a flag: on (True) or off (False)")
         if not self.domains:
             if self.email is not None:
                 raise ExitNodeError("--letsencrypt-email goes with --letsencrypt-domain")
             if self.issuer != ISSUERS[0]:
                 raise ExitNodeError("--letsencrypt-issuer goes with --letsencrypt-domain")
+            if self.https_redirect:
+                # The exit server would refuse to start: "--https-redirect needs HTTPS".
+                raise ExitNodeError(
+                    "--https-redirect goes with --letsencrypt-domain: without a certificate "
+                    "the node serves no HTTPS to redirect visitors to"
+                )
             return self
         domains = tuple(dict.fromkeys(name.strip().lower().rstrip(".") for name in self.domains))
         for name in domains:
@@ -213,7 +237,7 @@ class LetsEncrypt:
         problem = tcp_ports_problem(tcp_ports, port, control_port, HTTPS_PORT)
         if problem is not None:  # the exit server's own rule, should it ever grow
             raise ExitNodeError(problem)
-        return LetsEncrypt(domains, self.email, self.issuer)
+        return LetsEncrypt(domains, self.email, self.issuer, self.https_redirect)
 
 
 #: No HTTPS: what a node has without --letsencrypt-domain.
@@ -283,6 +307,7 @@ class NodeSettings:
             "LETSENCRYPT_DOMAINS": " ".join(letsencrypt.domains),
             "LETSENCRYPT_EMAIL": letsencrypt.email or "",
             "LETSENCRYPT_ISSUER": letsencrypt.issuer,
+            "HTTPS_REDIRECT": letsencrypt.https_redirect_value,
             "TOKEN_HASH": self.token_hash,
             "TLS_CERT": check_pem(self.tls_cert_pem, "TLS certificate"),
             "TLS_KEY": check_pem(self.tls_key_pem, "TLS key"),

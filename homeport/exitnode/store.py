@@ -5,8 +5,9 @@
 - ``token``: the tunnel token (0600). The client needs it; nothing else does.
 - ``tls.crt``: the control port's certificate, whose fingerprint the client pins.
 - ``node.json``: what was created where (provider, region, ids, public IP)
-  and what it serves (ports, the names it has HTTPS for), written as soon
-  as each thing exists, so ``delete`` can always find it.
+  and what it serves (ports, the names it has HTTPS for, whether plain HTTP
+  is redirected there), written as soon as each thing exists, so ``delete``
+  can always find it.
 - ``install-client.sh``: the installer to copy to the Pi with the token.
 
 The TLS private key is not kept here: it exists only on the exit node.
@@ -72,6 +73,8 @@ class NodeRecord:
     #: names served over HTTPS with a Let's Encrypt certificate; a record from before has none
     letsencrypt_domains: tuple[str, ...] = ()
     letsencrypt_issuer: str = "production"
+    #: plain HTTP answered with a redirect to HTTPS; off in a record from before it
+    https_redirect: bool = False
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> NodeRecord:
@@ -97,6 +100,8 @@ class NodeRecord:
             raise ExitNodeError("the node record's letsencrypt_domains is not a list of names")
         if not isinstance(record.letsencrypt_issuer, str):
             raise ExitNodeError("the node record's letsencrypt_issuer is not a name")
+        if not isinstance(record.https_redirect, bool):
+            raise ExitNodeError("the node record's https_redirect is not true or false")
         record.tcp_ports = tuple(record.tcp_ports)  # JSON has lists
         record.letsencrypt_domains = tuple(record.letsencrypt_domains)
         return record

@@ -34,8 +34,10 @@ NO_HTTPS_ENV = (
     'HOMEPORT_LETSENCRYPT_DOMAIN=""\n'
     'HOMEPORT_LETSENCRYPT_EMAIL=""\n'
     "HOMEPORT_LETSENCRYPT_ISSUER=production\n"
+    'HOMEPORT_HTTPS_REDIRECT=""\n'
 )
 HTTPS = LetsEncrypt(("fn.example.com",), "owner@example.com")
+REDIRECTED = LetsEncrypt(("fn.example.com",), https_redirect=True)
 
 
 def node_settings(secrets: NodeSecrets, **changes: Any) -> NodeSettings:
@@ -140,17 +142,28 @@ def test_the_exit_server_reads_the_tcp_ports_bootstrap_writes(
             LetsEncrypt(("fn.example.com",), "owner@example.com"),
             'HOMEPORT_LETSENCRYPT_DOMAIN="fn.example.com"\n'
             'HOMEPORT_LETSENCRYPT_EMAIL="owner@example.com"\n'
-            "HOMEPORT_LETSENCRYPT_ISSUER=production\n",
+            "HOMEPORT_LETSENCRYPT_ISSUER=production\n"
+            'HOMEPORT_HTTPS_REDIRECT=""\n',
             {"acme_domains": ("fn.example.com",), "acme_email": "owner@example.com"},
         ),
         (
             LetsEncrypt(("FN.Example.com.", "www.example.com", "fn.example.com"), None, "staging"),
             'HOMEPORT_LETSENCRYPT_DOMAIN="fn.example.com www.example.com"\n'
             'HOMEPORT_LETSENCRYPT_EMAIL=""\n'
-            "HOMEPORT_LETSENCRYPT_ISSUER=staging\n",
+            "HOMEPORT_LETSENCRYPT_ISSUER=staging\n"
+            'HOMEPORT_HTTPS_REDIRECT=""\n',
             {"acme_domains": ("fn.example.com", "www.example.com"), "acme_email": None},
         ),
+        (
+            LetsEncrypt(("fn.example.com",), "owner@example.com", https_redirect=True),
+            'HOMEPORT_LETSENCRYPT_DOMAIN="fn.example.com"\n'
+            'HOMEPORT_LETSENCRYPT_EMAIL="owner@example.com"\n'
+            "HOMEPORT_LETSENCRYPT_ISSUER=production\n"
+            'HOMEPORT_HTTPS_REDIRECT="true"\n',
+            {"acme_domains": ("fn.example.com",), "acme_email": "owner@example.com"},
+        ),
     ],
+    ids=["no-https", "https", "https-staging", "https-redirect"],
 )
 def test_the_exit_server_reads_the_https_settings_bootstrap_writes(
     tmp_path: Path,
@@ -168,11 +181,14 @@ def test_the_exit_server_reads_the_https_settings_bootstrap_writes(
     assert exit_env.read_text().endswith(lines)
     # What systemd gives the unit, through the real `homeport server` options and
     # the very function that turns them into its HTTPS settings: an empty name
-    # list is no HTTPS, an empty email none.
+    # list is no HTTPS, an empty email none, an empty redirect none and "true"
+    # one (which the server takes only with HTTPS). Off is empty, never "false":
+    # click 8.2.0 and 8.2.1 read any non-empty value of a flag's variable as on.
     for key, value in parse_env_file(exit_env).items():
         monkeypatch.setenv(key, value)
     options = server.make_context("server", []).params
     assert (options["port"], options["https_port"]) == (80, 443)
+    assert options["https_redirect"] is letsencrypt.https_redirect
     served = https_options(
         domains=options["letsencrypt_domains"],
         email=options["letsencrypt_email"],
@@ -187,6 +203,7 @@ def test_the_exit_server_reads_the_https_settings_bootstrap_writes(
     else:
         directory = LETSENCRYPT_STAGING if letsencrypt.issuer == "staging" else LETSENCRYPT
         assert served == {**https, "acme_directory": directory, "acme_ca_file": None}
+    assert served or not options["https_redirect"]  # else: "--https-redirect needs HTTPS"
 
 
 @pytest.mark.parametrize(
@@ -282,6 +299,17 @@ def test_bootstrap_stops_on_an_old_python(
         ("LETSENCRYPT_ISSUER", "staging\nHOMEPORT_INSECURE=1", "Encrypt issuer is malformed"),
         ("LETSENCRYPT_ISSUER", "$(touch {pwned})", "Encrypt issuer is malformed"),
         ("LETSENCRYPT_ISSUER", "", "Encrypt issuer is malformed"),
+        ("HTTPS_REDIRECT", "true\nHOMEPORT_INSECURE=1", "HTTPS redirect is malformed"),
+        ("HTTPS_REDIRECT", "\nHOMEPORT_HTTPS_REDIRECT=true", "HTTPS redirect is malformed"),
+        ("HTTPS_REDIRECT", "false", "HTTPS redirect is malformed"),  # on, for click 8.2.0/8.2.1
+        ("HTTPS_REDIRECT", "0", "HTTPS redirect is malformed"),
+        ("HTTPS_REDIRECT", "$(touch {pwned})", "HTTPS redirect is malformed"),
+        ("HTTPS_REDIRECT", "`touch {pwned}`", "HTTPS redirect is malformed"),
+        ("HTTPS_REDIRECT", "true;touch {pwned}", "HTTPS redirect is malformed"),
+        ("HTTPS_REDIRECT", "1", "HTTPS redirect is malformed"),
+        ("HTTPS_REDIRECT", "on", "HTTPS redirect is malformed"),
+        ("HTTPS_REDIRECT", "True", "HTTPS redirect is malformed"),
+        ("HTTPS_REDIRECT", "true ", "HTTPS redirect is malformed"),
     ],
 )
 def test_the_script_itself_refuses_values_that_bypassed_the_renderer(
@@ -315,6 +343,10 @@ def test_the_script_itself_refuses_values_that_bypassed_the_renderer(
         ({"PUBLIC_PORT": "8080"}, "Let's Encrypt needs the public port to be 80"),
         ({"CONTROL_PORT": "443"}, "the control port cannot be 443, the HTTPS port"),
         ({"LETSENCRYPT_DOMAINS": ""}, "a Let's Encrypt email goes with a Let's Encrypt domain"),
+        (
+            {"LETSENCRYPT_DOMAINS": "", "LETSENCRYPT_EMAIL": "", "HTTPS_REDIRECT": "true"},
+            "the HTTPS redirect goes with a Let's Encrypt domain",
+        ),
     ],
 )
 def test_the_script_itself_refuses_https_settings_the_exit_server_would_refuse(
@@ -385,6 +417,14 @@ def test_the_script_itself_refuses_https_settings_the_exit_server_would_refuse(
             "--letsencrypt-domain needs --port 80, not 8080",
         ),
         ({"letsencrypt": HTTPS, "tcp_ports": (443,)}, "--tcp-port 443 is the HTTPS port"),
+        (
+            {"letsencrypt": LetsEncrypt(https_redirect=True)},
+            "--https-redirect goes with --letsencrypt-domain",
+        ),
+        (
+            {"letsencrypt": LetsEncrypt(("$(reboot).example.com",), https_redirect=True)},
+            "is not a DNS name",
+        ),
     ],
 )
 def test_the_renderer_refuses_values_that_could_inject(
@@ -393,6 +433,29 @@ def test_the_renderer_refuses_values_that_could_inject(
     settings = node_settings(secrets, **changes)
     for renderer in (bootstrap_script, cloud_config):
         with pytest.raises(ExitNodeError, match=message):
+            renderer(settings)
+
+
+@pytest.mark.parametrize("https_redirect", [True, False])
+def test_the_redirect_reaches_the_templates_as_true_or_empty(
+    secrets: NodeSecrets, https_redirect: bool
+) -> None:
+    letsencrypt = LetsEncrypt(("fn.example.com",), https_redirect=https_redirect)
+
+    values = node_settings(secrets, letsencrypt=letsencrypt).checked_values()
+
+    assert values["HTTPS_REDIRECT"] == ("true" if https_redirect else "")
+
+
+@pytest.mark.parametrize("given", ["false", "'; reboot; '", "", 1, 0, None])
+def test_a_redirect_that_is_not_a_bool_is_refused(secrets: NodeSecrets, given: Any) -> None:
+    # "false" is truthy: only a real bool says whether the script gets "true".
+    settings = node_settings(
+        secrets, letsencrypt=LetsEncrypt(("fn.example.com",), None, "production", given)
+    )
+
+    for renderer in (bootstrap_script, cloud_config):
+        with pytest.raises(ExitNodeError, match="--https-redirect is a flag"):
             renderer(settings)
 
 
@@ -421,7 +484,12 @@ def load_yaml(text: str) -> Any:
 
 @pytest.mark.parametrize(
     ("tcp_ports", "letsencrypt"),
-    [((), LetsEncrypt()), ((2222, 5432), HTTPS), ((), LetsEncrypt(("a.example", "b.example")))],
+    [
+        ((), LetsEncrypt()),
+        ((2222, 5432), HTTPS),
+        ((), LetsEncrypt(("a.example", "b.example"))),
+        ((2222,), REDIRECTED),
+    ],
 )
 def test_cloud_config_says_exactly_what_the_bootstrap_script_does(
     tmp_path: Path,

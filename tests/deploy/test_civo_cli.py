@@ -259,6 +259,21 @@ async def https_status(port: int, name: str, root_pem: str) -> tuple[str, list[s
     return status, [value for kind, value in cert["subjectAltName"] if kind == "DNS"]
 
 
+async def http_answer(port: int, name: str, target: str) -> tuple[str, str | None]:
+    """A visitor's plain HTTP GET: the status line and the Location header, if any."""
+    async with asyncio.timeout(30):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            request = f"GET {target} HTTP/1.1\r\nHost: {name}\r\nConnection: close\r\n\r\n"
+            writer.write(request.encode())
+            head = (await reader.readuntil(b"\r\n\r\n")).decode().split("\r\n")
+        finally:
+            writer.close()
+    fields = dict(line.split(": ", 1) for line in head[1:] if line)
+    return head[0], fields.get("Location")
+
+
+@pytest.mark.parametrize("redirect", [False, True], ids=["http-served", "http-redirected"])
 async def test_create_with_letsencrypt_serves_visitors_over_https(
     tmp_path: Path,
     fake_civo: FakeCivo,
@@ -266,6 +281,7 @@ async def test_create_with_letsencrypt_serves_visitors_over_https(
     pebble: Pebble,
     pebble_port: int,
     started: list[Process],
+    redirect: bool,
 ) -> None:
     control_port, https_port = free_port(), free_port()
     vm_root, config_dir = tmp_path / "vm", tmp_path / "config"
@@ -304,6 +320,7 @@ async def test_create_with_letsencrypt_serves_visitors_over_https(
         *("--name", NAME, "--control-port", str(control_port)),
         *("--letsencrypt-domain", "FN.homeport.test.", "--letsencrypt-domain", names[1]),
         *("--letsencrypt-email", "owner@homeport.test", "--timeout", "60", *FAST),
+        *(["--https-redirect"] if redirect else []),
         env=cli_env(fake_civo, config_dir),
     )
 
@@ -312,7 +329,11 @@ async def test_create_with_letsencrypt_serves_visitors_over_https(
     said = " ".join(out.split())
     assert "HTTPS: https://fn.homeport.test/, https://www.homeport.test/ with a cert" in said
     assert f"once the DNS A record of {', '.join(names)} is 127.0.0.1." in said
-    assert "Then browse https://fn.homeport.test/ (or http://127.0.0.1/)" in out
+    assert ("Plain HTTP is answered with a redirect (308)" in said) is redirect
+    if redirect:  # http://127.0.0.1/ would lead to https://127.0.0.1/, which no cert names
+        assert "Then browse https://fn.homeport.test/\n" in out
+    else:
+        assert "Then browse https://fn.homeport.test/ (or http://127.0.0.1/)" in out
     (firewall,) = fake_civo.firewalls.values()
     assert {r["start_port"] for r in firewall["rules"] if r["direction"] == "ingress"} == {
         "80",
@@ -323,11 +344,14 @@ async def test_create_with_letsencrypt_serves_visitors_over_https(
     assert exit_env["HOMEPORT_LETSENCRYPT_DOMAIN"] == " ".join(names)
     assert exit_env["HOMEPORT_LETSENCRYPT_EMAIL"] == "owner@homeport.test"
     assert exit_env["HOMEPORT_LETSENCRYPT_ISSUER"] == "production"
+    assert exit_env["HOMEPORT_HTTPS_REDIRECT"] == ("true" if redirect else "")
     record = json.loads((config_dir / "exit-nodes" / NAME / "node.json").read_text())
     assert record["letsencrypt_domains"] == list(names)
+    assert record["https_redirect"] is redirect
 
     # The exit server got its certificate, answering the HTTP-01 challenges on
-    # "port 80", and keeps it in the unit's StateDirectory.
+    # "port 80" (redirect or not: they are excepted), and keeps it in the unit's
+    # StateDirectory.
     (server,) = started
     await server.wait_for_async(r"HTTPS certificate \(new\) for fn\.homeport\.test", within=60)
     state = vm_root / "var/lib/homeport"
@@ -337,6 +361,14 @@ async def test_create_with_letsencrypt_serves_visitors_over_https(
     status, sans = await https_status(https_port, names[1], root_pem)
     assert status.startswith("HTTP/1.1 503")
     assert sorted(sans) == sorted(names)
+    # A visitor over plain HTTP: sent to the same URL over HTTPS, or served (503, no Pi).
+    status, location = await http_answer(pebble_port, names[0], "/function/x?a=1")
+    if redirect:
+        assert status.startswith("HTTP/1.1 308")
+        assert location == f"https://{names[0]}:{https_port}/function/x?a=1"
+    else:
+        assert status.startswith("HTTP/1.1 503")
+        assert location is None
 
     # `systemctl reload homeport-exit`: the server takes the SIGHUP and goes on serving.
     await asyncio.to_thread(reload_unit, vm_root, "homeport-exit.service", server)
@@ -354,6 +386,7 @@ async def test_create_with_letsencrypt_serves_visitors_over_https(
         "127.0.0.1",
         "https://fn.homeport.test/,https://www.homeport.test/",
     ]
+    assert ("https://www.homeport.test/ (http redirected)  " in row) is redirect
 
 
 @pytest.mark.parametrize(
@@ -397,6 +430,18 @@ async def test_create_with_letsencrypt_serves_visitors_over_https(
             "create",
             ["--letsencrypt-domain", "fn.example.com", "--letsencrypt-issuer", "prod"],
             "Invalid value for '--letsencrypt-issuer': 'prod' is not one of",
+        ),
+        ("create", ["--https-redirect"], "--https-redirect goes with --letsencrypt-domain"),
+        ("userdata", ["--https-redirect"], "--https-redirect goes with --letsencrypt-domain"),
+        (
+            "create",
+            ["--https-redirect", "--letsencrypt-email", "you@example.com"],
+            "--letsencrypt-email goes with --letsencrypt-domain",
+        ),
+        (
+            "create",
+            ["--https-redirect=yes", "--letsencrypt-domain", "fn.example.com"],
+            "Option '--https-redirect' does not take a value",
         ),
     ],
 )
@@ -648,6 +693,7 @@ async def test_userdata_writes_a_valid_cloud_config_and_keeps_the_token_local(
     assert token not in text + out + err
     assert "--url wss://PUBLIC_IP:8123" in out
     assert '      HOMEPORT_TCP_PORT="2222 5432"\n' in text
+    assert '      HOMEPORT_HTTPS_REDIRECT=""\n' in text
     assert "(to serve the raw TCP ports 2222, 5432, add --tcp PORT=ADDRESS:PORT" in out
     assert "HTTPS" not in out
     schema = await asyncio.to_thread(
@@ -678,14 +724,53 @@ async def test_userdata_with_letsencrypt_carries_the_names_and_says_what_to_open
     text = output.read_text()
     assert "LETSENCRYPT_DOMAINS='fn.example.com'\n" in text
     assert "LETSENCRYPT_ISSUER='staging'\n" in text
+    assert "HTTPS_REDIRECT=''\n" in text
     said = " ".join(out.split())
     assert "HTTPS: https://fn.example.com/ with a certificate from Let's Encrypt's staging" in said
     assert "once the DNS A record of fn.example.com is PUBLIC_IP" in said
+    assert "redirect" not in said
     record = json.loads((config_dir / "exit-nodes" / "lab" / "node.json").read_text())
     assert (record["letsencrypt_domains"], record["letsencrypt_issuer"]) == (
         ["fn.example.com"],
         "staging",
     )
+    assert record["https_redirect"] is False
+
+
+async def test_userdata_with_https_redirect_writes_it_to_the_cloud_config(
+    tmp_path: Path,
+) -> None:
+    output = tmp_path / "user-data.yaml"
+    config_dir = tmp_path / "config"
+
+    code, out, err = await homeport(
+        "exit-node",
+        "userdata",
+        *("--name", "lab", "--format", "cloud-config", "-o", str(output)),
+        *("--letsencrypt-domain", "fn.example.com", "--https-redirect"),
+        env={"HOMEPORT_CONFIG_DIR": str(config_dir)},
+    )
+
+    assert code == 0, err
+    text = output.read_text()
+    assert '      HOMEPORT_LETSENCRYPT_DOMAIN="fn.example.com"\n' in text
+    assert '      HOMEPORT_HTTPS_REDIRECT="true"\n' in text
+    said = " ".join(out.split())
+    assert (
+        "once the DNS A record of fn.example.com is PUBLIC_IP. Plain HTTP is answered with a "
+        "redirect (308) to the same URL over HTTPS (Let's Encrypt's checks excepted), so "
+        "visitors wait for the certificate too."
+    ) in said
+    record = json.loads((config_dir / "exit-nodes" / "lab" / "node.json").read_text())
+    assert record["https_redirect"] is True
+    schema = await asyncio.to_thread(
+        subprocess.run,
+        [require("cloud-init"), "schema", "--config-file", str(output)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert schema.returncode == 0, schema.stdout + schema.stderr
 
 
 async def test_the_fake_api_rejects_malformed_requests(fake_civo: FakeCivo) -> None:

@@ -15,7 +15,7 @@ import pytest
 from homeport.cli import https_options
 from homeport.exitnode.cli import ready_message
 from homeport.exitnode.errors import ExitNodeError
-from homeport.exitnode.provision import CreateRequest, firewall_rules
+from homeport.exitnode.provision import CreateRequest, firewall_rules, https_cell
 from homeport.exitnode.render import LetsEncrypt
 from homeport.exitnode.store import NodeRecord, NodeStore
 
@@ -29,8 +29,10 @@ def checked(
     port: int = 80,
     control_port: int = 8123,
     tcp_ports: tuple[int, ...] = (),
+    https_redirect: bool = False,
 ) -> LetsEncrypt:
-    return LetsEncrypt(domains, email, issuer).checked(port, control_port, tcp_ports)
+    letsencrypt = LetsEncrypt(domains, email, issuer, https_redirect)
+    return letsencrypt.checked(port, control_port, tcp_ports)
 
 
 def test_names_are_normalised_as_the_exit_server_does() -> None:
@@ -54,6 +56,12 @@ def test_names_are_normalised_as_the_exit_server_does() -> None:
 
 def test_no_names_is_no_https() -> None:
     assert LetsEncrypt().checked(8080, 8123, (443,)) == LetsEncrypt()
+
+
+def test_the_redirect_is_kept_with_the_names_normalised() -> None:
+    letsencrypt = checked(("FN.Example.com.",), https_redirect=True)
+
+    assert letsencrypt == LetsEncrypt(("fn.example.com",), https_redirect=True)
 
 
 @pytest.mark.parametrize(
@@ -89,6 +97,14 @@ def test_no_names_is_no_https() -> None:
         ({"tcp_ports": (2222, 443)}, "--tcp-port 443 is the HTTPS port of --letsencrypt-domain"),
         ({"domains": (), "email": "owner@example.com"}, "--letsencrypt-email goes with --lets"),
         ({"domains": (), "issuer": "staging"}, "--letsencrypt-issuer goes with --letsencrypt-d"),
+        (
+            {"domains": (), "https_redirect": True},
+            "--https-redirect goes with --letsencrypt-domain: without a certificate the node "
+            "serves no HTTPS to redirect visitors to",
+        ),
+        ({"https_redirect": "false"}, "--https-redirect is a flag: on (True) or off (False)"),
+        ({"domains": ("*.example.com",), "https_redirect": True}, "a wildcard needs a DNS-01"),
+        ({"port": 8080, "https_redirect": True}, "--letsencrypt-domain needs --port 80"),
     ],
 )
 def test_what_the_exit_server_would_refuse_is_refused_on_the_laptop(
@@ -120,6 +136,13 @@ def test_a_create_request_comes_back_with_its_names_normalised() -> None:
     given = request(letsencrypt=LetsEncrypt(("FN.example.com.",), None, "staging"))
 
     assert given.checked().letsencrypt == LetsEncrypt(("fn.example.com",), None, "staging")
+
+
+def test_a_create_request_with_a_redirect_alone_is_refused() -> None:
+    given = request(letsencrypt=LetsEncrypt(https_redirect=True))
+
+    with pytest.raises(ExitNodeError, match="--https-redirect goes with --letsencrypt-domain"):
+        given.checked()
 
 
 def test_a_create_request_checks_its_tcp_ports_before_https() -> None:
@@ -175,6 +198,42 @@ def test_the_ready_message_warns_that_staging_is_not_trusted(tmp_path: Path) -> 
     text = ready(tmp_path, letsencrypt_domains=("fn.example.com",), letsencrypt_issuer="staging")
 
     assert "from Let's Encrypt's staging CA (browsers do not trust it)" in " ".join(text.split())
+
+
+def test_the_ready_message_says_plain_http_is_redirected_and_browses_https_only(
+    tmp_path: Path,
+) -> None:
+    text = ready(tmp_path, letsencrypt_domains=("fn.example.com",), https_redirect=True)
+
+    lines = text.splitlines()
+    assert all(len(line) <= 88 for line in lines[1:6])
+    said = " ".join(text.split())
+    assert (
+        "once the DNS A record of fn.example.com is 203.0.113.5. Plain HTTP is answered with "
+        "a redirect (308) to the same URL over HTTPS (Let's Encrypt's checks excepted), so "
+        "visitors wait for the certificate too. The exit server asks as it starts"
+    ) in said
+    # http://203.0.113.5/ would be sent to https://203.0.113.5/, which no certificate names.
+    assert "Then browse https://fn.example.com/" in lines
+
+
+def test_the_ready_message_without_the_redirect_offers_plain_http_too(tmp_path: Path) -> None:
+    text = ready(tmp_path, letsencrypt_domains=("fn.example.com",))
+
+    assert "redirect" not in text
+    assert "Then browse https://fn.example.com/ (or http://203.0.113.5/)" in text.splitlines()
+
+
+def test_list_shows_the_https_urls_and_whether_plain_http_is_redirected() -> None:
+    def cell(**changes: Any) -> str:
+        return https_cell(NodeRecord("exit", "civo", "lon1", 80, 8123, FINGERPRINT, **changes))
+
+    names = ("fn.example.com", "www.example.com")
+    assert cell() == ""
+    assert cell(letsencrypt_domains=names) == "https://fn.example.com/,https://www.example.com/"
+    assert cell(letsencrypt_domains=names, https_redirect=True) == (
+        "https://fn.example.com/,https://www.example.com/ (http redirected)"
+    )
 
 
 def test_the_ready_message_says_nothing_of_https_without_it(tmp_path: Path) -> None:

@@ -51,7 +51,7 @@ def test_a_record_with_malformed_tcp_ports_is_refused(tmp_path: Path, tcp_ports:
         store.load("exit")
 
 
-def test_a_record_keeps_its_https_names(tmp_path: Path) -> None:
+def test_a_record_keeps_its_https_names_and_redirect(tmp_path: Path) -> None:
     store = NodeStore(tmp_path)
     record = NodeRecord(
         "exit",
@@ -62,6 +62,7 @@ def test_a_record_keeps_its_https_names(tmp_path: Path) -> None:
         FINGERPRINT,
         letsencrypt_domains=("fn.example.com", "www.example.com"),
         letsencrypt_issuer="staging",
+        https_redirect=True,
     )
 
     store.save(record)
@@ -69,6 +70,7 @@ def test_a_record_keeps_its_https_names(tmp_path: Path) -> None:
     data = json.loads((store.folder("exit") / "node.json").read_text())
     assert data["letsencrypt_domains"] == ["fn.example.com", "www.example.com"]
     assert data["letsencrypt_issuer"] == "staging"
+    assert data["https_redirect"] is True
     assert store.load("exit") == record
 
 
@@ -77,13 +79,14 @@ def test_a_record_from_before_https_has_none(tmp_path: Path) -> None:
     store.save(NodeRecord("exit", "civo", "lon1", 80, 8123, FINGERPRINT, tcp_ports=(2222,)))
     path = store.folder("exit") / "node.json"
     data = json.loads(path.read_text())
-    del data["letsencrypt_domains"], data["letsencrypt_issuer"]
+    del data["letsencrypt_domains"], data["letsencrypt_issuer"], data["https_redirect"]
     path.write_text(json.dumps(data))
 
     record = store.load("exit")
 
     assert record is not None
     assert (record.letsencrypt_domains, record.letsencrypt_issuer) == ((), "production")
+    assert record.https_redirect is False
     assert record.tcp_ports == (2222,)
 
 
@@ -93,9 +96,12 @@ def test_a_record_from_before_https_has_none(tmp_path: Path) -> None:
         ({"letsencrypt_domains": "fn.example.com"}, "letsencrypt_domains is not a list of names"),
         ({"letsencrypt_domains": [1]}, "letsencrypt_domains is not a list of names"),
         ({"letsencrypt_issuer": None}, "letsencrypt_issuer is not a name"),
+        ({"https_redirect": "true"}, "https_redirect is not true or false"),
+        ({"https_redirect": 1}, "https_redirect is not true or false"),
+        ({"https_redirect": None}, "https_redirect is not true or false"),
     ],
 )
-def test_a_record_with_malformed_https_names_is_refused(
+def test_a_record_with_malformed_https_settings_is_refused(
     tmp_path: Path, changes: dict[str, object], message: str
 ) -> None:
     store = NodeStore(tmp_path)

@@ -61,7 +61,9 @@ def rendered(tmp_path: Path, secrets: NodeSecrets) -> tuple[Path, Path]:
         secrets.tls_cert_pem,
         secrets.tls_key_pem,
         tcp_ports=(2222, 5432),
-        letsencrypt=LetsEncrypt(("fn.example.com", "www.example.com"), "owner@example.com"),
+        letsencrypt=LetsEncrypt(
+            ("fn.example.com", "www.example.com"), "owner@example.com", https_redirect=True
+        ),
     )
     script, config = tmp_path / "bootstrap.sh", tmp_path / "cloud-config.yaml"
     script.write_text(bootstrap_script(settings))

@@ -23,6 +23,7 @@ TCP_PORTS='@@TCP_PORTS@@'
 LETSENCRYPT_DOMAINS='@@LETSENCRYPT_DOMAINS@@'
 LETSENCRYPT_EMAIL='@@LETSENCRYPT_EMAIL@@'
 LETSENCRYPT_ISSUER='@@LETSENCRYPT_ISSUER@@'
+HTTPS_REDIRECT='@@HTTPS_REDIRECT@@'
 TOKEN_HASH='@@TOKEN_HASH@@'
 
 VENV=/opt/homeport/venv
@@ -57,12 +58,15 @@ must_match "token hash" "$TOKEN_HASH" '^[0-9a-f]{64}$'
   die "the ports must be two different numbers from 1 to 65535"
 # HTTPS for visitors (optional): lower-case DNS names one space apart, each
 # ending in a top-level label that starts with a letter (no IP address, no
-# wildcard); an email address of a plain alphabet; one of Let's Encrypt's CAs.
+# wildcard); an email address of a plain alphabet; one of Let's Encrypt's CAs;
+# plain HTTP redirected to HTTPS ("true") or not (empty: click 8.2.0 and 8.2.1
+# read any other value, "false" too, as on).
 domain='([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]([a-z0-9-]{0,61}[a-z0-9])?'
 must_match "Let's Encrypt domain list" "$LETSENCRYPT_DOMAINS" "^($domain( $domain)*)?\$"
 must_match "Let's Encrypt email" "$LETSENCRYPT_EMAIL" \
   '^([A-Za-z0-9._+-]{1,64}@[A-Za-z0-9-]{1,63}(\.[A-Za-z0-9-]{1,63})+)?$'
 must_match "Let's Encrypt issuer" "$LETSENCRYPT_ISSUER" '^(production|staging)$'
+must_match "HTTPS redirect" "$HTTPS_REDIRECT" '^(true)?$'
 taken=" $PUBLIC_PORT $CONTROL_PORT "
 if [[ -n $LETSENCRYPT_DOMAINS ]]; then
   # Let's Encrypt checks each name on port 80 (HTTP-01); visitors get HTTPS on 443.
@@ -71,6 +75,9 @@ if [[ -n $LETSENCRYPT_DOMAINS ]]; then
   taken+="443 "
 elif [[ -n $LETSENCRYPT_EMAIL ]]; then
   die "a Let's Encrypt email goes with a Let's Encrypt domain"
+elif [[ -n $HTTPS_REDIRECT ]]; then
+  # The exit server would not start: --https-redirect needs HTTPS.
+  die "the HTTPS redirect goes with a Let's Encrypt domain"
 fi
 # The raw TCP ports: port numbers one space apart, each once, none of the above.
 must_match "TCP ports" "$TCP_PORTS" '^([1-9][0-9]{0,4}( [1-9][0-9]{0,4})*)?$'
@@ -101,6 +108,7 @@ HOMEPORT_TCP_PORT="$TCP_PORTS"
 HOMEPORT_LETSENCRYPT_DOMAIN="$LETSENCRYPT_DOMAINS"
 HOMEPORT_LETSENCRYPT_EMAIL="$LETSENCRYPT_EMAIL"
 HOMEPORT_LETSENCRYPT_ISSUER=$LETSENCRYPT_ISSUER
+HOMEPORT_HTTPS_REDIRECT="$HTTPS_REDIRECT"
 EOF_ENV
 put 0600 "$CONF/token-hash" <<EOF_HASH
 $TOKEN_HASH
