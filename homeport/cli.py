@@ -252,6 +252,30 @@ def resolve_server_secret(ctx: click.Context, given: dict[str, Any]) -> bytes:
     return digest
 
 
+def resolve_metrics_secret(
+    ctx: click.Context, token_file: Path | None, token_hash: str | None
+) -> bytes | None:
+    """The SHA-256 of the metrics token, from its file or its hash; None without one.
+
+    Raises:
+        ConfigError: both given at the same level, or a malformed one.
+    """
+    given = {"metrics_token_file": token_file, "metrics_token_hash": token_hash}
+    picked = _pick(ctx, given, "metrics token source")
+    if picked is None:
+        return None
+    name, value = picked
+    if name == "metrics_token_hash":
+        digest = parse_token_hash(value, source="--metrics-token-hash")
+    else:
+        token = load_token(None, value)
+        assert token is not None
+        add_secrets(token)
+        digest = token_digest(token)
+    add_secrets(digest.hex())
+    return digest
+
+
 def bind_failure(exc: OSError, what: str) -> RunFailure:
     if exc.errno == errno.EADDRINUSE:
         return RunFailure(f"cannot listen on {what}: the port is already in use")
@@ -360,6 +384,21 @@ def token(output: Path | None) -> None:
     show_envvar=True,
     envvar="HOMEPORT_TOKEN_HASH_FILE",
     help="File holding the token's SHA-256.",
+)
+@click.option(
+    "--metrics-token-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    show_envvar=True,
+    envvar="HOMEPORT_METRICS_TOKEN_FILE",
+    help="File holding a second token that reads /metrics and /status and opens no "
+    "tunnel: give that one to Prometheus.",
+)
+@click.option(
+    "--metrics-token-hash",
+    show_envvar=True,
+    envvar="HOMEPORT_METRICS_TOKEN_HASH",
+    metavar="SHA256",
+    help="Hold only the metrics token's SHA-256 instead.",
 )
 @click.option(
     "--auto-tls",
@@ -629,6 +668,8 @@ def server(
     token_file: Path | None,
     token_hash: str | None,
     token_hash_file: Path | None,
+    metrics_token_file: Path | None,
+    metrics_token_hash: str | None,
     auto_tls: bool,
     auto_tls_sans: tuple[str, ...],
     data_dir: Path | None,
@@ -677,6 +718,12 @@ def server(
                 "token_hash_file": token_hash_file,
             },
         )
+        metrics_digest = resolve_metrics_secret(ctx, metrics_token_file, metrics_token_hash)
+        if metrics_digest == digest:
+            raise ConfigError(
+                "the metrics token must not be the tunnel token (make another with "
+                "`homeport token -o FILE`)"
+            )
         tls_fingerprint = None
         if auto_tls:
             if tls_cert or tls_key:
@@ -722,6 +769,7 @@ def server(
             )
         config = ServerConfig(
             token_digest=digest,
+            metrics_token_digest=metrics_digest,
             bind=bind or None,
             port=port,
             control_port=control_port,

@@ -20,6 +20,8 @@ class ServerConfig:
 
     #: SHA-256 of the token clients must present
     token_digest: bytes
+    #: SHA-256 of a token that reads /metrics and /status and opens no tunnel
+    metrics_token_digest: bytes | None = None
     #: interface to bind; None binds every interface (IPv4 and IPv6)
     bind: str | None = None
     port: int = DEFAULT_PORT

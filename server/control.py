@@ -89,6 +89,12 @@ class ControlServer:
         self.config = config
         self.registry = registry
         self.verifier = verifier
+        #: the metrics token's check (--metrics-token-file): reads, opens no tunnel
+        self.reader = (
+            TokenVerifier(config.metrics_token_digest)
+            if config.metrics_token_digest is not None
+            else None
+        )
         self.status = status
         self.metrics = metrics
         self.sessions: set[Session] = set()
@@ -255,6 +261,16 @@ class ControlServer:
         # Two credentials are no credential: never pick one of them.
         token = bearer_token(presented[0]) if len(presented) == 1 else None
         if not self.verifier.verify(token):
+            if self.reader is not None and self.reader.verify(token):
+                if path in _REPORTS:
+                    self.limiter.succeeded(source)
+                    return self._report(path)
+                logger.warning(
+                    "refused a tunnel from %s: its token is the metrics token, which only reads %s",
+                    connection.remote_address,
+                    " and ".join(_REPORTS),
+                )
+                return rejection(403, "this token reads /metrics and /status; it opens no tunnel")
             self.auth_failures += 1
             self.limiter.failed(source, now)
             logger.warning(
@@ -264,12 +280,8 @@ class ControlServer:
             )
             return rejection(401, "unauthorized", {"WWW-Authenticate": 'Bearer realm="homeport"'})
         self.limiter.succeeded(source)
-        if path == STATUS_PATH:
-            body = json.dumps(self.status() if self.status else {}, indent=2)
-            return rejection(200, body, {"Cache-Control": "no-store"}, "application/json")
-        if path == METRICS_PATH:
-            body = self.metrics().removesuffix("\n") if self.metrics else ""
-            return rejection(200, body, {"Cache-Control": "no-store"}, METRICS_CONTENT_TYPE)
+        if path in _REPORTS:
+            return self._report(path)
         offered = [
             p.strip()
             for value in request.headers.get_all("Sec-WebSocket-Protocol")
@@ -283,6 +295,14 @@ class ControlServer:
                 {"Sec-WebSocket-Protocol": SUBPROTOCOL},
             )
         return None
+
+    def _report(self, path: str) -> Response:
+        """``GET /status`` or ``GET /metrics``, for a token that may read them."""
+        if path == STATUS_PATH:
+            body = json.dumps(self.status() if self.status else {}, indent=2)
+            return rejection(200, body, {"Cache-Control": "no-store"}, "application/json")
+        body = self.metrics().removesuffix("\n") if self.metrics else ""
+        return rejection(200, body, {"Cache-Control": "no-store"}, METRICS_CONTENT_TYPE)
 
     def _opened(self, connection: ServerConnection, request: Request) -> None:
         self._handshake_over(connection)

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
 
 import aiohttp
+import pytest
 
-from tests.e2e.conftest import ClientProcess, ExitServerProcess, scrape_metrics
+from tests.e2e.conftest import ClientProcess, ExitServerProcess, Upstream, scrape_metrics
+from tests.support.processes import homeport
+from tunnel.auth import generate_token, write_secret_file
 from tunnel.version import __version__
+from tunnel.websocket import SUBPROTOCOL
 
 DURATION = "homeport_http_request_duration_seconds"
 
@@ -75,3 +82,63 @@ async def test_gauges_follow_what_is_open_and_the_process_metrics_are_the_server
     assert abs(resident - server.process.rss_bytes()) < 4 * 1024 * 1024
     assert metrics["process_cpu_seconds_total", ""] > 0
     assert metrics["process_open_fds", ""] >= 4  # stdio, the listeners, the client's socket
+
+
+async def test_a_metrics_token_reads_the_metrics_and_status_and_opens_no_tunnel(
+    start_server: Callable[..., ExitServerProcess],
+    start_client: Callable[..., ClientProcess],
+    upstream: Upstream,
+    token: str,
+    tmp_path: Path,
+) -> None:
+    metrics_token = generate_token()
+    metrics_file = tmp_path / "metrics-token"
+    write_secret_file(metrics_file, metrics_token)
+    server = start_server("--metrics-token-file", str(metrics_file))
+    start_client(server, upstream.url)
+    metrics = await scrape_metrics(server, metrics_token)
+    assert metrics["homeport_client_connections", "client=pi"] == 1
+    control = f"127.0.0.1:{server.control_port}"
+    reader = {"Authorization": f"Bearer {metrics_token}"}
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://{control}/status", headers=reader) as response:
+            assert response.status == 200
+            assert [c["name"] for c in (await response.json())["clients"]] == ["pi"]
+        # As a client it is refused outright: not a failed login, a token for something else.
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await http.ws_connect(
+                f"ws://{control}/connect", headers=reader, protocols=(SUBPROTOCOL,)
+            )
+        assert refused.value.status == 403
+    server.process.wait_for(r"refused a tunnel from .*: its token is the metrics token")
+    assert metrics_token not in server.process.output
+    # The tunnel token still reads everything, and nothing was counted as a failed login.
+    metrics = await scrape_metrics(server, token)
+    assert metrics["homeport_auth_failures_total", ""] == 0
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (("--metrics-token-hash", "12ab"), "is not 64 hex digits"),
+        (
+            ("--metrics-token-file", "{token_file}"),
+            "the metrics token must not be the tunnel token",
+        ),
+        (("--metrics-token-file", "{missing}"), "cannot read"),
+    ],
+)
+def test_a_bad_metrics_token_stops_the_server_with_a_message(
+    token_file: Path, tmp_path: Path, flags: tuple[str, str], message: str
+) -> None:
+    value = flags[1].format(token_file=token_file, missing=tmp_path / "missing")
+    result = subprocess.run(
+        homeport("server", "--token-file", str(token_file), flags[0], value),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
