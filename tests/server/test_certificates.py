@@ -202,6 +202,13 @@ def test_each_ca_keeps_its_account_and_certificate_apart(tmp_path: Path) -> None
     assert production.parent == staging.parent == tmp_path / "acme"
 
 
+def test_the_https_context_refuses_renegotiation_and_old_protocols() -> None:
+    context = public_context()
+    assert context.options & ssl.OP_NO_RENEGOTIATION
+    assert context.options & ssl.OP_NO_COMPRESSION
+    assert context.minimum_version == ssl.TLSVersion.TLSv1_2
+
+
 # -- certificates from files -------------------------------------------------------------------
 
 
@@ -255,3 +262,19 @@ async def test_changed_files_are_loaded_at_the_next_look_and_a_broken_change_is_
         assert await _presented(context) == second  # the pair that works is kept
     finally:
         files.stop()
+
+
+async def test_a_visitor_offering_http2_is_given_http1_1_by_alpn(tmp_path: Path) -> None:
+    _write_pair(tmp_path)
+    context = public_context()
+    certificates.load(context, tmp_path / "cert.pem", tmp_path / "key.pem")
+    server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0, ssl=context)
+    port = server.sockets[0].getsockname()[1]
+    client = ssl.create_default_context()
+    client.check_hostname = False
+    client.verify_mode = ssl.CERT_NONE
+    client.set_alpn_protocols(["h2", "http/1.1"])
+    async with server:
+        _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client)
+        assert writer.get_extra_info("ssl_object").selected_alpn_protocol() == "http/1.1"
+        writer.close()
