@@ -270,7 +270,9 @@ def server_context(
     """
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.options |= OP_PRIORITIZE_CHACHA
+    # No renegotiation: before it has shown a token, a TLS 1.2 peer could
+    # otherwise ask for handshake after handshake.
+    context.options |= OP_PRIORITIZE_CHACHA | ssl.OP_NO_RENEGOTIATION
     _order_ciphers_for_this_cpu(context, aes_hardware)
     try:
         context.load_cert_chain(cert_path, key_path)

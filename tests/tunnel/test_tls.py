@@ -45,7 +45,8 @@ def test_a_self_signed_certificate_is_made_once_with_private_files(tmp_path: Pat
     again = ensure_self_signed(tmp_path / "state", ["198.51.100.7"])
     assert not again.created
     assert again.fingerprint == first.fingerprint  # pinned clients keep working
-    server_context(first.cert_path, first.key_path)  # loads
+    context = server_context(first.cert_path, first.key_path)  # loads
+    assert context.options & ssl.OP_NO_RENEGOTIATION
 
 
 def test_the_certificate_is_made_and_read_without_loading_cryptography(tmp_path: Path) -> None:
