@@ -45,16 +45,23 @@ def download(
     expected_bytes: int,
     cwd: Path,
     headers: Sequence[str] = (),
+    *,
+    cacert: Path | None = None,
 ) -> TransferResult:
     """GET ``path`` from 127.0.0.1:``port`` with curl into /dev/null and time it.
 
-    ``headers`` (``"Host: name"``) are added to the request.
+    ``headers`` (``"Host: name"``) are added to the request. With ``cacert``
+    it is over HTTPS, the server's certificate checked against that file.
 
     Raises:
         BenchError: curl failed, the status was not 200 or the body was short.
     """
     args = [*_header_args(headers), "--output", "/dev/null", "--write-out", _DOWNLOAD_WRITE_OUT]
-    return _curl(curl, args, port, path, expected_bytes, cwd)
+    scheme = "http"
+    if cacert is not None:
+        args += ["--cacert", str(cacert)]
+        scheme = "https"
+    return _curl(curl, args, port, path, expected_bytes, cwd, scheme)
 
 
 def upload(
@@ -90,9 +97,15 @@ def _header_args(headers: Sequence[str]) -> list[str]:
 
 
 def _curl(
-    curl: Path, args: list[str], port: int, path: str, expected_bytes: int, cwd: Path
+    curl: Path,
+    args: list[str],
+    port: int,
+    path: str,
+    expected_bytes: int,
+    cwd: Path,
+    scheme: str = "http",
 ) -> TransferResult:
-    """Run curl with ``args`` against ``path`` and read its ``--write-out`` line."""
+    """Run curl with ``args`` against ``scheme://127.0.0.1:port/path``; read its ``--write-out``."""
     command = [
         str(curl),
         "--silent",
@@ -102,7 +115,7 @@ def _curl(
         "--max-time",
         f"{TRANSFER_TIMEOUT_S:.0f}",
         *args,
-        f"http://{LOOPBACK}:{port}{path}",
+        f"{scheme}://{LOOPBACK}:{port}{path}",
     ]
     code, stdout, stderr = run_bounded("curl", command, TRANSFER_TIMEOUT_S + 10, cwd)
     if code != 0:

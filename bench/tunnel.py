@@ -23,8 +23,8 @@ from typing import Any, Final
 from bench.errors import BenchError
 from bench.interpreter import TunnelPython, own_python
 from bench.processes import LOOPBACK, Child, free_port, http_get, run_bounded, running, wait_until
-from bench.upstream import SMALL_PATH, serves
-from tunnel.tls import client_context, ensure_self_signed
+from bench.upstream import SMALL_PATH, serves, verifying_context
+from tunnel.tls import Certificate, client_context, ensure_self_signed
 
 REPO_ROOT: Final = Path(__file__).resolve().parents[1]
 # The checkout's packages, as pyproject.toml lists them (homeport.exitnode is inside homeport).
@@ -64,6 +64,8 @@ class Tunnel:
     control_tls: ssl.SSLContext | None = None
     #: the exit server's raw TCP port (``--tcp-port``), when the tunnel has one
     tcp_port: int | None = None
+    #: the exit server's HTTPS port for visitors (``--https-port``), when it has one
+    https_port: int | None = None
 
     def status(self) -> dict[str, Any]:
         """The exit server's ``GET /status`` (clients, streams, requests in flight).
@@ -181,6 +183,7 @@ def run_tunnel(
     build: Build = Build(),
     tls: bool = False,
     tcp_to: int | None = None,
+    https: Certificate | None = None,
 ) -> Iterator[Tunnel]:
     """Run an exit server and a client for ``upstream_url``; stop both on the way out.
 
@@ -197,10 +200,13 @@ def run_tunnel(
     server's self-signed certificate (``--auto-tls``), pinned by the client.
     With ``tcp_to``, the exit server also has a raw TCP port (``--tcp-port``)
     that the client carries to that port on the loopback (``--tcp``).
+    With ``https``, the exit server also serves visitors over HTTPS on a port
+    of its own, with that certificate (``--https-cert``, ``--https-key``).
 
     Raises:
-        BenchError: a process exited, or ``GET /1k`` through the tunnel did not
-            answer 200 with the upstream's bytes within ``READY_TIMEOUT_S``.
+        BenchError: a process exited, or ``GET /1k`` through the tunnel (on
+            each visitor port) did not answer 200 with the upstream's bytes
+            within ``READY_TIMEOUT_S``.
     """
     token_file = workdir / f"token-{label}"
     token = write_token(token_file)
@@ -247,17 +253,40 @@ def run_tunnel(
         tcp_port = free_port()
         server_args.append(f"--tcp-port={tcp_port}")
         client_args.append(f"--tcp={tcp_port}={LOOPBACK}:{tcp_to}")
+    https_port = None
+    if https is not None:
+        https_port = free_port()
+        server_args += [
+            f"--https-port={https_port}",
+            f"--https-cert={https.cert_path}",
+            f"--https-key={https.key_path}",
+        ]
     server_log = None if access_log else workdir / f"server-{label}.log"
     server = Child("homeport server", server_args, server_log, cwd=build.server_tree)
     client = Child("homeport client", client_args, workdir / f"client-{label}.log", cwd=REPO_ROOT)
     env = clean_environment()
     with running(server, env), running(client, env):
         tunnel = Tunnel(
-            visitor_port, control_port, token, access_log, server, client, control_tls, tcp_port
+            visitor_port,
+            control_port,
+            token,
+            access_log,
+            server,
+            client,
+            control_tls,
+            tcp_port,
+            https_port,
         )
         wait_until(
             lambda: serves(visitor_port, small_body, server, client),
             READY_TIMEOUT_S,
             f"GET {SMALL_PATH} through the tunnel answering 200",
         )
+        if https is not None and https_port is not None:
+            context = verifying_context(https)
+            wait_until(
+                lambda: serves(https_port, small_body, server, client, tls=context),
+                READY_TIMEOUT_S,
+                f"GET {SMALL_PATH} through the tunnel's HTTPS port answering 200",
+            )
         yield tunnel

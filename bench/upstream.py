@@ -18,6 +18,12 @@ before the content phase, whose 405 for a POST ``error_page`` turns into a
 in ``$request_length``, which the upload log (the only access log, for that
 location alone) records so that each upload can be checked to have crossed
 whole.
+
+With a certificate (:func:`run_nginx`'s ``certificate``) the same server
+also listens with ``ssl`` on a second port: TLS 1.3 only, OpenSSL's default
+suites and groups (AES-256-GCM, X25519, as homeport's HTTPS port agrees on),
+session tickets on (nginx's default), so a client that keeps its session
+resumes it on its next connection.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import contextlib
 import http.client
 import os
 import re
+import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +40,7 @@ from typing import Final
 
 from bench.errors import BenchError
 from bench.processes import LOOPBACK, Child, free_port, http_get, running, wait_until
+from tunnel.tls import Certificate
 
 SMALL_PATH: Final = "/1k"
 SMALL_BYTES: Final = 1024
@@ -71,7 +79,7 @@ http {{
 {temp_paths}
     server {{
         listen {host}:{port};
-        root {root}/www;
+{tls_lines}        root {root}/www;
         location / {{
         }}
         location = {upload_path} {{
@@ -103,6 +111,8 @@ class Upstream:
     small_body: bytes
     process: Child
     root: Path  # the temp directory holding its config, logs and files
+    #: the port nginx serves over TLS, when it was given a certificate
+    tls_port: int | None = None
 
     @property
     def upload_log(self) -> Path:
@@ -132,31 +142,53 @@ def write_site(root: Path) -> bytes:
     return small_body
 
 
-def write_config(root: Path, port: int, nginx_build: str) -> Path:
-    """Write ``nginx.conf`` for ``port`` under ``root``; return its path.
+@dataclass(frozen=True)
+class TlsListener:
+    """nginx's second port, served over TLS with a certificate and its key."""
+
+    port: int
+    cert: Path
+    key: Path
+
+
+def write_config(root: Path, port: int, nginx_build: str, tls: TlsListener | None = None) -> Path:
+    """Write ``nginx.conf`` for ``port`` (and ``tls``) under ``root``; return its path."""
+    temp = root / "temp"
+    temp.mkdir(mode=0o755)
+    config = root / "nginx.conf"
+    config.write_text(render_config(root, port, nginx_build, tls))
+    return config
+
+
+def render_config(root: Path, port: int, nginx_build: str, tls: TlsListener | None = None) -> str:
+    """The text of ``nginx.conf``: plain HTTP on ``port``, and over TLS on ``tls.port``.
 
     ``nginx_build`` is ``nginx -V``'s output: it tells which modules are built
     in, and so which temp paths must be moved out of /var/lib/nginx.
     """
     temp = root / "temp"
-    temp.mkdir(mode=0o755)
     lines = [
         f"    {module}_temp_path {temp}/{module};"
         for module in _TEMP_PATH_MODULES
         if f"--without-http_{module}_module" not in nginx_build
     ]
-    config = root / "nginx.conf"
-    config.write_text(
-        _CONFIG_TEMPLATE.format(
-            root=root,
-            host=LOOPBACK,
-            port=port,
-            upload_path=UPLOAD_PATH,
-            upload_log=UPLOAD_LOG_NAME,
-            temp_paths="\n".join(lines) + "\n",
+    tls_lines = ""
+    if tls is not None:
+        tls_lines = (
+            f"        listen {LOOPBACK}:{tls.port} ssl;\n"
+            f"        ssl_certificate {tls.cert};\n"
+            f"        ssl_certificate_key {tls.key};\n"
+            "        ssl_protocols TLSv1.3;\n"
         )
+    return _CONFIG_TEMPLATE.format(
+        root=root,
+        host=LOOPBACK,
+        port=port,
+        tls_lines=tls_lines,
+        upload_path=UPLOAD_PATH,
+        upload_log=UPLOAD_LOG_NAME,
+        temp_paths="\n".join(lines) + "\n",
     )
-    return config
 
 
 def nginx_version(nginx_build: str) -> str:
@@ -168,32 +200,63 @@ def nginx_version(nginx_build: str) -> str:
 
 
 @contextlib.contextmanager
-def run_nginx(nginx: Path, root: Path, nginx_build: str, small_body: bytes) -> Iterator[Upstream]:
+def run_nginx(
+    nginx: Path,
+    root: Path,
+    nginx_build: str,
+    small_body: bytes,
+    certificate: Certificate | None = None,
+) -> Iterator[Upstream]:
     """Run nginx from a config under ``root`` on a free port; stop it on the way out.
 
-    The temp directory is made world-readable: nginx started as root serves
-    files from a worker that runs as ``nobody``.
+    With ``certificate`` it also serves over TLS on a second free port
+    (``Upstream.tls_port``). The temp directory is made world-readable:
+    nginx started as root serves files from a worker that runs as ``nobody``.
 
     Raises:
-        BenchError: nginx exited or did not serve ``/1k`` within ``READY_TIMEOUT_S``.
+        BenchError: nginx exited or did not serve ``/1k`` (on each port) within
+            ``READY_TIMEOUT_S``.
     """
     root.chmod(0o755)
     port = free_port()
-    config = write_config(root, port, nginx_build)
+    tls = None
+    if certificate is not None:
+        tls = TlsListener(free_port(), certificate.cert_path, certificate.key_path)
+    config = write_config(root, port, nginx_build, tls)
     args = [str(nginx), "-p", f"{root}/", "-e", str(root / "nginx-error.log"), "-c", str(config)]
     child = Child("nginx", args, root / "nginx-output.log", cwd=root)
     with running(child) as process:
-        upstream = Upstream(port, small_body, process, root)
+        upstream = Upstream(port, small_body, process, root, tls.port if tls else None)
         wait_until(
             lambda: serves(upstream.port, small_body, process),
             READY_TIMEOUT_S,
             f"nginx serving {SMALL_PATH} on {LOOPBACK}:{port}",
         )
+        if tls is not None and certificate is not None:
+            context = verifying_context(certificate)
+            wait_until(
+                lambda: serves(tls.port, small_body, process, tls=context),
+                READY_TIMEOUT_S,
+                f"nginx serving {SMALL_PATH} over TLS on {LOOPBACK}:{tls.port}",
+            )
         yield upstream
 
 
-def serves(port: int, small_body: bytes, *processes: Child, host: str | None = None) -> bool:
+def verifying_context(certificate: Certificate) -> ssl.SSLContext:
+    """A client context that trusts ``certificate`` alone and checks the name it connects to."""
+    return ssl.create_default_context(cafile=certificate.cert_path)
+
+
+def serves(
+    port: int,
+    small_body: bytes,
+    *processes: Child,
+    host: str | None = None,
+    tls: ssl.SSLContext | None = None,
+) -> bool:
     """Whether ``GET /1k`` on ``port`` (with ``Host: host``) answers 200 with ``small_body``.
+
+    With ``tls``, over TLS with that context.
 
     Raises:
         BenchError: one of ``processes`` has exited, so waiting longer is pointless.
@@ -201,7 +264,7 @@ def serves(port: int, small_body: bytes, *processes: Child, host: str | None = N
     for process in processes:
         process.check_running()
     try:
-        status, body = http_get(port, SMALL_PATH, {"Host": host} if host else None)
+        status, body = http_get(port, SMALL_PATH, {"Host": host} if host else None, tls=tls)
     except (OSError, http.client.HTTPException):
         return False
     if status == 200 and body != small_body:
