@@ -18,6 +18,7 @@ from server.certificates import (
 )
 from server.config import ServerConfig
 from server.control import CONNECT_PATH, MAX_HANDSHAKES, ControlServer
+from server.https import HttpsPort
 from server.metrics import render
 from server.proxy import PublicServer
 from server.registry import Registry
@@ -64,6 +65,7 @@ class ExitServer:
         self.https_addresses: list[tuple[str, int]] = []
         #: what keeps the HTTPS port's certificate (ACME or files), when served
         self.certificates: AcmeCertificates | CertificateFiles | None = None
+        self.https: HttpsPort | None = None
         self._stop = asyncio.Event()
         #: systemd's readiness and watchdog (deploy/civo-exit-node: Type=notify)
         self.notifier = Notifier()
@@ -200,7 +202,8 @@ class ExitServer:
             certificates = CertificateFiles(context, config.https_cert, config.https_key)
         certificates.start()
         self.certificates = certificates
-        self.https_addresses = await self.public.listen(config.bind, config.https_port, context)
+        self.https = HttpsPort(self.public, context)
+        self.https_addresses = self.https.listen(config.bind, config.https_port)
         if config.https_redirect:
             self.public.https_redirect_port = config.https_port or self.https_addresses[0][1]
         source = (
@@ -308,6 +311,8 @@ class ExitServer:
         if self.certificates is not None:
             self.certificates.stop()
         self.public.begin_shutdown()
+        if self.https is not None:
+            self.https.close()
         self.control.stop_accepting()
         for client in self.registry.clients():
             client.session.go_away(ErrorCode.NO_ERROR, "exit server shutting down")

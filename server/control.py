@@ -20,7 +20,6 @@ hands each admitted one to the loop with ``connect_accepted_socket``:
 from __future__ import annotations
 
 import asyncio
-import errno
 import json
 import logging
 import re
@@ -34,7 +33,7 @@ from websockets.http11 import Request, Response
 
 from server.config import ServerConfig
 from server.limits import AuthLimiter, ConnectionsPerAddress, Refusals
-from server.listen import bind
+from server.listen import accept_forever, listening
 from server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from server.paths import MAX_ALLOWED_PATHS, valid_prefix
 from server.registry import ConnectedClient, Registry, Route, normalize_host, valid_client_name
@@ -67,12 +66,6 @@ _INSTANCE: Final = re.compile(r"[0-9a-f]{8,64}")
 #: MAX_CONNECTIONS, so a whole household reconnecting at once fits.
 MAX_HANDSHAKES: Final = 256
 MAX_HANDSHAKES_PER_ADDRESS: Final = 16
-#: accept() failing for want of descriptors or memory is retried after this
-ACCEPT_RETRY_S: Final = 1.0
-#: accept() errors that concern one connection only (accept(2)): the next one is accepted
-_ONE_CONNECTION: Final = frozenset(
-    {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR, errno.EAGAIN}
-)
 
 
 class ControlServer:
@@ -123,19 +116,13 @@ class ControlServer:
         config = self.config
         if config.tls_cert is not None and config.tls_key is not None:
             self._tls = server_context(config.tls_cert, config.tls_key)
-        listeners = bind(config.bind, config.control_port)
-        try:
-            for listener in listeners:
-                listener.setblocking(False)
-                listener.listen(config.backlog)
-        except BaseException:
-            for listener in listeners:
-                listener.close()
-            raise
+        listeners = listening(config.bind, config.control_port, config.backlog)
         loop = asyncio.get_running_loop()
         self._listeners = listeners
         self._acceptors = [
-            loop.create_task(self._accept(listener), name="control-accept")
+            loop.create_task(
+                accept_forever(listener, self._admit, "the control port"), name="control-accept"
+            )
             for listener in listeners
         ]
         return [listener.getsockname()[:2] for listener in listeners]
@@ -152,36 +139,12 @@ class ControlServer:
 
     # -- admission -----------------------------------------------------------------------
 
-    async def _accept(self, listener: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                sock, peer = await loop.sock_accept(listener)
-            except OSError as exc:
-                if exc.errno in _ONE_CONNECTION:
-                    continue
-                # Out of descriptors or memory (EMFILE, ENOBUFS …): retrying at
-                # once would spin, and the connections that hold them may close.
-                logger.warning(
-                    "cannot accept a connection on the control port: %s; retrying in %.0f s",
-                    exc.strerror or exc,
-                    ACCEPT_RETRY_S,
-                )
-                await asyncio.sleep(ACCEPT_RETRY_S)
-                continue
-            try:
-                self._admit(sock, str(peer[0]) if isinstance(peer, tuple) else "-")
-            except OSError as exc:  # the caller reset the connection already
-                logger.debug("dropped a control connection as it was accepted: %s", exc)
-                sock.close()
-
     def _admit(self, sock: socket.socket, host: str) -> None:
         """Hand an accepted connection to its handshake, or close it if over a limit.
 
         Raises:
             OSError: the socket is unusable already (the caller reset it).
         """
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as on every socket of ours
         if len(self.handshakes) >= MAX_HANDSHAKES:
             self.handshakes_refused_at_capacity.count(host)
             sock.close()

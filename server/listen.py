@@ -18,13 +18,23 @@ asyncio) set it on every TCP transport.
 from __future__ import annotations
 
 import asyncio
+import errno
+import logging
 import socket
 from collections.abc import Callable
 from typing import Any, Final
 
+logger = logging.getLogger("homeport.server")
+
 #: unanswered keep-alive probes before the kernel drops a connection: Go's
 #: default since 1.23, so that of inlets, frp, Caddy and Traefik
 KEEPALIVE_PROBES: Final = 9
+#: accept() failing for want of descriptors or memory is retried after this
+ACCEPT_RETRY_S: Final = 1.0
+#: accept() errors that concern one connection only (accept(2)): the next one is accepted
+_ONE_CONNECTION: Final = frozenset(
+    {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR, errno.EAGAIN}
+)
 
 
 async def serve(
@@ -52,6 +62,58 @@ async def serve(
         addresses.append(sock.getsockname()[:2])
         servers.append(await loop.create_server(factory, sock=sock, **options))
     return servers, addresses
+
+
+async def accept_forever(
+    listener: socket.socket, admit: Callable[[socket.socket, str], None], port_name: str
+) -> None:
+    """Accept connections on ``listener`` and give each to ``admit`` with its address.
+
+    For a port whose connections are counted under limits before they cost
+    anything (a TLS handshake): ``admit`` decides, and closes or keeps the
+    socket. An error of one connection moves on to the next; running out of
+    descriptors or memory is retried after ACCEPT_RETRY_S, not at once (that
+    would spin), since the connections that hold them may close.
+    """
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            sock, peer = await loop.sock_accept(listener)
+        except OSError as exc:
+            if exc.errno in _ONE_CONNECTION:
+                continue
+            logger.warning(
+                "cannot accept a connection on %s: %s; retrying in %.0f s",
+                port_name,
+                exc.strerror or exc,
+                ACCEPT_RETRY_S,
+            )
+            await asyncio.sleep(ACCEPT_RETRY_S)
+            continue
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as on every socket
+            admit(sock, str(peer[0]) if isinstance(peer, tuple) else "-")
+        except OSError as exc:  # the caller reset the connection already
+            logger.debug("dropped a connection on %s as it was accepted: %s", port_name, exc)
+            sock.close()
+
+
+def listening(host: str | None, port: int, backlog: int) -> list[socket.socket]:
+    """Sockets bound (:func:`bind`) and listening, non-blocking, for :func:`accept_forever`.
+
+    Raises:
+        OSError: as :func:`bind`; no socket is left open.
+    """
+    listeners = bind(host, port)
+    try:
+        for listener in listeners:
+            listener.setblocking(False)
+            listener.listen(backlog)
+    except BaseException:
+        for listener in listeners:
+            listener.close()
+        raise
+    return listeners
 
 
 def bind(host: str | None, port: int) -> list[socket.socket]:

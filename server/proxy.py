@@ -55,8 +55,6 @@ from tunnel.errors import (
 from tunnel.session import Stream, StreamHandler
 
 if TYPE_CHECKING:
-    import ssl
-
     from server.certificates import Challenges
     from server.config import ServerConfig
 
@@ -174,6 +172,8 @@ class PublicServer:
         #: ended requests and TCP connections counted for /metrics
         self.counts = RequestCounts()
         self.connections: set[VisitorConnection] = set()
+        #: visitors of the HTTPS port admitted and in their TLS handshake (server/https.py)
+        self.tls_handshakes: set[VisitorConnection] = set()
         #: visitors of the raw TCP ports (server/tcp.py), under the same limits
         self.tcp_connections: set[TcpVisitor] = set()
         self.per_address = ConnectionsPerAddress(config.max_connections_per_address)
@@ -192,14 +192,9 @@ class PublicServer:
         #: plain HTTP requests are redirected to HTTPS on this port (--https-redirect)
         self.https_redirect_port: int | None = None
 
-    async def listen(
-        self, host: str | None, port: int, tls: ssl.SSLContext | None = None
-    ) -> list[tuple[str, int]]:
-        """Start listening, over TLS with ``tls`` (HTTPS); return the bound addresses.
-
-        A TLS handshake has the head timeout to finish, as a request head does.
-        """
-        addresses = await self._serve(lambda: VisitorConnection(self), host, port, tls)
+    async def listen(self, host: str | None, port: int) -> list[tuple[str, int]]:
+        """Start listening; return the bound addresses."""
+        addresses = await self._serve(lambda: VisitorConnection(self), host, port)
         if self._sweeper is None:
             self._sweeper = asyncio.get_running_loop().call_later(SWEEP_INTERVAL_S, self._sweep)
         return addresses
@@ -209,30 +204,18 @@ class PublicServer:
         return await self._serve(lambda: TcpVisitor(self, port), host, port)
 
     async def _serve(
-        self,
-        factory: Callable[[], asyncio.Protocol],
-        host: str | None,
-        port: int,
-        tls: ssl.SSLContext | None = None,
+        self, factory: Callable[[], asyncio.Protocol], host: str | None, port: int
     ) -> list[tuple[str, int]]:
         config = self.config
-        options = {}
-        if tls is not None:
-            options = {"ssl": tls, "ssl_handshake_timeout": config.head_timeout_s}
         servers, addresses = await serve(
-            factory,
-            host,
-            port,
-            keepalive_s=config.tcp_keepalive_s,
-            backlog=config.backlog,
-            **options,
+            factory, host, port, keepalive_s=config.tcp_keepalive_s, backlog=config.backlog
         )
         self._servers += servers
         return addresses
 
     def open_connections(self) -> int:
-        """Visitor connections open, HTTP and TCP."""
-        return len(self.connections) + len(self.tcp_connections)
+        """Visitor connections open: HTTP, TCP, and HTTPS ones in their handshake."""
+        return len(self.connections) + len(self.tcp_connections) + len(self.tls_handshakes)
 
     def admit(self, visitor_ip: str) -> str | bytes:
         """Admit a new visitor connection: its per-address key, or the HTTP answer refusing it.
@@ -347,13 +330,14 @@ class VisitorConnection(asyncio.Protocol):
         "visitor_ip",
     )
 
-    def __init__(self, server: PublicServer) -> None:
+    def __init__(self, server: PublicServer, address_key: str | None = None) -> None:
         self.server = server
         self.config = server.config
         self.transport: asyncio.Transport | None = None
         self.visitor_ip = ""
-        #: what this connection is counted under per address, once admitted
-        self._address_key: str | None = None
+        #: what this connection is counted under per address, once admitted (on the
+        #: HTTPS port as it was accepted, before its TLS handshake: server/https.py)
+        self._address_key = address_key
         self.local_authority = b""
         #: "https" on the HTTPS port (X-Forwarded-Proto)
         self.scheme = "http"
@@ -397,12 +381,15 @@ class VisitorConnection(asyncio.Protocol):
             port = local[1]
             self.local_authority = (host if port == default_port else f"{host}:{port}").encode()
         server = self.server
-        admitted = server.admit(self.visitor_ip)
-        if isinstance(admitted, bytes):
-            transport.write(admitted)
-            transport.close()
-            return
-        self._address_key = admitted
+        if self._address_key is None:
+            admitted = server.admit(self.visitor_ip)
+            if isinstance(admitted, bytes):
+                transport.write(admitted)
+                transport.close()
+                return
+            self._address_key = admitted
+        else:  # admitted as it was accepted; its TLS handshake is done
+            server.tls_handshakes.discard(self)
         server.connections.add(self)
         self._arm(_Timer.HEAD, self.config.head_timeout_s)
 

@@ -447,3 +447,45 @@ async def test_https_redirect_sends_plain_http_visitors_to_the_same_url_over_htt
                 assert response.headers["Location"] == expected
                 body = await response.read()
                 assert body == (b"" if method == "HEAD" else f"308 moved to {expected}\n".encode())
+
+
+async def _stalled_handshakes(
+    port: int, count: int
+) -> list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    """``count`` connections to ``port`` that never send their ClientHello."""
+    return [await asyncio.open_connection("127.0.0.1", port) for _ in range(count)]
+
+
+async def test_visitors_in_their_tls_handshake_count_under_the_limits_and_the_head_timeout(
+    start_server: Callable[..., ExitServerProcess],
+    start_client: Callable[..., ClientProcess],
+    upstream: Upstream,
+    tmp_path: Path,
+    token: str,
+) -> None:
+    cert, key, der = _self_signed_files(tmp_path / "tls", NAME)
+    server = start_server(
+        "--https-cert", str(cert), "--https-key", str(key), "--https-port", "0",
+        "--max-connections-per-address", "3", "--head-timeout", "2",
+    )  # fmt: skip
+    https_port = int(server.process.wait_for(HTTPS_READY).group(1))
+    start_client(server, upstream.url)
+    stalled = await _stalled_handshakes(https_port, 3)
+    try:
+        # A fourth connection from the same address is closed as it is accepted.
+        reader, writer = await asyncio.open_connection("127.0.0.1", https_port)
+        assert await asyncio.wait_for(reader.read(), TIMEOUT_S) == b""
+        writer.close()
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            await served_certificate(https_port, NAME, _pinned(der))
+        metrics = await scrape_metrics(server, token)
+        assert metrics["homeport_visitor_connections_refused_total", "limit=per_address"] == 2
+        assert metrics["homeport_visitor_connections", "kind=http"] == 3
+        # The head timeout ends a handshake that never comes, and frees its place.
+        for stalled_reader, _ in stalled:
+            assert await asyncio.wait_for(stalled_reader.read(), TIMEOUT_S) == b""
+    finally:
+        for _, stalled_writer in stalled:
+            stalled_writer.close()
+    answer = await get_json(https_port, NAME, _pinned(der), "/inspect")
+    assert answer["headers"]
