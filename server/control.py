@@ -33,7 +33,7 @@ from websockets.http11 import Request, Response
 
 from server.config import ServerConfig
 from server.limits import AuthLimiter, ConnectionsPerAddress, Refusals
-from server.listen import accept_forever, listening
+from server.listen import Acceptor, listening
 from server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from server.paths import MAX_ALLOWED_PATHS, valid_prefix
 from server.registry import ConnectedClient, Registry, Route, normalize_host, valid_client_name
@@ -101,8 +101,7 @@ class ControlServer:
         #: connections closed as accepted because MAX_HANDSHAKES were under way
         self.handshakes_refused_at_capacity = Refusals()
         self._tls: ssl.SSLContext | None = None
-        self._listeners: list[socket.socket] = []
-        self._acceptors: list[asyncio.Task[None]] = []
+        self._acceptors: list[Acceptor] = []
         self._connecting: set[asyncio.Task[None]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -117,23 +116,18 @@ class ControlServer:
         if config.tls_cert is not None and config.tls_key is not None:
             self._tls = server_context(config.tls_cert, config.tls_key)
         listeners = listening(config.bind, config.control_port, config.backlog)
-        loop = asyncio.get_running_loop()
-        self._listeners = listeners
         self._acceptors = [
-            loop.create_task(
-                accept_forever(listener, self._admit, "the control port"), name="control-accept"
-            )
-            for listener in listeners
+            Acceptor(listener, self._admit, "the control port") for listener in listeners
         ]
         return [listener.getsockname()[:2] for listener in listeners]
 
     def stop_accepting(self) -> None:
         """Close the port, and every connection not yet upgraded: no new session starts."""
-        for task in (*self._acceptors, *self._connecting):
+        for acceptor in self._acceptors:
+            acceptor.close()
+        for task in self._connecting:
             task.cancel()
-        for listener in self._listeners:
-            listener.close()
-        self._acceptors, self._listeners = [], []
+        self._acceptors = []
         for connection in list(self.handshakes):
             connection.abort()
 

@@ -5,7 +5,7 @@ once its TLS handshake is done, so connections in their handshake would
 escape ``--max-connections`` and the limit per address: one host opening
 connections and never finishing a handshake could hold descriptors and
 TLS state without bound. Here, as on the control port, the exit server
-accepts each connection itself (:func:`server.listen.accept_forever`),
+accepts each connection itself (:class:`server.listen.Acceptor`),
 admits it under the same limits as a plain HTTP visitor (one beyond them is
 closed at once: no HTTP can be said before TLS), and only then runs the
 handshake, within the head timeout. After it, the visitor is the same
@@ -18,10 +18,8 @@ import asyncio
 import logging
 import socket
 import ssl
-from collections.abc import Coroutine
-from typing import Any
 
-from server.listen import accept_forever, keep_alive, listening
+from server.listen import Acceptor, keep_alive, listening
 from server.proxy import PublicServer, VisitorConnection
 
 logger = logging.getLogger("homeport.server")
@@ -33,7 +31,7 @@ class HttpsPort:
     def __init__(self, public: PublicServer, tls: ssl.SSLContext) -> None:
         self.public = public
         self.tls = tls
-        self._listeners: list[socket.socket] = []
+        self._acceptors: list[Acceptor] = []
         self._tasks: set[asyncio.Task[None]] = set()
 
     def listen(self, host: str | None, port: int) -> list[tuple[str, int]]:
@@ -44,18 +42,11 @@ class HttpsPort:
         """
         config = self.public.config
         listeners = listening(host, port, config.backlog)
-        loop = asyncio.get_running_loop()
         for listener in listeners:
             if config.tcp_keepalive_s is not None:
                 keep_alive(listener, config.tcp_keepalive_s)  # inherited by each accepted
-            self._spawn(loop, accept_forever(listener, self._admit, "the HTTPS port"))
-        self._listeners += listeners
+            self._acceptors.append(Acceptor(listener, self._admit, "the HTTPS port"))
         return [listener.getsockname()[:2] for listener in listeners]
-
-    def _spawn(self, loop: asyncio.AbstractEventLoop, work: Coroutine[Any, Any, None]) -> None:
-        task = loop.create_task(work)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     def _admit(self, sock: socket.socket, host: str) -> None:
         admitted = self.public.admit(host)
@@ -64,7 +55,9 @@ class HttpsPort:
             return
         visitor = VisitorConnection(self.public, admitted)
         self.public.tls_handshakes.add(visitor)
-        self._spawn(asyncio.get_running_loop(), self._handshake(sock, visitor, admitted))
+        task = asyncio.get_running_loop().create_task(self._handshake(sock, visitor, admitted))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _handshake(self, sock: socket.socket, visitor: VisitorConnection, key: str) -> None:
         public = self.public
@@ -89,8 +82,8 @@ class HttpsPort:
 
     def close(self) -> None:
         """Stop accepting, and end the handshakes in progress."""
+        for acceptor in self._acceptors:
+            acceptor.close()
         for task in list(self._tasks):
             task.cancel()
-        for listener in self._listeners:
-            listener.close()
-        self._listeners = []
+        self._acceptors = []

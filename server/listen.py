@@ -31,6 +31,8 @@ logger = logging.getLogger("homeport.server")
 KEEPALIVE_PROBES: Final = 9
 #: accept() failing for want of descriptors or memory is retried after this
 ACCEPT_RETRY_S: Final = 1.0
+#: connections accepted in one go before the loop runs anything else
+ACCEPT_BATCH: Final = 64
 #: accept() errors that concern one connection only (accept(2)): the next one is accepted
 _ONE_CONNECTION: Final = frozenset(
     {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR, errno.EAGAIN}
@@ -64,42 +66,75 @@ async def serve(
     return servers, addresses
 
 
-async def accept_forever(
-    listener: socket.socket, admit: Callable[[socket.socket, str], None], port_name: str
-) -> None:
-    """Accept connections on ``listener`` and give each to ``admit`` with its address.
+class Acceptor:
+    """Accepts connections on ``listener`` as they come, each given to ``admit`` with its address.
 
     For a port whose connections are counted under limits before they cost
     anything (a TLS handshake): ``admit`` decides, and closes or keeps the
-    socket. An error of one connection moves on to the next; running out of
-    descriptors or memory is retried after ACCEPT_RETRY_S, not at once (that
-    would spin), since the connections that hold them may close.
+    socket. The listener is one of the loop's readers, so a connection
+    costs an ``accept`` and no future or task; a burst is taken up to
+    ACCEPT_BATCH at a time, then the loop runs its other work. An error
+    of one connection moves on to the next; running out of descriptors or
+    memory pauses accepting for ACCEPT_RETRY_S (at once would spin), since
+    the connections that hold them may close.
     """
-    loop = asyncio.get_running_loop()
-    while True:
-        try:
-            sock, peer = await loop.sock_accept(listener)
-        except OSError as exc:
-            if exc.errno in _ONE_CONNECTION:
-                continue
-            logger.warning(
-                "cannot accept a connection on %s: %s; retrying in %.0f s",
-                port_name,
-                exc.strerror or exc,
-                ACCEPT_RETRY_S,
-            )
-            await asyncio.sleep(ACCEPT_RETRY_S)
-            continue
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as on every socket
-            admit(sock, str(peer[0]) if isinstance(peer, tuple) else "-")
-        except OSError as exc:  # the caller reset the connection already
-            logger.debug("dropped a connection on %s as it was accepted: %s", port_name, exc)
-            sock.close()
+
+    def __init__(
+        self,
+        listener: socket.socket,
+        admit: Callable[[socket.socket, str], None],
+        port_name: str,
+    ) -> None:
+        self.listener = listener
+        self.admit = admit
+        self.port_name = port_name
+        self._loop = asyncio.get_running_loop()
+        self._retry: asyncio.TimerHandle | None = None
+        self._loop.add_reader(listener.fileno(), self._accept)
+
+    def _accept(self) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, peer = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in _ONE_CONNECTION:
+                    continue
+                logger.warning(
+                    "cannot accept a connection on %s: %s; retrying in %.0f s",
+                    self.port_name,
+                    exc.strerror or exc,
+                    ACCEPT_RETRY_S,
+                )
+                self._loop.remove_reader(self.listener.fileno())
+                self._retry = self._loop.call_later(ACCEPT_RETRY_S, self._resume)
+                return
+            try:
+                sock.setblocking(False)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as on every socket
+                self.admit(sock, str(peer[0]) if isinstance(peer, tuple) else "-")
+            except OSError as exc:  # the caller reset the connection already
+                logger.debug(
+                    "dropped a connection on %s as it was accepted: %s", self.port_name, exc
+                )
+                sock.close()
+
+    def _resume(self) -> None:
+        self._retry = None
+        self._loop.add_reader(self.listener.fileno(), self._accept)
+
+    def close(self) -> None:
+        """Stop accepting and close the listening socket."""
+        if self._retry is not None:
+            self._retry.cancel()
+        elif self.listener.fileno() >= 0:
+            self._loop.remove_reader(self.listener.fileno())
+        self.listener.close()
 
 
 def listening(host: str | None, port: int, backlog: int) -> list[socket.socket]:
-    """Sockets bound (:func:`bind`) and listening, non-blocking, for :func:`accept_forever`.
+    """Sockets bound (:func:`bind`) and listening, non-blocking, for an :class:`Acceptor`.
 
     Raises:
         OSError: as :func:`bind`; no socket is left open.

@@ -12,7 +12,7 @@ import pytest
 import uvloop
 
 from client.forward import Forwarder
-from server.listen import KEEPALIVE_PROBES, bind, keep_alive
+from server.listen import ACCEPT_RETRY_S, KEEPALIVE_PROBES, Acceptor, bind, keep_alive, listening
 from tests.support.waiting import wait_until
 from tests.support.world import running_world
 
@@ -124,3 +124,63 @@ def test_visitor_connections_get_keep_alive_from_the_listener(loop: str) -> None
         assert nodelays == [1, 1], "the event loop no longer sets TCP_NODELAY on its transports"
         found, _ = runner.run(sockets_during_a_request(keepalive_s=None))
         assert (found["keepalive"], found["user_timeout_ms"]) == (0, 0)
+
+
+class _FailingOnce:
+    """A listening socket whose next accept() fails with ``error`` once."""
+
+    def __init__(self, sock: socket.socket, error: int) -> None:
+        self.sock = sock
+        self.error: int | None = error
+        self.failed_at: float | None = None
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def accept(self) -> tuple[socket.socket, object]:
+        if self.error is not None:
+            error, self.error = self.error, None
+            self.failed_at = asyncio.get_running_loop().time()
+            raise OSError(error, os.strerror(error))
+        return self.sock.accept()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_the_acceptor_gives_each_connection_with_its_address_and_waits_out_emfile(
+    loop: str,
+) -> None:
+    async def scenario() -> None:
+        (listener,) = listening("127.0.0.1", 0, 16)
+        port = listener.getsockname()[1]
+        failing = _FailingOnce(listener, errno.EMFILE)
+        admitted: list[tuple[socket.socket, str, float]] = []
+
+        def admit(sock: socket.socket, host: str) -> None:
+            admitted.append((sock, host, asyncio.get_running_loop().time()))
+
+        acceptor = Acceptor(failing, admit, "a test port")  # type: ignore[arg-type]
+        clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+        try:
+            await wait_until(lambda: len(admitted) == 3, within=10)
+            # Out of descriptors: no retry at once (it would spin), one ACCEPT_RETRY_S later.
+            assert failing.failed_at is not None
+            assert admitted[0][2] - failing.failed_at >= ACCEPT_RETRY_S * 0.9
+            for sock, host, _ in admitted:
+                assert host == "127.0.0.1"
+                assert not sock.getblocking()
+                assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        finally:
+            acceptor.close()
+            for sock, _, _ in admitted:
+                sock.close()
+            for client in clients:
+                client.close()
+        assert listener.fileno() == -1
+
+    if loop == "uvloop":
+        uvloop.run(scenario())
+    else:
+        asyncio.run(scenario())
