@@ -18,25 +18,12 @@ import pytest
 
 from tests.e2e.conftest import READY, ClientProcess, ExitServerProcess, Processes, Upstream
 from tests.support.ports import free_port
-from tests.support.processes import homeport
+from tests.support.processes import homeport, run_homeport
 from tunnel.auth import token_digest
 
 
-def run(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 30
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        homeport(*args),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **(env or {})},
-        check=False,
-    )
-
-
 def test_token_prints_a_fresh_256_bit_url_safe_token() -> None:
-    first, second = run("token"), run("token")
+    first, second = run_homeport("token"), run_homeport("token")
     assert first.returncode == 0
     assert re.fullmatch(r"[A-Za-z0-9_-]{43}\n", first.stdout)
     assert first.stdout != second.stdout
@@ -44,7 +31,7 @@ def test_token_prints_a_fresh_256_bit_url_safe_token() -> None:
 
 def test_token_output_file_is_created_0600_and_nothing_is_printed(tmp_path: Path) -> None:
     path = tmp_path / "token"
-    result = run("token", "-o", str(path))
+    result = run_homeport("token", "-o", str(path))
     assert result.returncode == 0
     assert result.stdout == ""
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
@@ -63,7 +50,7 @@ def test_server_refuses_to_start_without_a_token() -> None:
 
 
 def test_server_refuses_a_short_token_without_printing_it() -> None:
-    result = run("server", "--port", "0", env={"HOMEPORT_TOKEN": "tooShort123"})
+    result = run_homeport("server", "--port", "0", env={"HOMEPORT_TOKEN": "tooShort123"})
     assert result.returncode == 2
     assert "shorter than 16 characters" in result.stderr
     assert "tooShort123" not in result.stderr
@@ -89,21 +76,21 @@ def test_the_server_refuses_to_start_with_an_empty_credential(
         path.write_text(content)
         path.chmod(0o600)
         value = str(path)
-    result = run("server", "--port", "0", "--control-port", "0", flag, value)
+    result = run_homeport("server", "--port", "0", "--control-port", "0", flag, value)
     assert result.returncode == 2
     assert "token" in result.stderr.lower()
     assert "Traceback" not in result.stderr
 
 
 def test_token_and_token_file_on_the_command_line_conflict(token_file: Path, token: str) -> None:
-    result = run("server", "--token", token, "--token-file", str(token_file))
+    result = run_homeport("server", "--token", token, "--token-file", str(token_file))
     assert result.returncode == 2
     assert "give only one token source: --token or --token-file" in result.stderr
     assert token not in result.stderr + result.stdout
 
 
 def test_an_unreadable_token_file_is_a_clear_error(tmp_path: Path) -> None:
-    result = run("server", "--token-file", str(tmp_path / "nope"))
+    result = run_homeport("server", "--token-file", str(tmp_path / "nope"))
     assert result.returncode == 2
     assert "cannot read the token file" in result.stderr
 
@@ -140,7 +127,7 @@ def test_settings_come_from_flags_over_environment_over_config_file(
 def test_an_unknown_setting_in_the_config_file_is_refused(tmp_path: Path) -> None:
     config = tmp_path / "server.toml"
     config.write_text("prot = 80\n")
-    result = run("server", "--config", str(config))
+    result = run_homeport("server", "--config", str(config))
     assert result.returncode == 2
     assert "unknown setting(s) prot" in result.stderr
     assert "valid settings:" in result.stderr
@@ -149,7 +136,7 @@ def test_an_unknown_setting_in_the_config_file_is_refused(tmp_path: Path) -> Non
 def test_a_config_file_that_is_not_toml_is_refused(tmp_path: Path) -> None:
     config = tmp_path / "server.toml"
     config.write_text("port = = 80\n")
-    result = run("server", "--config", str(config))
+    result = run_homeport("server", "--config", str(config))
     assert result.returncode == 2
     assert "is not valid TOML" in result.stderr
 
@@ -159,7 +146,7 @@ def test_a_port_in_use_is_reported_plainly(token_file: Path) -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = run(
+        result = run_homeport(
             "server", "--bind", "127.0.0.1", "--port", str(port), "--token-file", str(token_file)
         )
     assert result.returncode == 1
@@ -177,7 +164,7 @@ def test_the_exit_server_runs_on_one_thread(
 
 
 def test_client_refuses_plain_ws_to_a_remote_server(token_file: Path) -> None:
-    result = run(
+    result = run_homeport(
         "client", "--url", "ws://203.0.113.10:8123", "--token-file", str(token_file),
         "--upstream", "http://127.0.0.1:8080",
     )  # fmt: skip
@@ -195,7 +182,7 @@ def test_client_refuses_plain_ws_to_a_remote_server(token_file: Path) -> None:
     ],
 )
 def test_client_explains_a_malformed_upstream(token_file: Path, spec: str, message: str) -> None:
-    result = run(
+    result = run_homeport(
         "client",
         "--url",
         "ws://127.0.0.1:8123",
@@ -209,14 +196,14 @@ def test_client_explains_a_malformed_upstream(token_file: Path, spec: str, messa
 
 
 def test_client_needs_at_least_one_upstream(token_file: Path) -> None:
-    result = run("client", "--url", "ws://127.0.0.1:8123", "--token-file", str(token_file))
+    result = run_homeport("client", "--url", "ws://127.0.0.1:8123", "--token-file", str(token_file))
     assert result.returncode == 2
     assert "give at least one --upstream" in result.stderr
 
 
 def test_help_documents_every_option_with_its_environment_variable() -> None:
     for command in ("server", "client"):
-        result = run(command, "--help")
+        result = run_homeport(command, "--help")
         assert result.returncode == 0
         text = " ".join(result.stdout.split())
         options = set(re.findall(r"^\s+(--[a-z-]+)", result.stdout, re.M)) - {"--help"}
@@ -339,10 +326,10 @@ def test_config_keys_are_the_long_option_names_even_for_repeated_options(
         'upstream = ["http://127.0.0.1:8080", "fn.example.com=http://127.0.0.1:8081"]\n'
         'allow-path = ["default=/function/"]\n'
     )
-    result = run("client", "--config", str(config))
+    result = run_homeport("client", "--config", str(config))
     # Everything was understood: what stops it is only the remote ws:// URL.
     assert result.returncode == 2
     assert "refusing ws:// to a remote server" in result.stderr
     config.write_text('upstreams = ["http://127.0.0.1:8080"]\n')
-    result = run("client", "--config", str(config))
+    result = run_homeport("client", "--config", str(config))
     assert "unknown setting(s) upstreams" in result.stderr

@@ -10,12 +10,10 @@ Let's Encrypt's.
 from __future__ import annotations
 
 import asyncio
-import datetime
 import hashlib
 import json
 import signal
 import ssl
-import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +21,6 @@ from pathlib import Path
 import aiohttp
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from server.certificates import store_dir
 from tests.e2e.conftest import (
@@ -35,9 +30,10 @@ from tests.e2e.conftest import (
     Upstream,
     scrape_metrics,
 )
+from tests.support.certificates import as_der, certificate, write_pair
 from tests.support.pebble import Pebble, start_pebble
 from tests.support.ports import free_port
-from tests.support.processes import homeport
+from tests.support.processes import refused_setting
 
 NAME = "fn.homeport.test"
 HTTPS_READY = r"HTTPS on https://127\.0\.0\.1:(\d+)/"
@@ -207,30 +203,9 @@ async def test_after_a_restart_the_kept_certificate_is_served_and_not_ordered_ag
 
 def _certificate_due_for_renewal(store: Path) -> bytes:
     """A certificate for NAME two thirds and more through its life, as if issued long ago: DER."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, NAME)])
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=70))
-        .not_valid_after(now + datetime.timedelta(days=20))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(NAME)]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    store.mkdir(parents=True)
-    (store / "key.pem").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    (store / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return cert.public_bytes(serialization.Encoding.DER)
+    cert, key = certificate([NAME], age_days=70, life_days=90)
+    write_pair(store, cert, key)
+    return as_der(cert)
 
 
 async def test_a_certificate_due_for_renewal_is_served_until_its_successor_replaces_it(
@@ -303,25 +278,13 @@ async def test_challenge_paths_are_answered_only_for_the_certified_names(
 
 
 def _self_signed_files(directory: Path, name: str) -> tuple[Path, Path, bytes]:
-    from tunnel.tls import self_signed
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = self_signed(key, [name], common_name=name)
-    directory.mkdir(parents=True, exist_ok=True)
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return cert_path, key_path, cert.public_bytes(serialization.Encoding.DER)
+    """A self-signed certificate for ``name`` and its key, written: their paths, and it (DER)."""
+    cert, key = certificate([name])
+    return (*write_pair(directory, cert, key), as_der(cert))
 
 
-def _pinned(der: bytes) -> ssl.SSLContext:
-    return trusting(ssl.DER_cert_to_PEM_cert(der))
+def _pinned(served: bytes) -> ssl.SSLContext:
+    return trusting(ssl.DER_cert_to_PEM_cert(served))
 
 
 async def test_a_certificate_from_files_is_served_and_loaded_again_on_sighup(
@@ -389,16 +352,10 @@ async def test_a_certificate_from_files_is_served_and_loaded_again_on_sighup(
 def test_bad_https_options_are_refused_with_a_clear_message(
     token_file: Path, tmp_path: Path, flags: list[str], message: str
 ) -> None:
-    result = subprocess.run(
-        homeport("server", "--token-file", str(token_file), "--data-dir", str(tmp_path), *flags),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
+    refusal = refused_setting(
+        "server", "--token-file", str(token_file), "--data-dir", str(tmp_path), *flags
     )
-    assert result.returncode == 2, result.stderr
-    assert message in result.stderr
-    assert "Traceback" not in result.stderr
+    assert message in refusal
 
 
 def test_certificate_files_that_are_not_a_pair_are_refused_at_start(
@@ -406,19 +363,11 @@ def test_certificate_files_that_are_not_a_pair_are_refused_at_start(
 ) -> None:
     cert, _, _ = _self_signed_files(tmp_path / "one", NAME)
     _, key, _ = _self_signed_files(tmp_path / "two", NAME)
-    result = subprocess.run(
-        homeport(
-            "server", "--token-file", str(token_file), "--port", "0", "--control-port", "0",
-            "--https-port", "0", "--https-cert", str(cert), "--https-key", str(key),
-        ),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
+    refusal = refused_setting(
+        "server", "--token-file", str(token_file), "--port", "0", "--control-port", "0",
+        "--https-port", "0", "--https-cert", str(cert), "--https-key", str(key),
     )  # fmt: skip
-    assert result.returncode == 2, result.stderr
-    assert f"cannot load the HTTPS certificate {cert} with key {key}" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert f"cannot load the HTTPS certificate {cert} with key {key}" in refusal
 
 
 async def test_https_redirect_sends_plain_http_visitors_to_the_same_url_over_https(

@@ -9,9 +9,6 @@ import ssl
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from server import certificates
 from server.acme_issuer import current_certificate, renew_at
@@ -24,7 +21,7 @@ from server.certificates import (
     store_dir,
 )
 from server.config import tcp_ports_problem
-from tunnel.tls import self_signed
+from tests.support.certificates import as_der, certificate, write_pair
 
 NAME = "fn.example.com"
 
@@ -130,32 +127,7 @@ def test_other_hosts_and_other_paths_are_not_ours_to_answer(challenges: Challeng
 
 
 def _keep(store: Path, names: list[str], *, age_days: float, life_days: float = 90) -> None:
-    key = ec.generate_private_key(ec.SECP256R1())
-    start = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=age_days)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([]))
-        .issuer_name(x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "CA")]))
-        .public_key(key.public_key())
-        .serial_number(1)
-        .not_valid_before(start)
-        .not_valid_after(start + datetime.timedelta(days=life_days))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), critical=False
-        )
-    )
-    from cryptography.hazmat.primitives import hashes
-
-    cert = builder.sign(key, hashes.SHA256())
-    store.mkdir(parents=True, exist_ok=True)
-    (store / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (store / "key.pem").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
+    write_pair(store, *certificate(names, age_days=age_days, life_days=life_days))
 
 
 def _now() -> datetime.datetime:
@@ -213,18 +185,9 @@ def test_the_https_context_refuses_renegotiation_and_old_protocols() -> None:
 
 
 def _write_pair(directory: Path) -> bytes:
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = self_signed(key, [NAME])
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "key.pem").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    (directory / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return cert.public_bytes(serialization.Encoding.DER)
+    cert, key = certificate([NAME])
+    write_pair(directory, cert, key)
+    return as_der(cert)
 
 
 async def _presented(context: ssl.SSLContext) -> bytes:

@@ -148,3 +148,28 @@ class Process:
 def homeport(*args: str) -> list[str]:
     """The argv that runs the homeport command line of this checkout."""
     return [sys.executable, "-m", "homeport", *args]
+
+
+def run_homeport(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
+    """Run the homeport command line of this checkout to its end; its output, as text."""
+    return subprocess.run(
+        homeport(*args),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
+
+
+def refused_setting(*args: str) -> str:
+    """Run homeport, which must refuse a setting as a user's error (status 2, no traceback).
+
+    Returns its message (stderr), for the test to look for the reason in.
+    """
+    result = run_homeport(*args)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    return result.stderr
