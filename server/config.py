@@ -102,8 +102,9 @@ def tcp_ports_problem(
     """
     taken = [(port, "--port"), (control_port, "--control-port")]
     if https_port is not None:
-        if https_port and https_port in (port, control_port):
-            return f"--https-port {https_port} is the {taken[https_port != port][1]} already"
+        for other, option in taken:
+            if https_port and https_port == other:  # 0: any free port, never a clash
+                return f"--https-port {https_port} is the {option} already"
         taken.append((https_port, "--https-port"))
     for tcp_port in tcp_ports:
         for other, option in taken:
